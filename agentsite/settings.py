@@ -1,0 +1,191 @@
+"""Agentsite settings: everything comes from the environment (django-environ).
+
+`.env.example` documents every variable. The defaults are the embedded monolith
+(SQLite, in-memory channel layer and cache, the built-in offline model); production
+values are configuration only, never code.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+if env.bool("AGENTSITE_READ_DOTENV", default=True):
+    environ.Env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+LOCAL_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=LOCAL_HOSTS if DEBUG else [])
+
+
+def _refuse_insecure_defaults() -> None:
+    # Production must never run on a guessable key or answer for any host by accident.
+    if DEBUG:
+        public = [h for h in ALLOWED_HOSTS if h not in LOCAL_HOSTS]
+        if public:
+            raise ImproperlyConfigured(
+                f"DEBUG is on while ALLOWED_HOSTS names public hosts ({', '.join(public)}); "
+                "set DEBUG=false for a public deployment."
+            )
+        return
+    if len(SECRET_KEY) < 32 or SECRET_KEY.startswith("django-insecure"):
+        raise ImproperlyConfigured(
+            "DEBUG is off, so SECRET_KEY must be set to a random value of at least 32 "
+            "characters (python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+        )
+    if not ALLOWED_HOSTS or "*" in ALLOWED_HOSTS:
+        raise ImproperlyConfigured(
+            "DEBUG is off, so ALLOWED_HOSTS must list the host names this site serves."
+        )
+
+
+_refuse_insecure_defaults()
+if DEBUG and not SECRET_KEY:
+    SECRET_KEY = "django-insecure-local-development-only"  # noqa: S105 - refused when DEBUG is off
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agentsite.urls"
+ASGI_APPLICATION = "agentsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "chat.context_processors.agent_model",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL + a busy timeout let the web requests and the run executor write side by side;
+    # IMMEDIATE transactions take the write lock up front instead of failing mid-way.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("AGENT_REDIS_URL", default="")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # The run event log lives in the cache: one entry per event, so allow plenty.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "OPTIONS": {"MAX_ENTRIES": 200_000},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat:index"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
+
+# Production hardening: on by default whenever DEBUG is off, each overridable.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 3600)
+if env.bool("USE_X_FORWARDED_PROTO", default=not DEBUG):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}},
+}
+
+# --- The agent -------------------------------------------------------------------------
+# Which provider answers: "offline" (built in, deterministic, no network), "openai"
+# (OpenAI or any OpenAI-compatible server) or "anthropic".
+AGENT_MODEL = env.str("AGENT_MODEL", default="offline")
+if AGENT_MODEL not in ("offline", "openai", "anthropic"):
+    raise ImproperlyConfigured("AGENT_MODEL must be one of: offline, openai, anthropic.")
+AGENT_OPENAI_API_KEY = env.str("AGENT_OPENAI_API_KEY", default="")
+AGENT_OPENAI_MODEL = env.str("AGENT_OPENAI_MODEL", default="gpt-4.1-mini")
+AGENT_OPENAI_BASE_URL = env.str("AGENT_OPENAI_BASE_URL", default="") or None
+AGENT_ANTHROPIC_API_KEY = env.str("AGENT_ANTHROPIC_API_KEY", default="")
+AGENT_ANTHROPIC_MODEL = env.str("AGENT_ANTHROPIC_MODEL", default="claude-sonnet-4-5")
+AGENT_MAX_TOKENS = env.int("AGENT_MAX_TOKENS", default=1024)
+AGENT_TEMPERATURE = env.float("AGENT_TEMPERATURE", default=0.2)
+AGENT_PROVIDER_TIMEOUT = env.float("AGENT_PROVIDER_TIMEOUT", default=60.0)
+AGENT_PROVIDER_MAX_RETRIES = env.int("AGENT_PROVIDER_MAX_RETRIES", default=2)
+AGENT_OFFLINE_TOKEN_DELAY = env.float("AGENT_OFFLINE_TOKEN_DELAY", default=0.02)
+
+AGENT_MAX_STEPS = env.int("AGENT_MAX_STEPS", default=8)
+AGENT_RUN_TIMEOUT = env.float("AGENT_RUN_TIMEOUT", default=300.0)
+AGENT_CONTEXT_TOKENS = env.int("AGENT_CONTEXT_TOKENS", default=6000)
+AGENT_MAX_MESSAGE_CHARS = env.int("AGENT_MAX_MESSAGE_CHARS", default=8000)
+AGENT_EVENT_TTL = env.int("AGENT_EVENT_TTL", default=3600)
+AGENT_CHECKPOINT_SQLITE_PATH = env.path(
+    "AGENT_CHECKPOINT_SQLITE_PATH", default=VAR_DIR / "checkpoints.sqlite3"
+)

@@ -1,0 +1,1 @@
+"""The LangGraph engine, laid out like LangGraph's react-agent template."""

@@ -1,0 +1,88 @@
+"""LangGraph's official checkpoint savers: SQLite by default, Postgres when the database is.
+
+Conversation state lives here, never in process memory, so any instance can continue any
+conversation and a restart loses nothing. Async savers hold connections bound to one
+event loop, hence one saver per loop.
+"""
+
+import asyncio
+import weakref
+from pathlib import Path
+
+import aiosqlite
+from django.conf import settings
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.postgres import PostgresSaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BaseCheckpointSaver] = (
+    weakref.WeakKeyDictionary()
+)
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def uses_postgres() -> bool:
+    return "postgresql" in settings.DATABASES["default"]["ENGINE"]
+
+
+def postgres_conninfo() -> str:
+    db = settings.DATABASES["default"]
+    return make_conninfo(
+        dbname=db["NAME"],
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        host=db.get("HOST") or None,
+        port=str(db["PORT"]) if db.get("PORT") else None,
+    )
+
+
+def _sqlite_path() -> Path:
+    path = Path(settings.AGENT_CHECKPOINT_SQLITE_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def get_checkpointer() -> BaseCheckpointSaver:
+    loop = asyncio.get_running_loop()
+    lock = _locks.setdefault(loop, asyncio.Lock())
+    async with lock:
+        if loop not in _savers:
+            _savers[loop] = await _open_saver()
+        return _savers[loop]
+
+
+async def _open_saver() -> BaseCheckpointSaver:
+    saver: BaseCheckpointSaver
+    if uses_postgres():
+        pool: AsyncConnectionPool = AsyncConnectionPool(
+            postgres_conninfo(),
+            open=False,
+            max_size=10,
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        )
+        await pool.open()
+        saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+        await saver.setup()
+    else:
+        connection = await aiosqlite.connect(_sqlite_path())
+        saver = AsyncSqliteSaver(connection)
+        await saver.setup()
+    return saver
+
+
+def delete_thread(thread_id: str) -> None:
+    """Forget a conversation's agent memory (called from sync code, outside any loop)."""
+    if uses_postgres():
+        with PostgresSaver.from_conn_string(postgres_conninfo()) as saver:
+            saver.setup()
+            saver.delete_thread(thread_id)
+    else:
+        with SqliteSaver.from_conn_string(str(_sqlite_path())) as saver:
+            saver.delete_thread(thread_id)

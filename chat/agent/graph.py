@@ -1,0 +1,75 @@
+"""The agent graph: model -> tools -> model ... until an answer or the step limit."""
+
+import logging
+from datetime import UTC, datetime
+from typing import Literal
+
+from langchain_core.messages import AIMessage, SystemMessage, ToolMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.runtime import Runtime
+
+from .context import Context
+from .history import fit_to_budget
+from .models import load_chat_model
+from .prompts import STEP_LIMIT_MESSAGE, SYSTEM_PROMPT, TOOL_SKIPPED_MESSAGE
+from .state import State
+from .tools import TOOLS, ToolInputError
+
+logger = logging.getLogger(__name__)
+
+
+async def call_model(state: State, runtime: Runtime[Context]) -> State:
+    model = load_chat_model().bind_tools(TOOLS)
+    system = SystemMessage(SYSTEM_PROMPT.format(now=datetime.now(UTC).isoformat(timespec="seconds")))
+    history = fit_to_budget(state["messages"], runtime.context.context_tokens)
+    response = await model.ainvoke([system, *history])
+    return {"messages": [response], "steps": state.get("steps", 0) + 1}
+
+
+def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
+    """End the run with an explanation instead of a crash; the pending tool calls are
+    answered so the stored history stays valid for the next turn."""
+    last = state["messages"][-1]
+    assert isinstance(last, AIMessage)
+    skipped = [
+        ToolMessage(
+            content=TOOL_SKIPPED_MESSAGE, tool_call_id=call["id"] or "", name=call["name"],
+            status="error",
+        )
+        for call in last.tool_calls
+    ]
+    explanation = AIMessage(content=STEP_LIMIT_MESSAGE.format(steps=runtime.context.max_steps))
+    return {"messages": [*skipped, explanation]}
+
+
+def route_model_output(
+    state: State, runtime: Runtime[Context]
+) -> Literal["tools", "stop_at_step_limit", "__end__"]:
+    last = state["messages"][-1]
+    if not isinstance(last, AIMessage) or not last.tool_calls:
+        return END
+    if state.get("steps", 0) >= runtime.context.max_steps:
+        return "stop_at_step_limit"
+    return "tools"
+
+
+def tool_error_message(error: Exception) -> str:
+    # Whatever went wrong, the model gets a message it can react to and the run goes on.
+    if not isinstance(error, ToolInputError):
+        logger.warning("tool failed", exc_info=error)
+    return f"Error: {error}"
+
+
+def build_graph(checkpointer: BaseCheckpointSaver | None = None) -> CompiledStateGraph:
+    builder = StateGraph(State, context_schema=Context)
+    builder.add_node("call_model", call_model)
+    builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=tool_error_message))
+    builder.add_node("stop_at_step_limit", stop_at_step_limit)
+    builder.add_edge(START, "call_model")
+    builder.add_conditional_edges("call_model", route_model_output)
+    builder.add_edge("tools", "call_model")
+    builder.add_edge("stop_at_step_limit", END)
+    return builder.compile(checkpointer=checkpointer, name="agentsite")

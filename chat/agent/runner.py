@@ -1,0 +1,186 @@
+"""Executing one run: drive the graph, stream its events, record the outcome.
+
+Whatever happens (an answer, a provider failure, a cancel, a limit), the run ends with
+its status, its partial output and its token usage recorded, and with one final event.
+"""
+
+import asyncio
+import logging
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+
+from chat import services
+from chat.events import RunEventStream
+from chat.models import Run
+from chat.rendering import render_markdown
+from chat.run_outcome import RunOutcome
+
+from .checkpointer import get_checkpointer
+from .context import Context
+from .errors import provider_error_from
+from .graph import build_graph
+from .models import model_info
+
+logger = logging.getLogger(__name__)
+
+FINAL_EVENTS = {
+    Run.Status.COMPLETED: "run.completed",
+    Run.Status.FAILED: "run.failed",
+    Run.Status.CANCELLED: "run.cancelled",
+    Run.Status.LIMIT_REACHED: "run.limit_reached",
+}
+
+
+async def execute_run(run_id: UUID) -> None:
+    outcome = RunOutcome()
+    stream: RunEventStream | None = None
+    try:
+        run = await database_sync_to_async(services.run_start)(run_id=run_id)
+        if run is None:
+            return
+        stream = RunEventStream(run.id, run.conversation_id)
+        user_message = await run.messages.filter(role="user").afirst()
+        await stream.emit(
+            "run.started",
+            model=model_info().label,
+            user_message=_message_out(user_message.id, user_message.content)
+            if user_message
+            else None,
+        )
+        async with asyncio.timeout(settings.AGENT_RUN_TIMEOUT):
+            await _drive_graph(run, user_message.content if user_message else "", stream, outcome)
+    except asyncio.CancelledError:
+        outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
+    except TimeoutError:
+        outcome.fail(
+            Run.Status.LIMIT_REACHED,
+            "run_timeout",
+            f"The answer took longer than {settings.AGENT_RUN_TIMEOUT:g} seconds "
+            "(AGENT_RUN_TIMEOUT) and was stopped.",
+        )
+    except Exception as error:
+        provider_error = provider_error_from(error)
+        if provider_error is not None:
+            logger.warning("run %s: provider error %s", run_id, provider_error.code)
+            outcome.fail(Run.Status.FAILED, provider_error.code, provider_error.message)
+        else:
+            logger.exception("run %s failed", run_id)
+            outcome.fail(
+                Run.Status.FAILED, "internal_error",
+                "Something went wrong on our side while answering; it has been logged.",
+            )
+    await _finish(run_id, stream, outcome)
+
+
+async def _drive_graph(
+    run: Run, content: str, stream: RunEventStream, outcome: RunOutcome
+) -> None:
+    graph = build_graph(await get_checkpointer())
+    context = Context(
+        run_id=run.id,
+        conversation_id=run.conversation_id,
+        user_id=run.conversation.owner_id,
+        max_steps=settings.AGENT_MAX_STEPS,
+        context_tokens=settings.AGENT_CONTEXT_TOKENS,
+    )
+    config: Any = {
+        "configurable": {"thread_id": str(run.conversation_id)},
+        # The step limit is enforced by the graph itself; this only guards against bugs.
+        "recursion_limit": settings.AGENT_MAX_STEPS * 3 + 10,
+    }
+    graph_input = {"messages": [HumanMessage(content=content)], "steps": 0}
+    async for mode, data in graph.astream(
+        graph_input, config, context=context, stream_mode=["messages", "updates"]
+    ):
+        if mode == "messages":
+            chunk, metadata = data
+            if metadata.get("langgraph_node") == "call_model" and isinstance(
+                chunk, AIMessageChunk
+            ):
+                text = chunk.text
+                if text:
+                    outcome.add_text(text)
+                    await stream.emit("token", text=text)
+        else:
+            for node, update in data.items():
+                await _on_node_update(node, update or {}, stream, outcome)
+
+
+async def _on_node_update(
+    node: str, update: dict[str, Any], stream: RunEventStream, outcome: RunOutcome
+) -> None:
+    messages = update.get("messages", [])
+    if node == "call_model":
+        outcome.steps = update.get("steps", outcome.steps)
+        for message in messages:
+            if isinstance(message, AIMessage):
+                await _on_model_message(message, stream, outcome)
+    elif node == "tools":
+        for message in messages:
+            if isinstance(message, ToolMessage):
+                is_error = message.status == "error"
+                outcome.add_tool_result(
+                    tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
+                )
+                await stream.emit(
+                    "tool.finished",
+                    tool_call_id=message.tool_call_id,
+                    name=message.name,
+                    result=message.text,
+                    is_error=is_error,
+                )
+    elif node == "stop_at_step_limit":
+        explanation = next(m for m in messages if isinstance(m, AIMessage))
+        outcome.add_text(explanation.text)
+        await stream.emit("token", text=explanation.text)
+        outcome.fail(Run.Status.LIMIT_REACHED, "max_steps", explanation.text)
+
+
+async def _on_model_message(
+    message: AIMessage, stream: RunEventStream, outcome: RunOutcome
+) -> None:
+    usage = message.usage_metadata
+    if usage:
+        outcome.input_tokens += usage["input_tokens"]
+        outcome.output_tokens += usage["output_tokens"]
+        await stream.emit(
+            "usage",
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            total_tokens=usage["total_tokens"],
+        )
+    for call in message.tool_calls:
+        outcome.add_tool_call(tool_call_id=call["id"] or "", name=call["name"], args=call["args"])
+        await stream.emit(
+            "tool.started", tool_call_id=call["id"], name=call["name"], args=call["args"]
+        )
+
+
+async def _finish(run_id: UUID, stream: RunEventStream | None, outcome: RunOutcome) -> None:
+    # Shielded: a cancel arriving while we record the outcome must not lose it.
+    messages = await asyncio.shield(
+        database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
+    )
+    if stream is None:
+        return
+    answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]
+    final: dict[str, Any] = {
+        "status": outcome.status.value,
+        "messages": answers,
+        "usage": {
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "total_tokens": outcome.input_tokens + outcome.output_tokens,
+        },
+    }
+    if outcome.error_code:
+        final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+    await stream.emit(FINAL_EVENTS[outcome.status], **final)
+
+
+def _message_out(message_id: int, content: str) -> dict[str, Any]:
+    return {"id": message_id, "content": content, "html": render_markdown(content)}

@@ -1,0 +1,109 @@
+"""The chat WebSocket: `/ws/chat/<conversation>/`.
+
+The socket only starts, cancels and watches runs; runs execute elsewhere and outlive it.
+Every run event is delivered in `seq` order without gaps: when a live event arrives
+ahead of what this socket has sent, the missing ones are replayed from the event log.
+"""
+
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from agentsite.errors import ApplicationError
+
+from . import selectors, services
+from .events import Event, conversation_group, event_log
+from .frames import ClientFrame, parse_client_frame
+from .models import Conversation
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    conversation: Conversation
+    group: str
+
+    async def connect(self) -> None:
+        self.sent_seq: dict[str, int] = {}
+        user = self.scope["user"]
+        # Accept first: a close before accept becomes a bare HTTP 403 and the client
+        # would never learn the reason code.
+        await self.accept()
+        if not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            self.conversation = await database_sync_to_async(selectors.conversation_get)(
+                user=user, conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"]
+            )
+        except ApplicationError as error:
+            code = CLOSE_FORBIDDEN if error.code == "forbidden" else CLOSE_NOT_FOUND
+            await self.close(code=code)
+            return
+        self.group = conversation_group(self.conversation.id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        active = await database_sync_to_async(selectors.run_get_active)(
+            conversation=self.conversation
+        )
+        await self.send_json(
+            {
+                "type": "session",
+                "conversation": str(self.conversation.id),
+                "active_run": str(active.id) if active else None,
+            }
+        )
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # Parsed here rather than by receive_json so bad input gets an error frame
+        # instead of closing the socket.
+        try:
+            frame = parse_client_frame(text_data)
+            await self._handle(frame)
+        except ApplicationError as error:
+            await self.send_json({"type": "error", **error.as_dict()})
+
+    async def _handle(self, frame: ClientFrame) -> None:
+        if frame.type == "message":
+            await database_sync_to_async(services.run_create)(
+                conversation=self.conversation, content=frame.content
+            )
+        elif frame.type == "cancel":
+            await database_sync_to_async(services.run_cancel)(
+                conversation=self.conversation, run_id=frame.run
+            )
+        else:
+            assert frame.run is not None
+            await self._resume(frame.run, frame.after_seq)
+
+    async def _resume(self, run_id: UUID, after_seq: int) -> None:
+        run = await database_sync_to_async(selectors.run_get)(
+            conversation=self.conversation, run_id=run_id
+        )
+        key = str(run.id)
+        self.sent_seq[key] = max(self.sent_seq.get(key, 0), after_seq)
+        await self._send_events(await event_log().after(run.id, self.sent_seq[key]))
+
+    async def run_event(self, message: dict[str, Any]) -> None:
+        """A live event from the channel layer (handler for type "run.event")."""
+        event: Event = message["event"]
+        sent = self.sent_seq.get(event["run"], 0)
+        if event["seq"] <= sent:
+            return
+        if event["seq"] > sent + 1:
+            await self._send_events(await event_log().after(UUID(event["run"]), sent))
+        else:
+            await self._send_events([event])
+
+    async def _send_events(self, events: list[Event]) -> None:
+        for event in events:
+            if event["seq"] > self.sent_seq.get(event["run"], 0):
+                await self.send_json(event)
+                self.sent_seq[event["run"]] = event["seq"]

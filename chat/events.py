@@ -1,0 +1,119 @@
+"""Run events: numbered, logged for replay, and broadcast to the conversation's sockets.
+
+Each run has exactly one writer (its executor), which numbers the events; the log keeps
+them for AGENT_EVENT_TTL seconds so a client that drops can resume from the last `seq`
+it saw. The log lives in process memory by default and in Redis streams when
+AGENT_REDIS_URL is set, so that every instance sees every run.
+"""
+
+import asyncio
+import json
+import time
+import weakref
+from typing import Any, Protocol
+from uuid import UUID
+
+import redis.asyncio as aioredis
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+Event = dict[str, Any]
+
+
+def conversation_group(conversation_id: UUID | str) -> str:
+    return f"conversation.{conversation_id}"
+
+
+class EventLog(Protocol):
+    async def append(self, run_id: UUID, event: Event) -> None: ...
+
+    async def after(self, run_id: UUID, seq: int) -> list[Event]: ...
+
+
+class MemoryEventLog:
+    """For the single-process monolith."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._runs: dict[UUID, tuple[float, list[Event]]] = {}
+
+    async def append(self, run_id: UUID, event: Event) -> None:
+        now = time.monotonic()
+        _, events = self._runs.get(run_id, (now, []))
+        events.append(event)
+        self._runs[run_id] = (now, events)
+        if event["seq"] == 1:
+            self._forget_expired(now)
+
+    async def after(self, run_id: UUID, seq: int) -> list[Event]:
+        _, events = self._runs.get(run_id, (0.0, []))
+        return [event for event in events if event["seq"] > seq]
+
+    def _forget_expired(self, now: float) -> None:
+        expired = [rid for rid, (touched, _) in self._runs.items() if now - touched > self._ttl]
+        for run_id in expired:
+            del self._runs[run_id]
+
+
+class RedisEventLog:
+    """One Redis stream per run; entry ids are `0-<seq>` so a resume is one XRANGE."""
+
+    def __init__(self, url: str, ttl: int) -> None:
+        self._url = url
+        self._ttl = ttl
+        # redis.asyncio connections belong to the event loop that opened them.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _client(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        if loop not in self._clients:
+            self._clients[loop] = aioredis.Redis.from_url(self._url)
+        return self._clients[loop]
+
+    @staticmethod
+    def _key(run_id: UUID) -> str:
+        return f"agentsite:run-events:{run_id}"
+
+    async def append(self, run_id: UUID, event: Event) -> None:
+        key = self._key(run_id)
+        async with self._client().pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"e": json.dumps(event)}, id=f"0-{event['seq']}")
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
+
+    async def after(self, run_id: UUID, seq: int) -> list[Event]:
+        entries = await self._client().xrange(self._key(run_id), min=f"0-{seq + 1}", max="+")
+        return [json.loads(fields[b"e"]) for _, fields in entries]
+
+
+_log: EventLog | None = None
+
+
+def event_log() -> EventLog:
+    global _log
+    if _log is None:
+        if settings.REDIS_URL:
+            _log = RedisEventLog(settings.REDIS_URL, settings.AGENT_EVENT_TTL)
+        else:
+            _log = MemoryEventLog(settings.AGENT_EVENT_TTL)
+    return _log
+
+
+class RunEventStream:
+    """The single writer of one run's events."""
+
+    def __init__(self, run_id: UUID, conversation_id: UUID) -> None:
+        self.run_id = run_id
+        self.group = conversation_group(conversation_id)
+        self.seq = 0
+
+    async def emit(self, event_type: str, **data: Any) -> Event:
+        self.seq += 1
+        event: Event = {"type": event_type, "run": str(self.run_id), "seq": self.seq, **data}
+        await event_log().append(self.run_id, event)
+        channel_layer = get_channel_layer()
+        assert channel_layer is not None
+        await channel_layer.group_send(self.group, {"type": "run.event", "event": event})
+        return event

@@ -1,0 +1,40 @@
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import Run
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced, in the order the user saw it: text parts and tool steps."""
+
+    status: Run.Status = Run.Status.COMPLETED
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error_code: str = ""
+    error_message: str = ""
+
+    def add_text(self, text: str) -> None:
+        if self.parts and self.parts[-1]["kind"] == "text":
+            self.parts[-1]["text"] += text
+        else:
+            self.parts.append({"kind": "text", "text": text})
+
+    def add_tool_call(self, *, tool_call_id: str, name: str, args: dict[str, Any]) -> None:
+        self.parts.append(
+            {"kind": "tool", "tool_call_id": tool_call_id, "name": name, "args": args,
+             "result": None, "is_error": False}
+        )
+
+    def add_tool_result(self, *, tool_call_id: str, result: str, is_error: bool) -> None:
+        for part in self.parts:
+            if part["kind"] == "tool" and part["tool_call_id"] == tool_call_id:
+                part["result"] = result
+                part["is_error"] = is_error
+
+    def fail(self, status: Run.Status, code: str, message: str) -> None:
+        self.status = status
+        self.error_code = code
+        self.error_message = message

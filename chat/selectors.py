@@ -1,0 +1,46 @@
+from uuid import UUID
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+
+from agentsite.errors import ApplicationError
+
+from .models import Conversation, Message, Run
+
+
+def conversation_list(*, owner: AbstractBaseUser) -> QuerySet[Conversation]:
+    return Conversation.objects.filter(owner=owner)
+
+
+def conversation_get(
+    *, user: AbstractBaseUser | AnonymousUser, conversation_id: UUID | str
+) -> Conversation:
+    """The conversation, if `user` may see it; otherwise an ApplicationError saying why."""
+    try:
+        conversation = Conversation.objects.get(id=conversation_id)
+    except (Conversation.DoesNotExist, ValueError, TypeError) as error:
+        raise ApplicationError(
+            "not_found", "There is no such conversation.", http_status=404
+        ) from error
+    if conversation.owner_id != user.pk:
+        raise ApplicationError(
+            "forbidden", "This conversation belongs to another user.", http_status=403
+        )
+    return conversation
+
+
+def message_list(*, conversation: Conversation) -> QuerySet[Message]:
+    return conversation.messages.all()
+
+
+def run_get_active(*, conversation: Conversation) -> Run | None:
+    return conversation.runs.filter(status__in=Run.ACTIVE_STATUSES).first()
+
+
+def run_get(*, conversation: Conversation, run_id: UUID | str) -> Run:
+    try:
+        return conversation.runs.get(id=run_id)
+    except (Run.DoesNotExist, ValueError, TypeError) as error:
+        raise ApplicationError(
+            "run_not_found", "There is no such run in this conversation.", http_status=404
+        ) from error

@@ -1,0 +1,66 @@
+"""Fixtures shared by every app's tests."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.test import Client
+
+from agentsite.asgi import application
+from chat.agent.executor import get_executor
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., AbstractBaseUser]:
+    def make(username: str = "alice", password: str = "correct-horse-battery") -> Any:
+        return get_user_model().objects.create_user(username=username, password=password)
+
+    return make
+
+
+def session_cookie(user: AbstractBaseUser) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+async def open_socket(path: str, user: AbstractBaseUser | None = None) -> WebsocketCommunicator:
+    """A WebSocket to the real ASGI application, authenticated like a browser would be."""
+    headers = [(b"origin", b"http://localhost"), (b"host", b"localhost")]
+    if user is not None:
+        cookie = await sync_to_async(session_cookie)(user)
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def receive_until(
+    communicator: WebsocketCommunicator, event_type: str, timeout: float = 10
+) -> list[dict[str, Any]]:
+    """Every frame up to and including the first of `event_type`."""
+    frames = []
+    while True:
+        frame = await communicator.receive_json_from(timeout=timeout)
+        frames.append(frame)
+        if frame["type"] == event_type:
+            return frames
+
+
+async def wait_for_runs() -> None:
+    """Let every run still executing in this process finish."""
+    executor = get_executor()
+    for run_id in executor.active_run_ids():
+        await executor.join(run_id)
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+def socket_factory() -> Callable[..., Awaitable[WebsocketCommunicator]]:
+    return open_socket
