@@ -14,8 +14,15 @@ class MessageInline(admin.TabularInline):
 
 class RunInline(admin.TabularInline):
     model = Run
-    fields = ("created_at", "status", "model", "steps", "input_tokens", "output_tokens",
-              "error_code")
+    fields = (
+        "created_at",
+        "status",
+        "model",
+        "steps",
+        "input_tokens",
+        "output_tokens",
+        "error_code",
+    )
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -34,8 +41,17 @@ class ConversationAdmin(admin.ModelAdmin):
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ("id", "conversation", "status", "model", "created_at", "steps",
-                    "input_tokens", "output_tokens", "error_code")
+    list_display = (
+        "id",
+        "conversation",
+        "status",
+        "model",
+        "created_at",
+        "steps",
+        "input_tokens",
+        "output_tokens",
+        "error_code",
+    )
     list_filter = ("status", "model", "created_at")
     search_fields = ("id", "conversation__title", "conversation__owner__username", "error_code")
     readonly_fields = [f.name for f in Run._meta.fields]

@@ -24,8 +24,14 @@ class RunOutcome:
 
     def add_tool_call(self, *, tool_call_id: str, name: str, args: dict[str, Any]) -> None:
         self.parts.append(
-            {"kind": "tool", "tool_call_id": tool_call_id, "name": name, "args": args,
-             "result": None, "is_error": False}
+            {
+                "kind": "tool",
+                "tool_call_id": tool_call_id,
+                "name": name,
+                "args": args,
+                "result": None,
+                "is_error": False,
+            }
         )
 
     def add_tool_result(self, *, tool_call_id: str, result: str, is_error: bool) -> None:

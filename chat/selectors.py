@@ -1,6 +1,7 @@
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from agentsite.errors import ApplicationError
@@ -18,7 +19,7 @@ def conversation_get(
     """The conversation, if `user` may see it; otherwise an ApplicationError saying why."""
     try:
         conversation = Conversation.objects.get(id=conversation_id)
-    except (Conversation.DoesNotExist, ValueError, TypeError) as error:
+    except (Conversation.DoesNotExist, ValidationError, ValueError) as error:
         raise ApplicationError(
             "not_found", "There is no such conversation.", http_status=404
         ) from error
@@ -40,7 +41,7 @@ def run_get_active(*, conversation: Conversation) -> Run | None:
 def run_get(*, conversation: Conversation, run_id: UUID | str) -> Run:
     try:
         return conversation.runs.get(id=run_id)
-    except (Run.DoesNotExist, ValueError, TypeError) as error:
+    except (Run.DoesNotExist, ValidationError, ValueError) as error:
         raise ApplicationError(
             "run_not_found", "There is no such run in this conversation.", http_status=404
         ) from error

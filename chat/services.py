@@ -130,8 +130,13 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome) -> list[Message]:
         run.error_message = outcome.error_message
         run.save(
             update_fields=[
-                "status", "finished_at", "steps", "input_tokens", "output_tokens",
-                "error_code", "error_message",
+                "status",
+                "finished_at",
+                "steps",
+                "input_tokens",
+                "output_tokens",
+                "error_code",
+                "error_message",
             ]
         )
         messages = [_message_from_part(run, part) for part in outcome.parts]
@@ -145,13 +150,13 @@ def _message_from_part(run: Run, part: dict) -> Message | None:
         if not part["text"].strip():
             return None
         return Message(
-            conversation_id=run.conversation_id, run=run, role=Message.Role.ASSISTANT,
+            conversation_id=run.conversation_id,
+            run=run,
+            role=Message.Role.ASSISTANT,
             content=part["text"],
         )
     tool = {key: part[key] for key in ("tool_call_id", "name", "args", "result", "is_error")}
-    return Message(
-        conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool
-    )
+    return Message(conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool)
 
 
 def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) -> Run:
@@ -174,7 +179,8 @@ def _cancel_or_close(run_id: UUID) -> None:
         run_finish(
             run_id=run_id,
             outcome=RunOutcome(
-                status=Run.Status.CANCELLED, error_code="cancelled",
+                status=Run.Status.CANCELLED,
+                error_code="cancelled",
                 error_message="Stopped by the user.",
             ),
         )

@@ -44,8 +44,9 @@ def conversation_new(request: HttpRequest) -> HttpResponse:
 @login_required
 def conversation_detail(request: HttpRequest, conversation_id: UUID) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    history = _history_items(list(selectors.message_list(conversation=conversation)
-                                  .select_related("run")))
+    history = _history_items(
+        list(selectors.message_list(conversation=conversation).select_related("run"))
+    )
     active = selectors.run_get_active(conversation=conversation)
     return render(
         request,
@@ -68,15 +69,20 @@ def _history_items(history: list[Message]) -> list[dict[str, Any]]:
         following = history[index + 1] if index + 1 < len(history) else None
         run = message.run
         ends_run = (
-            run is not None and not run.is_active
+            run is not None
+            and not run.is_active
             and (following is None or following.run_id != message.run_id)
         )
         tool = None
         if message.tool:
             tool = {**message.tool, "args_json": json.dumps(message.tool.get("args"), indent=2)}
         items.append(
-            {"message": message, "html": render_markdown(message.content), "tool": tool,
-             "run_footer": ends_run}
+            {
+                "message": message,
+                "html": render_markdown(message.content),
+                "tool": tool,
+                "run_footer": ends_run,
+            }
         )
     return items
 

@@ -54,15 +54,17 @@ async def get_checkpointer() -> BaseCheckpointSaver:
     lock = _locks.setdefault(loop, asyncio.Lock())
     async with lock:
         if loop not in _savers:
-            _savers[loop] = await _open_saver()
+            conninfo = postgres_conninfo() if uses_postgres() else None
+            _savers[loop] = await open_saver(postgres=conninfo, sqlite_path=_sqlite_path())
         return _savers[loop]
 
 
-async def _open_saver() -> BaseCheckpointSaver:
+async def open_saver(*, postgres: str | None, sqlite_path: Path) -> BaseCheckpointSaver:
+    """A ready saver: on PostgreSQL when `postgres` (a conninfo) is given, else SQLite."""
     saver: BaseCheckpointSaver
-    if uses_postgres():
+    if postgres:
         pool: AsyncConnectionPool = AsyncConnectionPool(
-            postgres_conninfo(),
+            postgres,
             open=False,
             max_size=10,
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
@@ -71,7 +73,7 @@ async def _open_saver() -> BaseCheckpointSaver:
         saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
         await saver.setup()
     else:
-        connection = await aiosqlite.connect(_sqlite_path())
+        connection = await aiosqlite.connect(sqlite_path)
         saver = AsyncSqliteSaver(connection)
         await saver.setup()
     return saver

@@ -10,6 +10,7 @@ import json
 import anthropic
 import openai
 import pydantic
+from langchain_openai import StreamChunkTimeoutError
 
 
 class ProviderError(Exception):
@@ -50,17 +51,26 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
     """Map an SDK exception to a ProviderError; None when it is not a provider failure."""
     if isinstance(error, ProviderError):
         return error
-    if isinstance(error, openai.APITimeoutError | anthropic.APITimeoutError):
+    if isinstance(
+        error, openai.APITimeoutError | anthropic.APITimeoutError | StreamChunkTimeoutError
+    ):
+        # StreamChunkTimeoutError: langchain-openai's own watchdog on a stream that stays
+        # open (keep-alive comments) but sends no content; a TimeoutError subclass.
         return ProviderError(
             "provider_timeout",
             "The model provider did not answer in time (AGENT_PROVIDER_TIMEOUT).",
         )
     if isinstance(error, openai.APIConnectionError | anthropic.APIConnectionError):
+        # Raised both when no connection could be made and when one broke off mid-answer.
         return ProviderError(
             "provider_unreachable",
-            "Could not connect to the model provider: check its URL and that it is running.",
+            "Could not connect to the model provider, or the connection broke off before "
+            "the answer was complete: check its URL and that it is running.",
         )
-    if isinstance(error, openai.APIStatusError | anthropic.APIStatusError):
+    if (
+        isinstance(error, openai.APIStatusError | anthropic.APIStatusError)
+        and error.status_code >= 400
+    ):
         return _status_error(error.status_code, _detail(error))
     if isinstance(
         error,
@@ -72,10 +82,48 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
         return ProviderError(
             "provider_bad_response", f"The model provider sent a malformed reply: {error}"
         )
+    if isinstance(error, openai.APIError | anthropic.APIError):
+        return _stream_error(error)
     return None
 
 
-def _detail(error: openai.APIStatusError | anthropic.APIStatusError) -> str:
+# Error types found in the bodies of errors sent inside a stream (Anthropic's, then
+# OpenAI's where they differ), as the HTTP status they would have had.
+_STATUS_OF_ERROR_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+    "requests": 429,
+    "tokens": 429,
+    "rate_limit_exceeded": 429,
+    "server_error": 500,
+}
+
+
+def _stream_error(error: openai.APIError | anthropic.APIError) -> ProviderError:
+    """An error the provider reported inside a stream that had started with 200: OpenAI
+    sends `{"error": ...}` as a chunk (openai.APIError), Anthropic an `error` event
+    (an APIStatusError whose status is the stream's 200). Nothing was retried."""
+    body = error.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    error_type = inner.get("type") if isinstance(inner, dict) else None
+    status = _STATUS_OF_ERROR_TYPE.get(str(error_type), 500)
+    detail = _detail(error) or str(error)[:300]
+    if status >= 500:
+        return ProviderError(
+            "provider_unavailable",
+            f"The model provider failed in the middle of its answer ({error_type or 'error'}). "
+            f"{detail}",
+        )
+    return _status_error(status, detail)
+
+
+def _detail(error: openai.APIError | anthropic.APIError) -> str:
     body = error.body
     if isinstance(body, dict):
         inner = body.get("error", body)

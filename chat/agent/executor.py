@@ -2,14 +2,20 @@
 tasks in the web process (the monolith) to queue workers in other processes."""
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from typing import Protocol
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 logger = logging.getLogger(__name__)
+
+
+def run_control_group(run_id: UUID) -> str:
+    return f"run-control.{run_id}"
 
 
 class RunExecutor(Protocol):
@@ -17,7 +23,7 @@ class RunExecutor(Protocol):
         """Start executing a queued run; returns at once."""
 
     def cancel(self, run_id: UUID) -> bool:
-        """Stop a run this executor is executing; False if it is not executing it."""
+        """Stop a run wherever it executes; False if no executor is known to have it."""
 
 
 class InProcessExecutor:
@@ -26,6 +32,8 @@ class InProcessExecutor:
 
     `submit` and `cancel` are called from sync code (a service's on_commit, inside a
     worker thread of the ASGI server); async_to_sync hops back to the serving loop.
+    With several instances (a Redis channel layer) a cancel is broadcast, because the
+    run may execute in another instance than the one whose socket asked to stop it.
     """
 
     def __init__(self) -> None:
@@ -37,18 +45,59 @@ class InProcessExecutor:
     def cancel(self, run_id: UUID) -> bool:
         return async_to_sync(self._cancel)(run_id)
 
-    async def _start(self, run_id: UUID) -> None:
-        from .runner import execute_run  # the runner needs the services, which need us
+    @staticmethod
+    def _single_instance() -> bool:
+        return isinstance(get_channel_layer(), InMemoryChannelLayer)
 
+    async def _start(self, run_id: UUID) -> None:
         # A fresh context: the caller's belongs to the async_to_sync call that is about to
         # return, and asgiref would route the run's database calls to its dead thread.
         task = asyncio.create_task(
-            execute_run(run_id), name=f"run-{run_id}", context=contextvars.Context()
+            self._execute(run_id), name=f"run-{run_id}", context=contextvars.Context()
         )
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
 
+    async def _execute(self, run_id: UUID) -> None:
+        from .runner import execute_run  # the runner needs the services, which need us
+
+        if self._single_instance():
+            await execute_run(run_id)
+            return
+        layer = get_channel_layer()
+        assert layer is not None
+        channel = await layer.new_channel()
+        await layer.group_add(run_control_group(run_id), channel)
+        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
+        try:
+            await execute_run(run_id)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await layer.group_discard(run_control_group(run_id), channel)
+
+    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
+        layer = get_channel_layer()
+        assert layer is not None
+        while True:
+            message = await layer.receive(channel)
+            if message.get("type") == "run.cancel":
+                await self._cancel_local(run_id)
+                return
+
     async def _cancel(self, run_id: UUID) -> bool:
+        if await self._cancel_local(run_id):
+            return True
+        if self._single_instance():
+            return False
+        layer = get_channel_layer()
+        assert layer is not None
+        await layer.group_send(run_control_group(run_id), {"type": "run.cancel"})
+        # Another instance may hold it; an orphaned run is closed when it goes stale.
+        return True
+
+    async def _cancel_local(self, run_id: UUID) -> bool:
         task = self._tasks.get(run_id)
         if task is None or task.done():
             return False

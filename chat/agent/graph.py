@@ -1,9 +1,11 @@
 """The agent graph: model -> tools -> model ... until an answer or the step limit."""
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, SystemMessage, ToolMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -21,12 +23,18 @@ from .tools import TOOLS, ToolInputError
 logger = logging.getLogger(__name__)
 
 
-async def call_model(state: State, runtime: Runtime[Context]) -> State:
-    model = load_chat_model().bind_tools(TOOLS)
-    system = SystemMessage(SYSTEM_PROMPT.format(now=datetime.now(UTC).isoformat(timespec="seconds")))
-    history = fit_to_budget(state["messages"], runtime.context.context_tokens)
-    response = await model.ainvoke([system, *history])
-    return {"messages": [response], "steps": state.get("steps", 0) + 1}
+ModelFactory = Callable[[], BaseChatModel]
+
+
+def make_model_node(load_model: ModelFactory) -> Callable[..., Awaitable[State]]:
+    async def call_model(state: State, runtime: Runtime[Context]) -> State:
+        model = load_model().bind_tools(TOOLS)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        history = fit_to_budget(state["messages"], runtime.context.context_tokens)
+        response = await model.ainvoke([SystemMessage(SYSTEM_PROMPT.format(now=now)), *history])
+        return {"messages": [response], "steps": state.get("steps", 0) + 1}
+
+    return call_model
 
 
 def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
@@ -36,7 +44,9 @@ def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
     assert isinstance(last, AIMessage)
     skipped = [
         ToolMessage(
-            content=TOOL_SKIPPED_MESSAGE, tool_call_id=call["id"] or "", name=call["name"],
+            content=TOOL_SKIPPED_MESSAGE,
+            tool_call_id=call["id"] or "",
+            name=call["name"],
             status="error",
         )
         for call in last.tool_calls
@@ -63,9 +73,11 @@ def tool_error_message(error: Exception) -> str:
     return f"Error: {error}"
 
 
-def build_graph(checkpointer: BaseCheckpointSaver | None = None) -> CompiledStateGraph:
+def build_graph(
+    checkpointer: BaseCheckpointSaver | None = None, load_model: ModelFactory = load_chat_model
+) -> CompiledStateGraph:
     builder = StateGraph(State, context_schema=Context)
-    builder.add_node("call_model", call_model)
+    builder.add_node("call_model", make_model_node(load_model))
     builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=tool_error_message))
     builder.add_node("stop_at_step_limit", stop_at_step_limit)
     builder.add_edge(START, "call_model")

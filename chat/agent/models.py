@@ -27,8 +27,9 @@ def model_info() -> ModelInfo:
         name = settings.AGENT_OPENAI_MODEL
         return ModelInfo(provider, name, f"{name} via {where}")
     if provider == "anthropic":
+        where = _anthropic_base_url() or "Anthropic"
         name = settings.AGENT_ANTHROPIC_MODEL
-        return ModelInfo(provider, name, f"{name} via Anthropic")
+        return ModelInfo(provider, name, f"{name} via {where}")
     return ModelInfo("offline", OFFLINE_MODEL_NAME, "Offline demo model (no real LLM)")
 
 
@@ -59,6 +60,11 @@ def _openai() -> BaseChatModel:
         temperature=settings.AGENT_TEMPERATURE,
         max_tokens=settings.AGENT_MAX_TOKENS,
         timeout=settings.AGENT_PROVIDER_TIMEOUT,
+        # The read timeout above restarts on every byte, SSE keep-alive comments included;
+        # this bounds the wait for actual content (langchain-openai's own default is 120 s).
+        # Twice as long, so that a stream gone wholly silent still ends in the SDK's
+        # timeout error rather than in this watchdog's.
+        stream_chunk_timeout=2 * settings.AGENT_PROVIDER_TIMEOUT,
         max_retries=settings.AGENT_PROVIDER_MAX_RETRIES,
         stream_usage=True,
         use_responses_api=False,
@@ -75,9 +81,16 @@ def _anthropic() -> BaseChatModel:
     return ChatAnthropic(
         model_name=settings.AGENT_ANTHROPIC_MODEL,
         api_key=settings.AGENT_ANTHROPIC_API_KEY,
+        # None: the SDK's default (or ANTHROPIC_BASE_URL); set for a proxy or gateway.
+        base_url=_anthropic_base_url(),
         temperature=settings.AGENT_TEMPERATURE,
         max_tokens_to_sample=settings.AGENT_MAX_TOKENS,
         default_request_timeout=settings.AGENT_PROVIDER_TIMEOUT,
         max_retries=settings.AGENT_PROVIDER_MAX_RETRIES,
         stream_usage=True,
     )
+
+
+def _anthropic_base_url() -> str | None:
+    # getattr: tolerate a settings module that does not define the setting (yet).
+    return getattr(settings, "AGENT_ANTHROPIC_BASE_URL", None) or None

@@ -6,12 +6,15 @@ its status, its partial output and its token usage recorded, and with one final 
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph.state import CompiledStateGraph
 
 from chat import services
 from chat.events import RunEventStream
@@ -70,16 +73,28 @@ async def execute_run(run_id: UUID) -> None:
         else:
             logger.exception("run %s failed", run_id)
             outcome.fail(
-                Run.Status.FAILED, "internal_error",
+                Run.Status.FAILED,
+                "internal_error",
                 "Something went wrong on our side while answering; it has been logged.",
             )
     await _finish(run_id, stream, outcome)
 
 
-async def _drive_graph(
-    run: Run, content: str, stream: RunEventStream, outcome: RunOutcome
-) -> None:
-    graph = build_graph(await get_checkpointer())
+_graphs: weakref.WeakKeyDictionary[BaseCheckpointSaver, CompiledStateGraph] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _graph() -> CompiledStateGraph:
+    # Compiled once per checkpoint saver (one per event loop), not once per run.
+    saver = await get_checkpointer()
+    if saver not in _graphs:
+        _graphs[saver] = build_graph(saver)
+    return _graphs[saver]
+
+
+async def _drive_graph(run: Run, content: str, stream: RunEventStream, outcome: RunOutcome) -> None:
+    graph = await _graph()
     context = Context(
         run_id=run.id,
         conversation_id=run.conversation_id,
@@ -98,9 +113,7 @@ async def _drive_graph(
     ):
         if mode == "messages":
             chunk, metadata = data
-            if metadata.get("langgraph_node") == "call_model" and isinstance(
-                chunk, AIMessageChunk
-            ):
+            if metadata.get("langgraph_node") == "call_model" and isinstance(chunk, AIMessageChunk):
                 text = chunk.text
                 if text:
                     outcome.add_text(text)

@@ -90,8 +90,7 @@ def _evaluate(node: ast.AST) -> int | float:
         except (TypeError, ValueError, OverflowError) as error:
             raise ToolInputError(f"{node.func.id}() cannot take those arguments.") from error
     raise ToolInputError(
-        "Only numbers, + - * / // % ** ( ), pi, e and "
-        f"{', '.join(sorted(_FUNCTIONS))} are allowed."
+        f"Only numbers, + - * / // % ** ( ), pi, e and {', '.join(sorted(_FUNCTIONS))} are allowed."
     )
 
 

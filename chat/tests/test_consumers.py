@@ -38,6 +38,190 @@ async def test_message_streams_tool_steps_and_answer_in_seq_order(make_user):
     await socket.disconnect()
 
     run = await Run.objects.aget(conversation=conversation)
-    assert run.status == Run.Status.COMPLETED and run.total_tokens == completed["usage"]["total_tokens"]
+    assert (
+        run.status == Run.Status.COMPLETED
+        and run.total_tokens == completed["usage"]["total_tokens"]
+    )
     roles = [m.role async for m in Message.objects.filter(conversation=conversation)]
     assert roles == ["user", "tool", "assistant"]
+
+
+async def test_refuses_a_visitor_who_is_not_logged_in(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/")
+    assert await socket.receive_output() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_refuses_another_users_conversation(make_user):
+    alice = await database_sync_to_async(make_user)("alice")
+    mallory = await database_sync_to_async(make_user)("mallory")
+    conversation = await database_sync_to_async(services.conversation_create)(owner=alice)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", mallory)
+    assert await socket.receive_output() == {"type": "websocket.close", "code": 4403}
+
+
+@pytest.mark.parametrize("path", ["00000000-0000-0000-0000-000000000000", "not-a-uuid"])
+async def test_refuses_a_conversation_that_does_not_exist(make_user, path):
+    user = await database_sync_to_async(make_user)()
+    socket = await open_socket(f"/ws/chat/{path}/", user)
+    assert await socket.receive_output() == {"type": "websocket.close", "code": 4404}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_frame"),
+        ('{"content": "no type"}', "invalid_frame"),
+        ('{"type": "dance"}', "unknown_type"),
+        ('{"type": "message", "content": "   "}', "empty_message"),
+        ('{"type": "message"}', "invalid_message"),
+        ('{"type": "message", "content": 42}', "invalid_message"),
+        ('{"type": "message", "content": "' + "x" * 8001 + '"}', "message_too_long"),
+        ('{"type": "message", "content": "' + "x" * 60000 + '"}', "frame_too_large"),
+        ('{"type": "resume", "run": "nope", "after_seq": 0}', "invalid_frame"),
+        (
+            '{"type": "resume", "run": "00000000-0000-0000-0000-000000000000", "after_seq": -1}',
+            "invalid_frame",
+        ),
+        (
+            '{"type": "resume", "run": "00000000-0000-0000-0000-000000000000", "after_seq": 0}',
+            "run_not_found",
+        ),
+        ('{"type": "cancel"}', "no_active_run"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_socket_stays_usable(make_user, frame, code):
+    user = await database_sync_to_async(make_user)()
+    _, socket = await start(user)
+
+    await socket.send_to(text_data=frame)
+    error = await socket.receive_json_from()
+    assert error["type"] == "error" and error["code"] == code and error["message"]
+
+    await socket.send_json_to({"type": "message", "content": "still there?"})
+    frames = await receive_until(socket, "run.completed")
+    assert "still there?" in "".join(f.get("text", "") for f in frames)
+    await socket.disconnect()
+
+
+async def test_binary_frames_are_refused(make_user):
+    user = await database_sync_to_async(make_user)()
+    _, socket = await start(user)
+    await socket.send_to(bytes_data=b"\x00\x01")
+    assert (await socket.receive_json_from())["code"] == "invalid_frame"
+    await socket.disconnect()
+
+
+async def test_cancel_stops_the_run_and_keeps_what_was_said(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+
+    await socket.send_json_to({"type": "message", "content": "Tell me something long"})
+    await receive_until(socket, "token")
+    await socket.send_json_to({"type": "cancel"})
+    frames = await receive_until(socket, "run.cancelled")
+
+    cancelled = frames[-1]
+    assert cancelled["status"] == "cancelled"
+    run = await Run.objects.aget(conversation=conversation)
+    assert run.status == Run.Status.CANCELLED and run.finished_at is not None
+    partial = await Message.objects.filter(run=run, role="assistant").afirst()
+    assert partial is not None and 0 < len(partial.content) < 400
+    # The conversation goes on after a cancel.
+    await socket.send_json_to({"type": "message", "content": "What is 2 + 2?"})
+    frames = await receive_until(socket, "run.completed")
+    assert "4" in "".join(f.get("text", "") for f in frames)
+    await socket.disconnect()
+
+
+async def test_one_run_at_a_time_per_conversation(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    user = await database_sync_to_async(make_user)()
+    _, socket = await start(user)
+
+    await socket.send_json_to({"type": "message", "content": "first"})
+    await receive_until(socket, "run.started")
+    await socket.send_json_to({"type": "message", "content": "second"})
+    frames = await receive_until(socket, "error")
+    assert frames[-1]["code"] == "run_active"
+    await receive_until(socket, "run.completed")
+    await socket.disconnect()
+
+
+async def test_a_run_outlives_its_socket_and_a_new_socket_catches_up(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.01
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    await socket.send_json_to({"type": "message", "content": "remember me"})
+    first = await receive_until(socket, "token")
+    await socket.disconnect()  # the tab closes mid-answer
+
+    again = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    session = await again.receive_json_from()
+    run_id = first[0]["run"]
+    assert session["active_run"] == run_id
+    await again.send_json_to({"type": "resume", "run": run_id, "after_seq": first[-1]["seq"]})
+    frames = await receive_until(again, "run.completed")
+
+    # The replay continues exactly after the last event the first tab saw, without gaps.
+    assert frames[0]["seq"] == first[-1]["seq"] + 1
+    assert [f["seq"] for f in frames] == list(range(frames[0]["seq"], frames[-1]["seq"] + 1))
+    await again.disconnect()
+    answer = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
+    assert "remember me" in answer.content
+
+
+async def test_a_finished_run_can_be_replayed_from_the_start(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    await socket.send_json_to({"type": "message", "content": "What is 6 * 7?"})
+    live = await receive_until(socket, "run.completed")
+
+    # Already delivered on this socket, so nothing is sent twice...
+    await socket.send_json_to({"type": "resume", "run": live[0]["run"], "after_seq": 0})
+    assert await socket.receive_nothing(timeout=0.2)
+    await socket.disconnect()
+
+    # ...but a new socket gets the whole run again, in order.
+    later = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    assert (await later.receive_json_from())["active_run"] is None
+    await later.send_json_to({"type": "resume", "run": live[0]["run"], "after_seq": 0})
+    assert await receive_until(later, "run.completed") == live
+    await later.disconnect()
+
+
+async def test_two_tabs_of_one_conversation_see_the_same_events(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation, first = await start(user)
+    second = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await second.receive_json_from()
+
+    await first.send_json_to({"type": "message", "content": "What is 3 * 3?"})
+    seen_first = await receive_until(first, "run.completed")
+    seen_second = await receive_until(second, "run.completed")
+
+    assert seen_first == seen_second
+    assert seen_second[0]["user_message"]["content"] == "What is 3 * 3?"
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_a_user_cannot_resume_or_cancel_another_users_run(make_user):
+    alice = await database_sync_to_async(make_user)("alice")
+    mallory = await database_sync_to_async(make_user)("mallory")
+    _, alice_socket = await start(alice)
+    await alice_socket.send_json_to({"type": "message", "content": "secret plans"})
+    frames = await receive_until(alice_socket, "run.completed")
+    run_id = frames[0]["run"]
+
+    _, mallory_socket = await start(mallory)
+    await mallory_socket.send_json_to({"type": "resume", "run": run_id, "after_seq": 0})
+    assert (await mallory_socket.receive_json_from())["code"] == "run_not_found"
+    await mallory_socket.send_json_to({"type": "cancel", "run": run_id})
+    assert (await mallory_socket.receive_json_from())["code"] == "no_active_run"
+    await alice_socket.disconnect()
+    await mallory_socket.disconnect()
+    await wait_for_runs()

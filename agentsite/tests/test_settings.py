@@ -1,0 +1,81 @@
+"""Production settings refuse insecure defaults; checked in a fresh interpreter each time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STRONG_KEY = "k" * 50
+
+
+def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL"}
+    }
+    return subprocess.run(
+        [sys.executable, "-c", "import agentsite.settings"],
+        cwd=ROOT,
+        env={**clean, "AGENTSITE_READ_DOTENV": "false", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({}, "SECRET_KEY must be set"),
+        (
+            {"DEBUG": "false", "SECRET_KEY": "short", "ALLOWED_HOSTS": "example.com"},
+            "SECRET_KEY must be set",
+        ),
+        (
+            {
+                "DEBUG": "false",
+                "SECRET_KEY": "django-insecure-" + STRONG_KEY,
+                "ALLOWED_HOSTS": "example.com",
+            },
+            "SECRET_KEY must be set",
+        ),
+        ({"DEBUG": "false", "SECRET_KEY": STRONG_KEY}, "ALLOWED_HOSTS must list"),
+        (
+            {"DEBUG": "false", "SECRET_KEY": STRONG_KEY, "ALLOWED_HOSTS": "*"},
+            "ALLOWED_HOSTS must list",
+        ),
+        ({"DEBUG": "true", "ALLOWED_HOSTS": "agents.example.com"}, "public hosts"),
+        ({"DEBUG": "true", "AGENT_MODEL": "gpt5"}, "AGENT_MODEL must be one of"),
+    ],
+)
+def test_insecure_or_wrong_configuration_refuses_to_start(env, complaint):
+    result = load_settings(**env)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_production_configuration_starts_with_secure_cookies():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import agentsite.settings as s; print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            **os.environ,
+            "AGENTSITE_READ_DOTENV": "false",
+            "DEBUG": "false",
+            "SECRET_KEY": STRONG_KEY,
+            "ALLOWED_HOSTS": "agents.example.com",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
