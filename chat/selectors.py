@@ -1,6 +1,6 @@
 from uuid import UUID
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
@@ -9,12 +9,12 @@ from agentsite.errors import ApplicationError
 from .models import Conversation, Message, Run
 
 
-def conversation_list(*, owner: AbstractBaseUser) -> QuerySet[Conversation]:
+def conversation_list(*, owner: User) -> QuerySet[Conversation]:
     return Conversation.objects.filter(owner=owner)
 
 
 def conversation_get(
-    *, user: AbstractBaseUser | AnonymousUser, conversation_id: UUID | str
+    *, user: User | AnonymousUser, conversation_id: UUID | str
 ) -> Conversation:
     """The conversation, if `user` may see it; otherwise an ApplicationError saying why."""
     try:

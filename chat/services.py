@@ -5,7 +5,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -21,7 +21,7 @@ TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
 
 
-def conversation_create(*, owner: AbstractBaseUser, title: str = "") -> Conversation:
+def conversation_create(*, owner: User, title: str = "") -> Conversation:
     return Conversation.objects.create(owner=owner, title=_clean_title(title or DEFAULT_TITLE))
 
 
@@ -36,9 +36,13 @@ def conversation_delete(*, conversation: Conversation) -> None:
     active = [run.id for run in conversation.runs.filter(status__in=Run.ACTIVE_STATUSES)]
     with transaction.atomic():
         conversation.delete()
-        for run_id in active:
-            transaction.on_commit(lambda run_id=run_id: get_executor().cancel(run_id))
-        transaction.on_commit(lambda: delete_thread(thread_id))
+        transaction.on_commit(lambda: _stop_and_forget(active, thread_id))
+
+
+def _stop_and_forget(run_ids: list[UUID], thread_id: str) -> None:
+    for run_id in run_ids:
+        get_executor().cancel(run_id)
+    delete_thread(thread_id)
 
 
 def _clean_title(title: str) -> str:

@@ -7,6 +7,7 @@ from uuid import UUID
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
@@ -18,7 +19,13 @@ from .models import Conversation, Message
 from .rendering import render_markdown
 
 
-def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
+class AuthenticatedHttpRequest(HttpRequest):
+    """What a view behind @login_required receives (django-stubs' recipe)."""
+
+    user: User
+
+
+def _owned(request: AuthenticatedHttpRequest, conversation_id: UUID) -> Conversation:
     try:
         return selectors.conversation_get(user=request.user, conversation_id=conversation_id)
     except ApplicationError as error:
@@ -27,7 +34,7 @@ def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
 
 
 @login_required
-def index(request: HttpRequest) -> HttpResponse:
+def index(request: AuthenticatedHttpRequest) -> HttpResponse:
     latest = selectors.conversation_list(owner=request.user).first()
     if latest is None:
         latest = services.conversation_create(owner=request.user)
@@ -36,13 +43,13 @@ def index(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def conversation_new(request: HttpRequest) -> HttpResponse:
+def conversation_new(request: AuthenticatedHttpRequest) -> HttpResponse:
     conversation = services.conversation_create(owner=request.user)
     return redirect("chat:conversation", conversation_id=conversation.id)
 
 
 @login_required
-def conversation_detail(request: HttpRequest, conversation_id: UUID) -> HttpResponse:
+def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: UUID) -> HttpResponse:
     conversation = _owned(request, conversation_id)
     history = _history_items(
         list(selectors.message_list(conversation=conversation).select_related("run"))
@@ -89,7 +96,7 @@ def _history_items(history: list[Message]) -> list[dict[str, Any]]:
 
 @login_required
 @require_POST
-def conversation_rename_view(request: HttpRequest, conversation_id: UUID) -> HttpResponse:
+def conversation_rename_view(request: AuthenticatedHttpRequest, conversation_id: UUID) -> HttpResponse:
     conversation = _owned(request, conversation_id)
     try:
         services.conversation_rename(conversation=conversation, title=request.POST.get("title", ""))
@@ -100,6 +107,6 @@ def conversation_rename_view(request: HttpRequest, conversation_id: UUID) -> Htt
 
 @login_required
 @require_POST
-def conversation_delete_view(request: HttpRequest, conversation_id: UUID) -> HttpResponse:
+def conversation_delete_view(request: AuthenticatedHttpRequest, conversation_id: UUID) -> HttpResponse:
     services.conversation_delete(conversation=_owned(request, conversation_id))
     return redirect("chat:index")

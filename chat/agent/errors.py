@@ -8,9 +8,17 @@ reaches us here has exhausted those retries or is not worth retrying.
 import json
 
 import anthropic
+import httpx
+import httpx2
 import openai
 import pydantic
 from langchain_openai import StreamChunkTimeoutError
+
+# The SDKs wrap transport failures in their own errors, except the anthropic SDK while it
+# reads a stream: a read timeout or a dropped connection mid-answer comes out raw, from
+# httpx2 (the HTTP client of the openai and anthropic SDKs) or httpx.
+_TRANSPORT_TIMEOUTS = httpx2.TimeoutException | httpx.TimeoutException
+_TRANSPORT_ERRORS = httpx2.TransportError | httpx.TransportError
 
 
 class ProviderError(Exception):
@@ -52,7 +60,11 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
     if isinstance(error, ProviderError):
         return error
     if isinstance(
-        error, openai.APITimeoutError | anthropic.APITimeoutError | StreamChunkTimeoutError
+        error,
+        openai.APITimeoutError
+        | anthropic.APITimeoutError
+        | StreamChunkTimeoutError
+        | _TRANSPORT_TIMEOUTS,
     ):
         # StreamChunkTimeoutError: langchain-openai's own watchdog on a stream that stays
         # open (keep-alive comments) but sends no content; a TimeoutError subclass.
@@ -60,7 +72,9 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
             "provider_timeout",
             "The model provider did not answer in time (AGENT_PROVIDER_TIMEOUT).",
         )
-    if isinstance(error, openai.APIConnectionError | anthropic.APIConnectionError):
+    if isinstance(
+        error, openai.APIConnectionError | anthropic.APIConnectionError | _TRANSPORT_ERRORS
+    ):
         # Raised both when no connection could be made and when one broke off mid-answer.
         return ProviderError(
             "provider_unreachable",

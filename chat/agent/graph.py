@@ -60,7 +60,7 @@ def route_model_output(
 ) -> Literal["tools", "stop_at_step_limit", "__end__"]:
     last = state["messages"][-1]
     if not isinstance(last, AIMessage) or not last.tool_calls:
-        return END
+        return "__end__"
     if state.get("steps", 0) >= runtime.context.max_steps:
         return "stop_at_step_limit"
     return "tools"
@@ -73,9 +73,12 @@ def tool_error_message(error: Exception) -> str:
     return f"Error: {error}"
 
 
+AgentGraph = CompiledStateGraph[State, Context, State, State]
+
+
 def build_graph(
     checkpointer: BaseCheckpointSaver | None = None, load_model: ModelFactory = load_chat_model
-) -> CompiledStateGraph:
+) -> AgentGraph:
     builder = StateGraph(State, context_schema=Context)
     builder.add_node("call_model", make_model_node(load_model))
     builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=tool_error_message))

@@ -1,5 +1,7 @@
 """Preparing the stored conversation for a model call."""
 
+from typing import cast
+
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langchain_core.messages.utils import count_tokens_approximately, trim_messages
 
@@ -40,7 +42,7 @@ def fit_to_budget(messages: list[AnyMessage], max_tokens: int) -> list[AnyMessag
         allow_partial=False,
     )
     if trimmed:
-        return trimmed
+        return cast(list[AnyMessage], trimmed)
     # Even the latest turn is over budget: send the latest human message alone rather
     # than nothing; the provider reports a context overflow if it really does not fit.
     last_human = [m for m in history if isinstance(m, HumanMessage)][-1:]

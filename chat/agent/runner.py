@@ -7,14 +7,14 @@ its status, its partial output and its token usage recorded, and with one final 
 import asyncio
 import logging
 import weakref
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph.state import CompiledStateGraph
 
 from chat import services
 from chat.events import RunEventStream
@@ -25,8 +25,9 @@ from chat.run_outcome import RunOutcome
 from .checkpointer import get_checkpointer
 from .context import Context
 from .errors import provider_error_from
-from .graph import build_graph
+from .graph import AgentGraph, build_graph
 from .models import model_info
+from .state import State
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ FINAL_EVENTS = {
 async def execute_run(run_id: UUID) -> None:
     outcome = RunOutcome()
     stream: RunEventStream | None = None
+    deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     try:
         run = await database_sync_to_async(services.run_start)(run_id=run_id)
         if run is None:
@@ -54,38 +56,45 @@ async def execute_run(run_id: UUID) -> None:
             if user_message
             else None,
         )
-        async with asyncio.timeout(settings.AGENT_RUN_TIMEOUT):
+        async with deadline:
             await _drive_graph(run, user_message.content if user_message else "", stream, outcome)
     except asyncio.CancelledError:
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
-    except TimeoutError:
-        outcome.fail(
-            Run.Status.LIMIT_REACHED,
-            "run_timeout",
-            f"The answer took longer than {settings.AGENT_RUN_TIMEOUT:g} seconds "
-            "(AGENT_RUN_TIMEOUT) and was stopped.",
-        )
-    except Exception as error:
-        provider_error = provider_error_from(error)
-        if provider_error is not None:
-            logger.warning("run %s: provider error %s", run_id, provider_error.code)
-            outcome.fail(Run.Status.FAILED, provider_error.code, provider_error.message)
-        else:
-            logger.exception("run %s failed", run_id)
+    except TimeoutError as error:
+        if deadline.expired():
             outcome.fail(
-                Run.Status.FAILED,
-                "internal_error",
-                "Something went wrong on our side while answering; it has been logged.",
+                Run.Status.LIMIT_REACHED,
+                "run_timeout",
+                f"The answer took longer than {settings.AGENT_RUN_TIMEOUT:g} seconds "
+                "(AGENT_RUN_TIMEOUT) and was stopped.",
             )
+        else:  # a provider's own timeout, not the run's deadline
+            _fail_with(outcome, run_id, error)
+    except Exception as error:
+        _fail_with(outcome, run_id, error)
     await _finish(run_id, stream, outcome)
 
 
-_graphs: weakref.WeakKeyDictionary[BaseCheckpointSaver, CompiledStateGraph] = (
+def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
+    provider_error = provider_error_from(error)
+    if provider_error is not None:
+        logger.warning("run %s: provider error %s", run_id, provider_error.code)
+        outcome.fail(Run.Status.FAILED, provider_error.code, provider_error.message)
+    else:
+        logger.exception("run %s failed", run_id, exc_info=error)
+        outcome.fail(
+            Run.Status.FAILED,
+            "internal_error",
+            "Something went wrong on our side while answering; it has been logged.",
+        )
+
+
+_graphs: weakref.WeakKeyDictionary[BaseCheckpointSaver, AgentGraph] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def _graph() -> CompiledStateGraph:
+async def _graph() -> AgentGraph:
     # Compiled once per checkpoint saver (one per event loop), not once per run.
     saver = await get_checkpointer()
     if saver not in _graphs:
@@ -107,10 +116,12 @@ async def _drive_graph(run: Run, content: str, stream: RunEventStream, outcome: 
         # The step limit is enforced by the graph itself; this only guards against bugs.
         "recursion_limit": settings.AGENT_MAX_STEPS * 3 + 10,
     }
-    graph_input = {"messages": [HumanMessage(content=content)], "steps": 0}
-    async for mode, data in graph.astream(
+    graph_input: State = {"messages": [HumanMessage(content=content)], "steps": 0}
+    parts = graph.astream(
         graph_input, config, context=context, stream_mode=["messages", "updates"]
-    ):
+    )
+    # With several stream modes LangGraph yields (mode, data) pairs.
+    async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):
         if mode == "messages":
             chunk, metadata = data
             if metadata.get("langgraph_node") == "call_model" and isinstance(chunk, AIMessageChunk):

@@ -225,3 +225,41 @@ async def test_a_user_cannot_resume_or_cancel_another_users_run(make_user):
     await alice_socket.disconnect()
     await mallory_socket.disconnect()
     await wait_for_runs()
+
+
+async def test_the_step_limit_ends_the_run_with_an_explanation(make_user, settings):
+    settings.AGENT_MAX_STEPS = 1
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+
+    await socket.send_json_to({"type": "message", "content": "What is 2 + 2?"})
+    frames = await receive_until(socket, "run.limit_reached")
+
+    assert "tool.finished" not in [f["type"] for f in frames]  # the call was not run
+    assert frames[-1]["error"]["code"] == "max_steps"
+    assert "AGENT_MAX_STEPS" in frames[-1]["messages"][0]["content"]
+    run = await Run.objects.aget(conversation=conversation)
+    assert run.status == Run.Status.LIMIT_REACHED and run.steps == 1
+    # The interrupted tool call does not poison the next turn.
+    settings.AGENT_MAX_STEPS = 4
+    await socket.send_json_to({"type": "message", "content": "What is 3 + 3?"})
+    frames = await receive_until(socket, "run.completed")
+    assert "6" in "".join(f.get("text", "") for f in frames)
+    await socket.disconnect()
+
+
+async def test_the_wall_clock_limit_stops_a_slow_run(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    settings.AGENT_RUN_TIMEOUT = 0.3
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+
+    await socket.send_json_to({"type": "message", "content": "a long reply please"})
+    frames = await receive_until(socket, "run.limit_reached")
+
+    assert frames[-1]["error"]["code"] == "run_timeout"
+    run = await Run.objects.aget(conversation=conversation)
+    assert run.status == Run.Status.LIMIT_REACHED
+    partial = await Message.objects.filter(run=run, role="assistant").afirst()
+    assert partial is not None and partial.content  # what streamed before the stop is kept
+    await socket.disconnect()

@@ -1,0 +1,12 @@
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml ./
+COPY agentsite ./agentsite
+COPY chat ./chat
+RUN pip install --no-cache-dir .
+COPY . .
+RUN useradd --system agentsite && mkdir -p /app/var /srv/static && chown agentsite /app/var /srv/static
+USER agentsite
+EXPOSE 8000
+CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "--proxy-headers", "agentsite.asgi:application"]
