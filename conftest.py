@@ -42,12 +42,12 @@ async def open_socket(path: str, user: AbstractBaseUser | None = None) -> Websoc
 
 
 async def receive_until(
-    communicator: WebsocketCommunicator, event_type: str, timeout: float = 10
+    communicator: WebsocketCommunicator, event_type: str, wait: float = 10
 ) -> list[dict[str, Any]]:
     """Every frame up to and including the first of `event_type`."""
     frames = []
     while True:
-        frame = await communicator.receive_json_from(timeout=timeout)
+        frame = await communicator.receive_json_from(timeout=wait)
         frames.append(frame)
         if frame["type"] == event_type:
             return frames

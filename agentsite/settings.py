@@ -46,7 +46,7 @@ def _refuse_insecure_defaults() -> None:
 
 _refuse_insecure_defaults()
 if DEBUG and not SECRET_KEY:
-    SECRET_KEY = "django-insecure-local-development-only"  # noqa: S105 - refused when DEBUG is off
+    SECRET_KEY = "django-insecure-local-development-only"  # refused when DEBUG is off
 
 INSTALLED_APPS = [
     "daphne",
@@ -58,9 +58,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "chat",
+    "tracing",
 ]
 
 MIDDLEWARE = [
+    "agentsite.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -156,10 +158,27 @@ SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 360
 if env.bool("USE_X_FORWARDED_PROTO", default=not DEBUG):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# JSON lines in production (LOG_FORMAT=json, the default when DEBUG is off), readable
+# text on a developer's machine; both carry request_id, run_id and span_id.
+LOG_FORMAT = env.str("LOG_FORMAT", default="text" if DEBUG else "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"context": {"()": "agentsite.logging.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "agentsite.logging.JsonFormatter"},
+        "text": {
+            "format": "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s run=%(run_id)s "
+            "span=%(span_id)s] %(message)s"
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["context"],
+            "formatter": "json" if LOG_FORMAT == "json" else "text",
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"httpx": {"level": "WARNING"}},
 }
@@ -175,6 +194,7 @@ AGENT_OPENAI_MODEL = env.str("AGENT_OPENAI_MODEL", default="gpt-4.1-mini")
 AGENT_OPENAI_BASE_URL = env.str("AGENT_OPENAI_BASE_URL", default="") or None
 AGENT_ANTHROPIC_API_KEY = env.str("AGENT_ANTHROPIC_API_KEY", default="")
 AGENT_ANTHROPIC_MODEL = env.str("AGENT_ANTHROPIC_MODEL", default="claude-sonnet-4-5")
+AGENT_ANTHROPIC_BASE_URL = env.str("AGENT_ANTHROPIC_BASE_URL", default="") or None
 AGENT_MAX_TOKENS = env.int("AGENT_MAX_TOKENS", default=1024)
 AGENT_TEMPERATURE = env.float("AGENT_TEMPERATURE", default=0.2)
 AGENT_PROVIDER_TIMEOUT = env.float("AGENT_PROVIDER_TIMEOUT", default=60.0)
@@ -189,3 +209,18 @@ AGENT_EVENT_TTL = env.int("AGENT_EVENT_TTL", default=3600)
 AGENT_CHECKPOINT_SQLITE_PATH = env.path(
     "AGENT_CHECKPOINT_SQLITE_PATH", default=VAR_DIR / "checkpoints.sqlite3"
 )
+
+# --- Tracing ---------------------------------------------------------------------------
+# Record every run as a span tree (off only for benchmarks or emergencies).
+TRACING_ENABLED = env.bool("TRACING_ENABLED", default=True)
+# Prompts, completions, tool arguments and results are cut to this many characters.
+TRACING_MAX_PAYLOAD_CHARS = env.int("TRACING_MAX_PAYLOAD_CHARS", default=4000)
+# Spans buffered in memory before they are written in one batch.
+TRACING_FLUSH_BATCH = env.int("TRACING_FLUSH_BATCH", default=200)
+# `manage.py prune_traces` deletes traces older than this many days.
+TRACING_RETENTION_DAYS = env.int("TRACING_RETENTION_DAYS", default=30)
+# When set (e.g. http://127.0.0.1:4318), spans are also exported over OTLP/HTTP.
+OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
+OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="agentsite")
+# Prometheus metrics at /metrics (unauthenticated: restrict it at the proxy in production).
+METRICS_ENABLED = env.bool("METRICS_ENABLED", default=True)

@@ -12,6 +12,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from agentsite.errors import ApplicationError
+from agentsite.metrics import OPEN_WEBSOCKETS
 
 from . import selectors, services
 from .events import Event, conversation_group, event_log
@@ -33,6 +34,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Accept first: a close before accept becomes a bare HTTP 403 and the client
         # would never learn the reason code.
         await self.accept()
+        OPEN_WEBSOCKETS.inc()
         if not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
@@ -58,6 +60,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
+        OPEN_WEBSOCKETS.dec()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 

@@ -7,7 +7,8 @@ the result is sanitized again with nh3 (Ammonia) as a second line of defence.
 import nh3
 from markdown_it import MarkdownIt
 
-_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+# `breaks`: a chat message's line breaks are meant, unlike a Markdown document's.
+_markdown = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
 _ALLOWED_TAGS = {
     "p",
     "br",

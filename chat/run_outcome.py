@@ -15,6 +15,18 @@ class RunOutcome:
     output_tokens: int = 0
     error_code: str = ""
     error_message: str = ""
+    # Chunks streamed by a model call that has not reported its usage yet; if the run
+    # stops mid-call they are the best estimate of the output it was charged for.
+    unreported_output_tokens: int = 0
+
+    def add_streamed_text(self, text: str) -> None:
+        self.unreported_output_tokens += 1
+        self.add_text(text)
+
+    def add_usage(self, *, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.unreported_output_tokens = 0
 
     def add_text(self, text: str) -> None:
         if self.parts and self.parts[-1]["kind"] == "text":
@@ -41,6 +53,8 @@ class RunOutcome:
                 part["is_error"] = is_error
 
     def fail(self, status: Run.Status, code: str, message: str) -> None:
+        self.output_tokens += self.unreported_output_tokens
+        self.unreported_output_tokens = 0
         self.status = status
         self.error_code = code
         self.error_message = message

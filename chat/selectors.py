@@ -13,9 +13,7 @@ def conversation_list(*, owner: User) -> QuerySet[Conversation]:
     return Conversation.objects.filter(owner=owner)
 
 
-def conversation_get(
-    *, user: User | AnonymousUser, conversation_id: UUID | str
-) -> Conversation:
+def conversation_get(*, user: User | AnonymousUser, conversation_id: UUID | str) -> Conversation:
     """The conversation, if `user` may see it; otherwise an ApplicationError saying why."""
     try:
         conversation = Conversation.objects.get(id=conversation_id)

@@ -96,7 +96,9 @@ def _history_items(history: list[Message]) -> list[dict[str, Any]]:
 
 @login_required
 @require_POST
-def conversation_rename_view(request: AuthenticatedHttpRequest, conversation_id: UUID) -> HttpResponse:
+def conversation_rename_view(
+    request: AuthenticatedHttpRequest, conversation_id: UUID
+) -> HttpResponse:
     conversation = _owned(request, conversation_id)
     try:
         services.conversation_rename(conversation=conversation, title=request.POST.get("title", ""))
@@ -107,6 +109,8 @@ def conversation_rename_view(request: AuthenticatedHttpRequest, conversation_id:
 
 @login_required
 @require_POST
-def conversation_delete_view(request: AuthenticatedHttpRequest, conversation_id: UUID) -> HttpResponse:
+def conversation_delete_view(
+    request: AuthenticatedHttpRequest, conversation_id: UUID
+) -> HttpResponse:
     services.conversation_delete(conversation=_owned(request, conversation_id))
     return redirect("chat:index")

@@ -15,8 +15,9 @@ class Trace(models.Model):
         RUNNING = "running"
 
     # The trace id is the run id: events, spans and (later) ledger rows all join on it.
-    run = models.OneToOneField("chat.Run", on_delete=models.CASCADE, primary_key=True,
-                               related_name="trace")
+    run = models.OneToOneField(
+        "chat.Run", on_delete=models.CASCADE, primary_key=True, related_name="trace"
+    )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="traces"
     )
@@ -61,8 +62,14 @@ class Span(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     trace = models.ForeignKey(Trace, on_delete=models.CASCADE, related_name="spans")
-    parent = models.ForeignKey("self", on_delete=models.CASCADE, null=True, blank=True,
-                               related_name="children", db_constraint=False)
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="children",
+        db_constraint=False,
+    )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     name = models.CharField(max_length=200)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)

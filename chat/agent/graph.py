@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, SystemMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -14,9 +14,9 @@ from langgraph.prebuilt import ToolNode
 from langgraph.runtime import Runtime
 
 from .context import Context
-from .history import fit_to_budget
+from .history import fit_to_budget, skipped_tool_result
 from .models import load_chat_model
-from .prompts import STEP_LIMIT_MESSAGE, SYSTEM_PROMPT, TOOL_SKIPPED_MESSAGE
+from .prompts import STEP_LIMIT_MESSAGE, SYSTEM_PROMPT
 from .state import State
 from .tools import TOOLS, ToolInputError
 
@@ -42,15 +42,7 @@ def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
     answered so the stored history stays valid for the next turn."""
     last = state["messages"][-1]
     assert isinstance(last, AIMessage)
-    skipped = [
-        ToolMessage(
-            content=TOOL_SKIPPED_MESSAGE,
-            tool_call_id=call["id"] or "",
-            name=call["name"],
-            status="error",
-        )
-        for call in last.tool_calls
-    ]
+    skipped = [skipped_tool_result(call) for call in last.tool_calls]
     explanation = AIMessage(content=STEP_LIMIT_MESSAGE.format(steps=runtime.context.max_steps))
     return {"messages": [*skipped, explanation]}
 

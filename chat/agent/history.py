@@ -2,7 +2,7 @@
 
 from typing import cast
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolCall, ToolMessage
 from langchain_core.messages.utils import count_tokens_approximately, trim_messages
 
 from .prompts import TOOL_SKIPPED_MESSAGE
@@ -17,16 +17,21 @@ def close_dangling_tool_calls(messages: list[AnyMessage]) -> list[AnyMessage]:
         repaired.append(message)
         if isinstance(message, AIMessage):
             repaired.extend(
-                ToolMessage(
-                    content=TOOL_SKIPPED_MESSAGE,
-                    tool_call_id=call["id"] or "",
-                    name=call["name"],
-                    status="error",
-                )
+                skipped_tool_result(call)
                 for call in message.tool_calls
                 if call["id"] not in answered
             )
     return repaired
+
+
+def skipped_tool_result(call: ToolCall) -> ToolMessage:
+    """The answer to a tool call that will never run."""
+    return ToolMessage(
+        content=TOOL_SKIPPED_MESSAGE,
+        tool_call_id=call["id"] or "",
+        name=call["name"],
+        status="error",
+    )
 
 
 def fit_to_budget(messages: list[AnyMessage], max_tokens: int) -> list[AnyMessage]:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from langchain_core.language_models import BaseChatModel
+from pydantic import SecretStr
 
 from .errors import ProviderError
 from .offline_model import OFFLINE_MODEL_NAME, OfflineChatModel
@@ -27,7 +28,7 @@ def model_info() -> ModelInfo:
         name = settings.AGENT_OPENAI_MODEL
         return ModelInfo(provider, name, f"{name} via {where}")
     if provider == "anthropic":
-        where = _anthropic_base_url() or "Anthropic"
+        where = settings.AGENT_ANTHROPIC_BASE_URL or "Anthropic"
         name = settings.AGENT_ANTHROPIC_MODEL
         return ModelInfo(provider, name, f"{name} via {where}")
     return ModelInfo("offline", OFFLINE_MODEL_NAME, "Offline demo model (no real LLM)")
@@ -55,10 +56,10 @@ def _openai() -> BaseChatModel:
     return ChatOpenAI(
         model=settings.AGENT_OPENAI_MODEL,
         # Local OpenAI-compatible servers usually ignore the key, but the SDK wants one.
-        api_key=api_key or "not-needed",
+        api_key=SecretStr(api_key or "not-needed"),
         base_url=settings.AGENT_OPENAI_BASE_URL,
         temperature=settings.AGENT_TEMPERATURE,
-        max_tokens=settings.AGENT_MAX_TOKENS,
+        max_completion_tokens=settings.AGENT_MAX_TOKENS,
         timeout=settings.AGENT_PROVIDER_TIMEOUT,
         # The read timeout above restarts on every byte, SSE keep-alive comments included;
         # this bounds the wait for actual content (langchain-openai's own default is 120 s).
@@ -80,17 +81,13 @@ def _anthropic() -> BaseChatModel:
         )
     return ChatAnthropic(
         model_name=settings.AGENT_ANTHROPIC_MODEL,
-        api_key=settings.AGENT_ANTHROPIC_API_KEY,
+        api_key=SecretStr(settings.AGENT_ANTHROPIC_API_KEY),
         # None: the SDK's default (or ANTHROPIC_BASE_URL); set for a proxy or gateway.
-        base_url=_anthropic_base_url(),
+        base_url=settings.AGENT_ANTHROPIC_BASE_URL,
         temperature=settings.AGENT_TEMPERATURE,
         max_tokens_to_sample=settings.AGENT_MAX_TOKENS,
-        default_request_timeout=settings.AGENT_PROVIDER_TIMEOUT,
+        timeout=settings.AGENT_PROVIDER_TIMEOUT,
         max_retries=settings.AGENT_PROVIDER_MAX_RETRIES,
         stream_usage=True,
+        stop=None,
     )
-
-
-def _anthropic_base_url() -> str | None:
-    # getattr: tolerate a settings module that does not define the setting (yet).
-    return getattr(settings, "AGENT_ANTHROPIC_BASE_URL", None) or None

@@ -36,6 +36,7 @@ _ARITHMETIC = re.compile(
 _TIME_WORDS = re.compile(r"\b(time|date|day|today|clock|o'clock)\b", re.IGNORECASE)
 _ZONE = re.compile(r"\b(UTC|[A-Z][A-Za-z_]+/[A-Z][A-Za-z_]+(?:/[A-Z][A-Za-z_]+)?)\b")
 _TOKEN = re.compile(r"\s*\S+|\s+")
+MAX_PARALLEL_CALLS = 5
 
 INTRO = (
     "I am the **offline demo model** built into Agentsite: I run without a network and "
@@ -110,20 +111,20 @@ class OfflineChatModel(BaseChatModel):
         self, messages: list[BaseMessage], tools: list[dict[str, Any]]
     ) -> Iterator[AIMessageChunk]:
         available = {t["function"]["name"] for t in tools}
-        call = _plan_tool_call(messages, available)
+        calls = _plan_tool_calls(messages, available)
         output_tokens = 0
-        if call is not None:
-            name, args = call
-            output_tokens = 1 + len(json.dumps(args)) // 4
+        if calls:
+            output_tokens = sum(1 + len(json.dumps(args)) // 4 for _, args in calls)
             yield AIMessageChunk(
                 content="",
                 tool_call_chunks=[
                     {
                         "name": name,
                         "args": json.dumps(args),
-                        "id": f"call_offline_{len(messages)}",
-                        "index": 0,
+                        "id": f"call_offline_{len(messages)}" + (f"_{index}" if index else ""),
+                        "index": index,
                     }
+                    for index, (name, args) in enumerate(calls)
                 ],
             )
         else:
@@ -143,21 +144,22 @@ class OfflineChatModel(BaseChatModel):
         )
 
 
-def _plan_tool_call(
+def _plan_tool_calls(
     messages: list[BaseMessage], available: set[str]
-) -> tuple[str, dict[str, Any]] | None:
-    """Call a tool only when answering a person, never right after a tool result, so
-    the loop always ends."""
+) -> list[tuple[str, dict[str, Any]]]:
+    """Call tools only when answering a person, never right after a tool result, so
+    the loop always ends. Several expressions ("2*3 and 4*5") become several calculator
+    calls in one message, as a real model would make them in parallel."""
     if not messages or not isinstance(messages[-1], HumanMessage):
-        return None
+        return []
     text = messages[-1].text
-    arithmetic = _ARITHMETIC.search(text)
-    if arithmetic and "calculator" in available:
-        return "calculator", {"expression": arithmetic.group(0).strip()}
+    expressions = [m.group(0).strip() for m in _ARITHMETIC.finditer(text)][:MAX_PARALLEL_CALLS]
+    if expressions and "calculator" in available:
+        return [("calculator", {"expression": expression}) for expression in expressions]
     if _TIME_WORDS.search(text) and "current_time" in available:
         zone = _ZONE.search(text)
-        return "current_time", {"timezone": zone.group(1)} if zone else {}
-    return None
+        return [("current_time", {"timezone": zone.group(1)} if zone else {})]
+    return []
 
 
 def _reply(messages: list[BaseMessage]) -> str:

@@ -6,7 +6,7 @@ its status, its partial output and its token usage recorded, and with one final 
 
 import asyncio
 import logging
-import weakref
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 from uuid import UUID
@@ -14,18 +14,20 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
-from langgraph.checkpoint.base import BaseCheckpointSaver
 
+from agentsite import metrics
+from agentsite.logging import run_id_var
 from chat import services
 from chat.events import RunEventStream
 from chat.models import Run
 from chat.rendering import render_markdown
 from chat.run_outcome import RunOutcome
+from tracing.capture import RunTracer, trace_status_for
 
-from .checkpointer import get_checkpointer
+from .checkpointer import checkpointer
 from .context import Context
 from .errors import provider_error_from
-from .graph import AgentGraph, build_graph
+from .graph import build_graph
 from .models import model_info
 from .state import State
 
@@ -42,22 +44,31 @@ FINAL_EVENTS = {
 async def execute_run(run_id: UUID) -> None:
     outcome = RunOutcome()
     stream: RunEventStream | None = None
+    tracer: RunTracer | None = None
+    started: float | None = None
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
+    run_id_var.set(str(run_id))
     try:
         run = await database_sync_to_async(services.run_start)(run_id=run_id)
         if run is None:
             return
+        started = time.monotonic()
+        metrics.ACTIVE_RUNS.inc()
+        tracer = _start_trace(run)
         stream = RunEventStream(run.id, run.conversation_id)
         user_message = await run.messages.filter(role="user").afirst()
         await stream.emit(
             "run.started",
             model=model_info().label,
+            conversation_title=run.conversation.title,
             user_message=_message_out(user_message.id, user_message.content)
             if user_message
             else None,
         )
         async with deadline:
-            await _drive_graph(run, user_message.content if user_message else "", stream, outcome)
+            await _drive_graph(
+                run, user_message.content if user_message else "", stream, outcome, tracer
+            )
     except asyncio.CancelledError:
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
     except TimeoutError as error:
@@ -72,7 +83,42 @@ async def execute_run(run_id: UUID) -> None:
             _fail_with(outcome, run_id, error)
     except Exception as error:
         _fail_with(outcome, run_id, error)
-    await _finish(run_id, stream, outcome)
+    try:
+        await _finish(run_id, stream, outcome)
+    finally:
+        if started is not None:  # the run really started
+            metrics.ACTIVE_RUNS.dec()
+            metrics.RUNS.labels(status=outcome.status.value).inc()
+            metrics.RUN_DURATION.observe(time.monotonic() - started)
+        if tracer is not None:
+            await _finish_trace(tracer, outcome)
+
+
+def _start_trace(run: Run) -> RunTracer | None:
+    if not settings.TRACING_ENABLED:
+        return None
+    info = model_info()
+    tracer = RunTracer(
+        run_id=run.id, user_id=run.conversation.owner_id, model=info.name, provider=info.provider
+    )
+    tracer.start()
+    return tracer
+
+
+async def _finish_trace(tracer: RunTracer, outcome: RunOutcome) -> None:
+    # After the final event: the user has the answer while the spans are written.
+    # Shielded, so a late cancel cannot leave the trace half written. A failure here
+    # loses the trace, never the answer.
+    try:
+        await asyncio.shield(
+            tracer.finish(
+                status=trace_status_for(outcome.status),
+                error_type=outcome.error_code,
+                error_message=outcome.error_message,
+            )
+        )
+    except Exception:
+        logger.exception("run %s: could not write its trace", tracer.run_id)
 
 
 def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
@@ -89,21 +135,13 @@ def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
         )
 
 
-_graphs: weakref.WeakKeyDictionary[BaseCheckpointSaver, AgentGraph] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _graph() -> AgentGraph:
-    # Compiled once per checkpoint saver (one per event loop), not once per run.
-    saver = await get_checkpointer()
-    if saver not in _graphs:
-        _graphs[saver] = build_graph(saver)
-    return _graphs[saver]
-
-
-async def _drive_graph(run: Run, content: str, stream: RunEventStream, outcome: RunOutcome) -> None:
-    graph = await _graph()
+async def _drive_graph(
+    run: Run,
+    content: str,
+    stream: RunEventStream,
+    outcome: RunOutcome,
+    tracer: RunTracer | None = None,
+) -> None:
     context = Context(
         run_id=run.id,
         conversation_id=run.conversation_id,
@@ -115,23 +153,31 @@ async def _drive_graph(run: Run, content: str, stream: RunEventStream, outcome: 
         "configurable": {"thread_id": str(run.conversation_id)},
         # The step limit is enforced by the graph itself; this only guards against bugs.
         "recursion_limit": settings.AGENT_MAX_STEPS * 3 + 10,
+        "callbacks": [tracer] if tracer is not None else [],
     }
     graph_input: State = {"messages": [HumanMessage(content=content)], "steps": 0}
-    parts = graph.astream(
-        graph_input, config, context=context, stream_mode=["messages", "updates"]
-    )
-    # With several stream modes LangGraph yields (mode, data) pairs.
-    async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):
-        if mode == "messages":
-            chunk, metadata = data
-            if metadata.get("langgraph_node") == "call_model" and isinstance(chunk, AIMessageChunk):
-                text = chunk.text
-                if text:
-                    outcome.add_text(text)
-                    await stream.emit("token", text=text)
-        else:
-            for node, update in data.items():
-                await _on_node_update(node, update or {}, stream, outcome)
+    async with checkpointer() as saver:
+        graph = build_graph(saver)
+        parts = graph.astream(
+            graph_input, config, context=context, stream_mode=["messages", "updates"]
+        )
+        # With several stream modes LangGraph yields (mode, data) pairs.
+        async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):
+            if mode == "messages":
+                await _on_message_chunk(*data, stream=stream, outcome=outcome)
+            else:
+                for node, update in data.items():
+                    await _on_node_update(node, update or {}, stream, outcome)
+
+
+async def _on_message_chunk(
+    chunk: Any, metadata: dict[str, Any], *, stream: RunEventStream, outcome: RunOutcome
+) -> None:
+    if metadata.get("langgraph_node") == "call_model" and isinstance(chunk, AIMessageChunk):
+        text = chunk.text
+        if text:
+            outcome.add_streamed_text(text)
+            await stream.emit("token", text=text)
 
 
 async def _on_node_update(
@@ -169,8 +215,7 @@ async def _on_model_message(
 ) -> None:
     usage = message.usage_metadata
     if usage:
-        outcome.input_tokens += usage["input_tokens"]
-        outcome.output_tokens += usage["output_tokens"]
+        outcome.add_usage(input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"])
         await stream.emit(
             "usage",
             input_tokens=usage["input_tokens"],

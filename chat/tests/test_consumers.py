@@ -130,6 +130,8 @@ async def test_cancel_stops_the_run_and_keeps_what_was_said(make_user, settings)
     assert run.status == Run.Status.CANCELLED and run.finished_at is not None
     partial = await Message.objects.filter(run=run, role="assistant").afirst()
     assert partial is not None and 0 < len(partial.content) < 400
+    # What streamed before the stop is counted, not lost.
+    assert run.output_tokens > 0 and cancelled["usage"]["output_tokens"] == run.output_tokens
     # The conversation goes on after a cancel.
     await socket.send_json_to({"type": "message", "content": "What is 2 + 2?"})
     frames = await receive_until(socket, "run.completed")

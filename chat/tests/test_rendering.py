@@ -46,6 +46,10 @@ def test_hostile_html_remains_readable() -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in render_markdown("<img src=x onerror=alert(1)>")
 
 
+def test_line_breaks_in_a_message_are_kept() -> None:
+    assert render_markdown("first line\nsecond line") == "<p>first line<br>\nsecond line</p>\n"
+
+
 def test_links_are_safe_to_follow() -> None:
     html = render_markdown("[docs](https://example.com)")
     assert 'href="https://example.com"' in html and 'rel="noopener noreferrer nofollow"' in html

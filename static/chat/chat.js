@@ -20,12 +20,20 @@
   let socket = null;
   let retryDelay = 500;
   let pendingUser = null;      // the bubble drawn before the server confirmed the message
+  let ready = false;           // the current socket has said hello ("session")
+  const outbox = [];           // a message sent before that, delivered once it has
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
     if (className) node.className = className;
     if (text !== undefined) node.textContent = text;
     return node;
+  }
+
+  // Follow the stream only while the reader is at the bottom: someone who scrolled up to
+  // read an earlier answer is not yanked away by every token.
+  function nearBottom() {
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   }
 
   function scrollDown() {
@@ -43,6 +51,7 @@
 
   function setBusy(busy) {
     stopButton.hidden = !busy;
+    stopButton.disabled = false;
     sendButton.disabled = busy;
   }
 
@@ -55,15 +64,27 @@
     if (!turns[runId]) {
       const wrapper = el("div", "turn");
       wrapper.dataset.run = runId;
+      // Shown until the first token or step: a real model can take seconds to start.
+      const thinking = el("div", "thinking", "Thinking");
+      wrapper.appendChild(thinking);
       list.appendChild(wrapper);
-      turns[runId] = { el: wrapper, segment: null, segments: [], steps: {} };
+      turns[runId] = { el: wrapper, thinking: thinking, segment: null, segments: [], steps: {} };
     }
     return turns[runId];
   }
 
+  function stopThinking(turn) {
+    if (turn.thinking) {
+      turn.thinking.remove();
+      turn.thinking = null;
+    }
+  }
+
   function currentSegment(turn) {
     if (!turn.segment) {
+      stopThinking(turn);
       const bubble = el("div", "bubble assistant streaming");
+      bubble.setAttribute("aria-busy", "true"); // screen readers wait for the whole answer
       const content = el("div", "content");
       bubble.appendChild(content);
       turn.el.appendChild(bubble);
@@ -71,6 +92,16 @@
       turn.segments.push(content);
     }
     return turn.segment;
+  }
+
+  // The first message names a new conversation; show the name without a reload.
+  function showTitle(title) {
+    if (!title) return;
+    const heading = chat.querySelector(".chat-header .title");
+    if (heading) heading.textContent = title;
+    const current = document.querySelector(".conversations li.current a");
+    if (current) current.textContent = title;
+    document.title = title + " · Agentsite";
   }
 
   function drawUserMessage(message) {
@@ -89,6 +120,7 @@
   }
 
   function drawToolStarted(turn, event) {
+    stopThinking(turn);
     const step = el("details", "step running");
     step.dataset.toolCall = event.tool_call_id;
     const summary = el("summary");
@@ -114,26 +146,66 @@
     step.classList.remove("running");
     if (event.is_error) step.classList.add("error");
     step.querySelector(".step-result").textContent = event.result;
+    // The result at a glance while the step is folded.
+    const summary = step.querySelector("summary");
+    summary.appendChild(document.createTextNode(" "));
+    summary.appendChild(el("span", "step-preview", "→ " + event.result));
   }
 
+  const STATUS_LABELS = { cancelled: "Stopped", failed: "Failed", limit_reached: "Limit reached" };
+
   function drawRunEnd(turn, event) {
-    // Swap the streamed plain text for the server's sanitized Markdown rendering.
-    const answers = event.messages || [];
-    turn.segments.forEach(function (segment, index) {
-      segment.parentElement.classList.remove("streaming");
-      if (answers[index]) {
-        segment.innerHTML = answers[index].html;
-        segment.parentElement.dataset.message = answers[index].id;
+    stopThinking(turn);
+    // Swap the streamed plain text for the server's sanitized Markdown rendering. The
+    // server stores each text segment exactly as streamed but drops blank ones, so blank
+    // bubbles go and the others take the answers in order.
+    const answers = (event.messages || []).slice();
+    turn.segments.forEach(function (segment) {
+      const bubble = segment.parentElement;
+      bubble.classList.remove("streaming");
+      bubble.removeAttribute("aria-busy");
+      if (!segment.textContent.trim()) {
+        bubble.remove();
+        return;
+      }
+      const answer = answers.shift();
+      if (answer) {
+        segment.innerHTML = answer.html; // sanitized by the server
+        bubble.dataset.message = answer.id;
       }
     });
+    // A step the run never finished (stopped or failed mid-call) must not spin forever.
+    Object.keys(turn.steps).forEach(function (id) {
+      const step = turn.steps[id];
+      if (step.classList.contains("running")) {
+        step.classList.remove("running");
+        step.classList.add("unfinished");
+        step.querySelector(".step-result").textContent = "did not finish";
+      }
+    });
+    turn.el.appendChild(drawFooter(event));
+  }
+
+  function drawFooter(event) {
     const footer = el("div", "run-footer " + event.status);
     footer.dataset.run = event.run;
-    if (event.error) footer.appendChild(el("div", "run-error", event.error.message));
+    // Stopping is the user's own doing, not an error worth a red line.
+    if (event.error && event.status !== "cancelled") {
+      footer.appendChild(el("div", "run-error", event.error.message));
+    }
+    if (STATUS_LABELS[event.status]) {
+      footer.appendChild(el("span", "run-status", STATUS_LABELS[event.status]));
+      footer.appendChild(document.createTextNode(" · "));
+    }
     const usage = event.usage || {};
     footer.appendChild(el("span", "usage",
       (usage.total_tokens || 0) + " tokens · " + (usage.input_tokens || 0) + " in / " +
       (usage.output_tokens || 0) + " out"));
-    turn.el.appendChild(footer);
+    footer.appendChild(document.createTextNode(" · "));
+    const trace = el("a", "trace-link", "trace");
+    trace.href = "/traces/" + encodeURIComponent(event.run) + "/";
+    footer.appendChild(trace);
+    return footer;
   }
 
   const FINAL = ["run.completed", "run.failed", "run.cancelled", "run.limit_reached"];
@@ -141,12 +213,15 @@
   function onRunEvent(event) {
     if (event.seq <= (lastSeq[event.run] || 0)) return; // already drawn (replayed twice)
     lastSeq[event.run] = event.seq;
+    const follow = nearBottom();
     if (event.type === "run.started") {
       removeEmptyHint();
+      showTitle(event.conversation_title);
       drawUserMessage(event.user_message);
       activeRun = event.run;
       setBusy(true);
       turnFor(event.run);
+      if (follow) scrollDown();
       return;
     }
     const turn = turnFor(event.run);
@@ -159,9 +234,9 @@
     } else if (FINAL.indexOf(event.type) !== -1) {
       drawRunEnd(turn, event);
       if (activeRun === event.run) activeRun = null;
-      setBusy(false);
+      setBusy(Boolean(activeRun));
     }
-    scrollDown();
+    if (follow) scrollDown();
   }
 
   function onFrame(frame) {
@@ -174,9 +249,13 @@
           send({ type: "resume", run: runId, after_seq: lastSeq[runId] || 0 });
         }
       });
-      setBusy(Boolean(activeRun));
+      ready = true;
+      setBusy(Boolean(activeRun) || outbox.length > 0);
+      while (outbox.length) send(outbox.shift());
     } else if (frame.type === "error") {
       if (pendingUser && frame.code !== "no_active_run") {
+        // The message was refused: give its text back so nothing typed is lost.
+        if (!input.value) input.value = pendingUser.textContent;
         pendingUser.remove();
         pendingUser = null;
         setBusy(Boolean(activeRun));
@@ -196,6 +275,14 @@
     return false;
   }
 
+  // A message typed while the socket is still (re)connecting waits for it instead of
+  // being refused: right after the page loads, that is only a few milliseconds.
+  function sendMessage(content) {
+    if (ready) return send({ type: "message", content: content });
+    outbox.push({ type: "message", content: content });
+    return true;
+  }
+
   function connect() {
     const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     socket = new WebSocket(scheme + window.location.host + "/ws/chat/" + conversationId + "/");
@@ -207,6 +294,7 @@
       onFrame(JSON.parse(message.data));
     });
     socket.addEventListener("close", function (closed) {
+      ready = false;
       if (closed.code === 4401) {
         window.location.href = "/login/?next=" + encodeURIComponent(window.location.pathname);
         return;
@@ -225,8 +313,8 @@
     submitted.preventDefault();
     const content = input.value.trim();
     if (!content || sendButton.disabled) return;
-    if (!send({ type: "message", content: content })) return;
-    hideNotice();
+    if (!sendMessage(content)) return;
+    if (ready) hideNotice();
     removeEmptyHint();
     pendingUser = el("div", "bubble user pending");
     pendingUser.appendChild(el("div", "content", content));
@@ -237,14 +325,18 @@
   });
 
   input.addEventListener("keydown", function (key) {
-    if (key.key === "Enter" && !key.shiftKey) {
+    // Not while an input method is composing: its Enter confirms the characters.
+    if (key.key === "Enter" && !key.shiftKey && !key.isComposing) {
       key.preventDefault();
       form.requestSubmit();
     }
   });
 
   stopButton.addEventListener("click", function () {
-    send(activeRun ? { type: "cancel", run: activeRun } : { type: "cancel" });
+    // Once is enough: a second cancel would only earn a "nothing to stop" notice.
+    if (send(activeRun ? { type: "cancel", run: activeRun } : { type: "cancel" })) {
+      stopButton.disabled = true;
+    }
   });
 
   setBusy(Boolean(activeRun));

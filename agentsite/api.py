@@ -1,0 +1,59 @@
+"""The JSON API: one NinjaAPI for the project, mounted at /api/.
+
+Routes live under /api/v1/ (each app contributes a Router); the OpenAPI schema and its
+docs are served at /api/openapi.json and /api/docs, outside the versioned prefix, so
+one page documents every version.
+"""
+
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, ValidationError
+from ninja.security import django_auth
+
+from tracing.api import router as tracing_router
+
+from .errors import ApplicationError
+
+# Every way a caller may authenticate, tried in order; the API-key class joins this list.
+AUTH = [django_auth]
+
+api = NinjaAPI(
+    title="Agentsite API",
+    version="1",
+    urls_namespace="api",
+    auth=AUTH,
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+
+
+@api.exception_handler(ApplicationError)
+def application_error(request: HttpRequest, error: ApplicationError) -> HttpResponse:
+    return api.create_response(request, {"error": error.as_dict()}, status=error.http_status)
+
+
+@api.exception_handler(ValidationError)
+def validation_error(request: HttpRequest, error: ValidationError) -> HttpResponse:
+    return api.create_response(
+        request,
+        {
+            "error": {
+                "code": "invalid_request",
+                "message": "The request is not valid.",
+                "details": error.errors,
+            }
+        },
+        status=422,
+    )
+
+
+@api.exception_handler(AuthenticationError)
+def authentication_error(request: HttpRequest, error: AuthenticationError) -> HttpResponse:
+    return api.create_response(
+        request,
+        {"error": {"code": "unauthenticated", "message": "Sign in or send an API key."}},
+        status=401,
+    )
+
+
+api.add_router("/v1/", tracing_router)

@@ -1,0 +1,61 @@
+"""Structured logs: one JSON object per line when DEBUG is off, carrying the request id,
+run id and span id of whatever the line was logged for.
+
+A plain `logging.Formatter` subclass rather than structlog: every library in the process
+(Django, Channels, LangChain, httpx) logs through stdlib logging, and this is all it
+takes to make those lines structured too, with no second logging pipeline to configure.
+"""
+
+import json
+import logging
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+run_id_var: ContextVar[str | None] = ContextVar("run_id", default=None)
+span_id_var: ContextVar[str | None] = ContextVar("span_id", default=None)
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class ContextFilter(logging.Filter):
+    """Copies the ids from the context variables onto the record, for any formatter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        record.run_id = run_id_var.get()
+        record.span_id = span_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "run_id", "span_id"):
+            value = getattr(record, key, None)
+            if value:
+                entry[key] = value
+        for key, value in vars(record).items():
+            if (
+                key not in _STANDARD
+                and key not in entry
+                and key
+                not in (
+                    "request_id",
+                    "run_id",
+                    "span_id",
+                )
+            ):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)

@@ -1,0 +1,89 @@
+"""Writes of traces. The capture buffers spans and hands them over here in batches."""
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Span, Trace
+
+PRUNE_BATCH = 500
+
+
+def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime) -> Trace:
+    # update_or_create: a run retried on another worker starts its trace afresh.
+    trace, _ = Trace.objects.update_or_create(
+        run_id=run_id,
+        defaults={
+            "user_id": user_id,
+            "model": model,
+            "started_at": started_at,
+            "status": Trace.Status.RUNNING,
+        },
+    )
+    return trace
+
+
+def span_bulk_create(*, spans: Sequence[Span]) -> None:
+    Span.objects.bulk_create(spans, batch_size=500)
+
+
+def trace_finish(
+    *,
+    run_id: UUID,
+    spans: Sequence[Span],
+    status: str,
+    create: bool = False,
+    user_id: int | None = None,
+    model: str = "",
+    started_at: datetime | None = None,
+    ended_at: datetime,
+    duration_ms: float,
+    span_count: int,
+    input_tokens: int,
+    output_tokens: int,
+    cached_tokens: int,
+    error_type: str = "",
+    error_message: str = "",
+) -> None:
+    """Write the last spans and the trace's totals together, so a finished trace is
+    never seen with half its spans. `create`: the trace row was not written at the start
+    (a short run), so it is written here, in the same transaction."""
+    with transaction.atomic():
+        if create:
+            assert user_id is not None and started_at is not None
+            trace_start(run_id=run_id, user_id=user_id, model=model, started_at=started_at)
+        Span.objects.bulk_create(spans, batch_size=500)
+        Trace.objects.filter(run_id=run_id).update(
+            status=status,
+            ended_at=ended_at,
+            duration_ms=duration_ms,
+            span_count=span_count,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
+            error_type=error_type[:200],
+            error_message=error_message,
+        )
+
+
+def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:
+    """Delete traces (and their spans) that started more than `older_than_days` ago,
+    a batch at a time so a large backlog never holds one long lock. Returns how many."""
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    deleted = 0
+    while True:
+        ids = list(
+            Trace.objects.filter(started_at__lt=cutoff).values_list("run_id", flat=True)[
+                :batch_size
+            ]
+        )
+        if not ids:
+            return deleted
+        with transaction.atomic():
+            # Spans first and explicitly: their parent link has no database constraint.
+            Span.objects.filter(trace_id__in=ids).delete()
+            Trace.objects.filter(run_id__in=ids).delete()
+        deleted += len(ids)

@@ -1,0 +1,160 @@
+import pytest
+from channels.db import database_sync_to_async
+
+from chat import services
+from chat.models import Run
+from conftest import open_socket, receive_until, wait_for_runs
+from tracing.models import Span, Trace
+from tracing.selectors import trace_flatten, trace_tree
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def run_message(user, content, until="run.completed"):
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": content})
+    frames = await receive_until(socket, until)
+    await socket.disconnect()
+    await wait_for_runs()
+    run = await Run.objects.aget(conversation=conversation)
+    return run, frames, socket
+
+
+def shape(trace):
+    return [
+        ("  " * node.depth) + f"{node.span.kind}:{node.span.name}:{node.span.status}"
+        for node in trace_flatten(roots=trace_tree(trace=trace))
+    ]
+
+
+async def test_a_multi_tool_run_records_the_whole_tree(make_user):
+    user = await database_sync_to_async(make_user)()
+    run, frames, _ = await run_message(user, "What is 2*3 and 4*5 and 6*7?")
+    assert [f["name"] for f in frames if f["type"] == "tool.started"] == ["calculator"] * 3
+
+    trace = await Trace.objects.aget(run=run)
+    assert trace.user_id == user.id and trace.status == "ok"
+    tree = await database_sync_to_async(shape)(trace)
+    assert tree == [
+        "run:run:ok",
+        "  node:call_model:ok",
+        "    llm:agentsite-offline-demo:ok",
+        "  node:tools:ok",
+        "    tool:calculator:ok",
+        "    tool:calculator:ok",
+        "    tool:calculator:ok",
+        "  node:call_model:ok",
+        "    llm:agentsite-offline-demo:ok",
+    ]
+    spans = [s async for s in Span.objects.filter(trace=trace)]
+    assert trace.span_count == len(spans) == 9
+    llm = [s for s in spans if s.kind == "llm"]
+    assert trace.input_tokens == sum(s.input_tokens for s in llm) == run.input_tokens
+    assert trace.output_tokens == run.output_tokens > 0
+    answer = llm[-1].attributes
+    assert answer["provider"] and answer["model"] == "agentsite-offline-demo"
+    assert answer["prompt"][0]["role"] == "system"
+    assert "42" in answer["completion"]["content"]
+    assert answer["finish_reason"] == "stop"
+    assert answer["time_to_first_token_ms"] >= 0
+    first_call = llm[0].attributes["completion"]["tool_calls"]
+    assert [c["args"] for c in first_call] == [
+        {"expression": "2*3"},
+        {"expression": "4*5"},
+        {"expression": "6*7"},
+    ]
+    tools = sorted(
+        (s.attributes["arguments"]["expression"], s.attributes["result"])
+        for s in spans
+        if s.kind == "tool"
+    )
+    assert tools == [("2*3", "6"), ("4*5", "20"), ("6*7", "42")]
+    root = next(s for s in spans if s.kind == "run")
+    assert all(root.started_at <= s.started_at <= s.ended_at <= root.ended_at for s in spans)
+    assert trace.duration_ms == pytest.approx(root.duration_ms, abs=1)
+
+
+async def test_a_cancelled_run_closes_its_open_spans_as_cancelled(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
+    await receive_until(socket, "token")
+    await socket.send_json_to({"type": "cancel"})
+    await receive_until(socket, "run.cancelled")
+    await socket.disconnect()
+    await wait_for_runs()
+
+    trace = await Trace.objects.aget(run__conversation=conversation)
+    assert trace.status == "cancelled" and trace.error_type == "cancelled"
+    tree = await database_sync_to_async(shape)(trace)
+    assert tree == [
+        "run:run:cancelled",
+        "  node:call_model:cancelled",
+        "    llm:agentsite-offline-demo:cancelled",
+    ]
+    assert not await Span.objects.filter(trace=trace, ended_at__isnull=True).aexists()
+
+
+async def test_a_failed_run_records_the_error_on_the_llm_span(make_user, settings):
+    settings.AGENT_MODEL = "openai"
+    settings.AGENT_OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens there
+    settings.AGENT_PROVIDER_MAX_RETRIES = 0
+    user = await database_sync_to_async(make_user)()
+    run, frames, _ = await run_message(user, "hello", until="run.failed")
+    assert frames[-1]["error"]["code"] == "provider_unreachable"
+
+    trace = await Trace.objects.aget(run=run)
+    assert trace.status == "error" and trace.error_type == "provider_unreachable"
+    tree = await database_sync_to_async(shape)(trace)
+    assert tree == [
+        "run:run:error",
+        "  node:call_model:error",
+        "    llm:gpt-4.1-mini:error",
+    ]
+    llm = await Span.objects.aget(trace=trace, kind="llm")
+    assert llm.error_type and llm.error_message
+    assert llm.attributes["request"]["temperature"] == settings.AGENT_TEMPERATURE
+
+
+async def test_tracing_can_be_switched_off(make_user, settings):
+    settings.TRACING_ENABLED = False
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "What is 2*3?")
+    assert run.status == Run.Status.COMPLETED
+    assert not await Trace.objects.filter(run=run).aexists()
+
+
+async def test_spans_are_flushed_in_batches_during_a_long_run(make_user, settings, monkeypatch):
+    from tracing import capture
+
+    settings.TRACING_FLUSH_BATCH = 2
+    monkeypatch.setattr(capture, "RUNNING_VISIBLE_AFTER", 0.0)
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "What is 2*3 and 4*5 and 6*7?")
+    trace = await Trace.objects.aget(run=run)
+    assert trace.status == "ok"
+    assert await Span.objects.filter(trace=trace).acount() == trace.span_count == 9
+
+
+def test_json_logs_carry_request_run_and_span_ids(client, db):
+    import json
+    import logging
+
+    from agentsite.logging import ContextFilter, JsonFormatter, run_id_var, span_id_var
+
+    run_id_var.set("run-1")
+    span_id_var.set("span-2")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+    ContextFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "hello you"
+    assert line["run_id"] == "run-1" and line["span_id"] == "span-2"
+
+    response = client.get("/login/", HTTP_X_REQUEST_ID="abc-123")
+    assert response["X-Request-ID"] == "abc-123"
+    assert len(client.get("/login/", HTTP_X_REQUEST_ID="bad id!")["X-Request-ID"]) == 32
