@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "corsheaders",
     "chat",
     "tracing",
 ]
@@ -65,6 +66,7 @@ MIDDLEWARE = [
     "agentsite.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -135,6 +137,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Browser apps on these origins may call the JSON API (and only the API).
+CORS_ALLOWED_ORIGINS = env.list("AGENT_CORS_ORIGINS", default=[])
+CORS_URLS_REGEX = r"^/api/.*$"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:index"
 LOGOUT_REDIRECT_URL = "login"
@@ -211,7 +217,8 @@ AGENT_CHECKPOINT_SQLITE_PATH = env.path(
 )
 
 # --- Tracing ---------------------------------------------------------------------------
-# Record every run as a span tree (off only for benchmarks or emergencies).
+# Record every run as a span tree (off only for benchmarks or emergencies). Off also
+# stops the LLM latency and token metrics, which are fed from the finished trace.
 TRACING_ENABLED = env.bool("TRACING_ENABLED", default=True)
 # Prompts, completions, tool arguments and results are cut to this many characters.
 TRACING_MAX_PAYLOAD_CHARS = env.int("TRACING_MAX_PAYLOAD_CHARS", default=4000)
@@ -222,5 +229,8 @@ TRACING_RETENTION_DAYS = env.int("TRACING_RETENTION_DAYS", default=30)
 # When set (e.g. http://127.0.0.1:4318), spans are also exported over OTLP/HTTP.
 OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
 OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="agentsite")
+# Also export prompts, completions, tool arguments and results (opt-in, as the GenAI
+# semantic conventions ask: they may hold personal data).
+TRACING_EXPORT_CONTENT = env.bool("TRACING_EXPORT_CONTENT", default=False)
 # Prometheus metrics at /metrics (unauthenticated: restrict it at the proxy in production).
 METRICS_ENABLED = env.bool("METRICS_ENABLED", default=True)

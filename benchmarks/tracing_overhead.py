@@ -7,11 +7,13 @@ offline model with no token delay, and a message that makes the model call the
 calculator three times in one step (so a run is: model → 3 tools → model). Runs are
 interleaved (on, off, on, off, ...) so drift in the machine affects both sides alike.
 
-Per run, two times: until the final event is sent (what the user waits for: the trace
-row is created in the background and the spans are written after that event), and the
-whole `execute_run` including writing the trace. Per span: the time spent inside the
-tracer's callbacks (on the request path, between tokens and tool calls), divided by the
-spans recorded.
+Per run, two times, both judged against the per-run target: until the final event is
+sent (what the user waits for: the trace row is created in the background and the spans
+are written after that event), and the whole `execute_run` including writing the trace
+(what the process spends). Per span: the time spent inside the tracer's callbacks (on
+the request path, between tokens and tool calls), divided by the spans recorded. The
+callbacks are timed here, by a subclass that wraps each one, so production code carries
+no instrumentation; the wrapper's own call adds a little to what it measures.
 """
 
 import argparse
@@ -21,13 +23,28 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.test_settings")
 os.environ["LOG_LEVEL"] = "WARNING"
 
 MESSAGE = "What is 2*3 and 4*5 and 6*7?"
+# Every callback RunTracer implements (all of them run on the request path).
+CALLBACKS = (
+    "on_chain_start",
+    "on_chain_end",
+    "on_chain_error",
+    "on_chat_model_start",
+    "on_llm_new_token",
+    "on_llm_end",
+    "on_llm_error",
+    "on_tool_start",
+    "on_tool_end",
+    "on_tool_error",
+)
 TARGET_OVERHEAD_PCT = 5.0
 TARGET_SPAN_US = 25.0
 
@@ -56,13 +73,28 @@ async def main(runs: int) -> None:
     from tracing.capture import RunTracer
 
     tracers: list[RunTracer] = []
+    callback_seconds: dict[int, float] = {}
 
-    class CountingTracer(RunTracer):
-        def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+    def timed(name: str) -> Callable[..., None]:
+        callback = getattr(RunTracer, name)
+
+        def wrapper(self: RunTracer, *args: Any, **kwargs: Any) -> None:
+            began = time.perf_counter()
+            callback(self, *args, **kwargs)
+            callback_seconds[id(self)] += time.perf_counter() - began
+
+        return wrapper
+
+    class TimedTracer(RunTracer):
+        def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            callback_seconds[id(self)] = 0.0
             tracers.append(self)
 
-    runner.RunTracer = CountingTracer  # type: ignore[misc]
+    for name in CALLBACKS:
+        setattr(TimedTracer, name, timed(name))
+
+    runner.RunTracer = TimedTracer  # type: ignore[misc]
     answered: list[float] = []
     original_finish = runner._finish
 
@@ -93,6 +125,7 @@ async def main(runs: int) -> None:
         await one(True)
         await one(False)
     tracers.clear()
+    callback_seconds.clear()
 
     on: list[tuple[float, float]] = []
     off: list[tuple[float, float]] = []
@@ -102,8 +135,8 @@ async def main(runs: int) -> None:
         for traced in order:
             (on if traced else off).append(await one(traced))
 
-    spans = [t.span_count for t in tracers]
-    callback_us = [t.callback_seconds * 1e6 for t in tracers]
+    spans = [len(t._rows) for t in tracers]  # every span, written at finish
+    callback_us = [callback_seconds[id(t)] * 1e6 for t in tracers]
     per_span_us = sum(callback_us) / sum(spans)
 
     print(f"tracing overhead: {runs} runs each way, interleaved; message {MESSAGE!r}")
@@ -123,13 +156,15 @@ async def main(runs: int) -> None:
         f"time in tracer callbacks per run: {statistics.mean(callback_us):.1f} µs "
         f"= {per_span_us:.2f} µs per span on the request path"
     )
-    ok_run = results[(0, "p50")] <= TARGET_OVERHEAD_PCT
-    ok_span = per_span_us <= TARGET_SPAN_US
     print(
-        f"targets: answer latency overhead <= {TARGET_OVERHEAD_PCT:g}% (p50): "
-        f"{'met' if ok_run else 'MISSED'}; per span <= {TARGET_SPAN_US:g} µs: "
-        f"{'met' if ok_span else 'MISSED'}"
+        f"targets (per run <= {TARGET_OVERHEAD_PCT:g}% at p50, per span <= {TARGET_SPAN_US:g} µs):"
     )
+    for column, label in ((0, "until the answer"), (1, "whole run incl. trace write")):
+        overhead = results[(column, "p50")]
+        verdict = "met" if overhead <= TARGET_OVERHEAD_PCT else "NOT met"
+        print(f"  per run, {label}: {overhead:.1f}% -> {verdict}")
+    verdict = "met" if per_span_us <= TARGET_SPAN_US else "NOT met"
+    print(f"  per span on the request path: {per_span_us:.2f} µs -> {verdict}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 The socket only starts, cancels and watches runs; runs execute elsewhere and outlive it.
 Every run event is delivered in `seq` order without gaps: when a live event arrives
 ahead of what this socket has sent, the missing ones are replayed from the event log.
+Runs that start while the socket is open are followed from their first event; a run
+already under way at connect is followed once the client resumes it.
 """
 
 from typing import Any
@@ -97,6 +99,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def run_event(self, message: dict[str, Any]) -> None:
         """A live event from the channel layer (handler for type "run.event")."""
         event: Event = message["event"]
+        if event["run"] not in self.sent_seq and event["seq"] > 1:
+            # A run already under way when this socket connected: the client resumes it
+            # from the last seq it saw (the session frame named it), so wait for that.
+            return
         sent = self.sent_seq.get(event["run"], 0)
         if event["seq"] <= sent:
             return

@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
+from tracing.services import trace_close_interrupted
 
 from .agent.checkpointer import delete_thread
 from .agent.executor import get_executor
@@ -100,12 +101,18 @@ def _expire_interrupted_runs(conversation: Conversation) -> None:
     """A run still 'active' long after its wall-clock limit lost its executor (the process
     died); close it so the conversation is usable again."""
     cutoff = timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
-    conversation.runs.filter(status__in=Run.ACTIVE_STATUSES, created_at__lt=cutoff).update(
+    stale = conversation.runs.filter(status__in=Run.ACTIVE_STATUSES, created_at__lt=cutoff)
+    run_ids = list(stale.values_list("id", flat=True))
+    if not run_ids:
+        return
+    message = "The server running this answer stopped before it finished."
+    Run.objects.filter(id__in=run_ids).update(
         status=Run.Status.FAILED,
         finished_at=timezone.now(),
         error_code="run_interrupted",
-        error_message="The server running this answer stopped before it finished.",
+        error_message=message,
     )
+    trace_close_interrupted(run_ids=run_ids, error_type="run_interrupted", error_message=message)
 
 
 def run_start(*, run_id: UUID) -> Run | None:

@@ -7,22 +7,16 @@ from uuid import UUID
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import User
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from agentsite.errors import ApplicationError
+from agentsite.http import AuthenticatedHttpRequest
 
 from . import selectors, services
 from .models import Conversation, Message
 from .rendering import render_markdown
-
-
-class AuthenticatedHttpRequest(HttpRequest):
-    """What a view behind @login_required receives (django-stubs' recipe)."""
-
-    user: User
 
 
 def _owned(request: AuthenticatedHttpRequest, conversation_id: UUID) -> Conversation:
@@ -64,6 +58,7 @@ def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: UUID
             "history": history,
             "active_run": active,
             "max_message_chars": settings.AGENT_MAX_MESSAGE_CHARS,
+            "tracing_enabled": settings.TRACING_ENABLED,
         },
     )
 

@@ -3,8 +3,9 @@
 One `RunTracer` per run, passed in the graph config's `callbacks`. The callbacks run on
 the request path (inline, between tokens and tool calls), so they only note timestamps
 and keep references to the objects they are handed; everything that costs something —
-turning messages into JSON, truncating, counting tokens, writing rows — happens when a
-batch of finished spans is flushed, in a worker thread, or at `finish`.
+turning messages into JSON, truncating, counting tokens — happens when a batch of
+finished spans is flushed or at `finish`, in a worker thread of its own (never on the
+database thread, which every run's queries share); only the INSERTs go to the database.
 
 Span ids are LangChain's own run ids (already UUIDs, unique per step), so nothing is
 generated per callback and a step seen in LangChain's tooling has the same id here.
@@ -13,7 +14,6 @@ generated per callback and a step seen in LangChain's tooling has the same id he
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -41,6 +41,8 @@ CANCELLED = Span.Status.CANCELLED.value
 
 # Seconds after which a still-running run's trace row is written, so it is listed.
 RUNNING_VISIBLE_AFTER = 0.5
+
+_STOPPED_MESSAGE = "Stopped before it finished."
 
 # LangGraph marks its plumbing (channel writes, branch routing) with this tag.
 _HIDDEN_TAG = "langsmith:hidden"
@@ -108,7 +110,6 @@ class RunTracer(BaseCallbackHandler):
         provider: str = "",
         batch_size: int | None = None,
         max_payload_chars: int | None = None,
-        on_llm_end_hook: Callable[[UUID, SpanRecord], None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
@@ -116,13 +117,15 @@ class RunTracer(BaseCallbackHandler):
         self.provider = provider
         self.batch_size = batch_size or settings.TRACING_FLUSH_BATCH
         self.max_payload_chars = max_payload_chars or settings.TRACING_MAX_PAYLOAD_CHARS
-        self.on_llm_end_hook = on_llm_end_hook
         self.root = SpanRecord(uuid4(), None, RUN, "run", time.time())
         # LangChain run id -> the span that stands for it (itself, or for a skipped
         # wrapper the nearest recorded ancestor).
         self._alias: dict[UUID, UUID] = {}
         self._open: dict[UUID, SpanRecord] = {}
         self._done: list[SpanRecord] = []
+        # Spans stopped by a CancelledError. It stands for a cancel, the run's deadline
+        # or a sibling's failure alike, so their status waits for the run's outcome.
+        self._interrupted: list[SpanRecord] = []
         self._flushes: list[asyncio.Task[None]] = []
         # Rows already built (and written), kept for the totals and the export.
         self._rows: list[Span] = []
@@ -130,10 +133,6 @@ class RunTracer(BaseCallbackHandler):
         self._started: asyncio.Future[Trace] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_timer: asyncio.TimerHandle | None = None
-        self.current_llm_span_id: UUID | None = None
-        # Time spent inside the callbacks, for the overhead benchmark.
-        self.callback_seconds = 0.0
-        self.span_count = 1
 
     # --- Lifecycle ------------------------------------------------------------------
 
@@ -141,7 +140,11 @@ class RunTracer(BaseCallbackHandler):
         """Arrange for the Trace row to exist while the run is going, so a running run is
         listed. Most runs of a fast model end sooner than RUNNING_VISIBLE_AFTER, and
         for them the row is written with the spans at `finish` instead: one write, none
-        on the request path. The run never waits for this insert; span writes do."""
+        on the request path. The run never waits for this insert; span writes do.
+
+        Also makes the root span the current span id of the caller's context, so the
+        run's own log lines carry it."""
+        span_id_var.set(str(self.root.id))
         self._loop = asyncio.get_running_loop()
         self._start_timer = self._loop.call_later(RUNNING_VISIBLE_AFTER, self._write_start)
 
@@ -158,18 +161,30 @@ class RunTracer(BaseCallbackHandler):
 
     async def finish(self, *, status: str, error_type: str = "", error_message: str = "") -> None:
         """Close what is still open, write every remaining span and finalize the Trace.
-        Spans a cancelled run left open are `cancelled`; a failed run's are `error`."""
+
+        `status` is the trace's final status (see `trace_status_for`). Spans still open,
+        and spans a CancelledError stopped, are closed by it: `cancelled` for a
+        cancelled run, otherwise `error` with the run's error type and message (a run
+        stopped by its deadline or a limit, a failure that cancelled its siblings). In a
+        run that succeeded, a step the graph itself cancelled stays `cancelled`."""
         if self._finished:
             return
         self._finished = True
         now = time.time()
-        left_open = CANCELLED if status == CANCELLED else ERROR
-        for record in list(self._open.values()):
+        stopped = CANCELLED if status == CANCELLED else ERROR
+        stopped_error = (error_type or stopped, error_message or _STOPPED_MESSAGE)
+        for record in self._interrupted:
+            if status == OK:
+                record.status, record.error = CANCELLED, (CANCELLED, _STOPPED_MESSAGE)
+            else:
+                record.status, record.error = stopped, stopped_error
+        for record in self._open.values():
             record.end = now
-            record.status = left_open
-            if record.error is None:
-                record.error = (error_type or left_open, error_message)
-            self._done.append(record)
+            record.status = stopped
+            record.error = stopped_error
+        self._done += self._interrupted
+        self._done += self._open.values()
+        self._interrupted = []
         self._open.clear()
         root = self.root
         root.end = now
@@ -185,30 +200,19 @@ class RunTracer(BaseCallbackHandler):
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         batch, self._done = self._done, []
-        rows = await database_sync_to_async(self._write_final)(
-            batch, status, error_type, error_message
-        )
-        from . import export, metrics
-
-        metrics.observe_llm_spans(rows)
-        if export.enabled():
-            export.schedule(trace_id=self.run_id, spans=rows)
-
-    def _write_final(
-        self, batch: list[SpanRecord], status: str, error_type: str, error_message: str
-    ) -> list[Span]:
-        self._rows.extend(self._row(record) for record in batch)
+        new_rows = await asyncio.to_thread(self._build_rows, batch)
+        self._rows += new_rows
         rows = self._rows
-        services.trace_finish(
+        await database_sync_to_async(services.trace_finish)(
             create=self._started is None,
             user_id=self.user_id,
             model=self.model,
-            started_at=_dt(self.root.start),
+            started_at=_dt(root.start),
             run_id=self.run_id,
-            spans=rows[len(rows) - len(batch) :],
+            spans=new_rows,
             status=status,
-            ended_at=_dt(self.root.end),
-            duration_ms=(self.root.end - self.root.start) * 1000,
+            ended_at=_dt(root.end),
+            duration_ms=(root.end - root.start) * 1000,
             span_count=len(rows),
             input_tokens=sum(r.input_tokens for r in rows),
             output_tokens=sum(r.output_tokens for r in rows),
@@ -216,7 +220,11 @@ class RunTracer(BaseCallbackHandler):
             error_type=error_type,
             error_message=error_message,
         )
-        return rows
+        from . import export, metrics
+
+        metrics.observe_llm_spans(rows)
+        if export.enabled():
+            export.schedule(trace_id=self.run_id, spans=rows)
 
     # --- Buffering ------------------------------------------------------------------
 
@@ -235,14 +243,11 @@ class RunTracer(BaseCallbackHandler):
         try:
             if self._started is not None:
                 await self._started
-            await database_sync_to_async(self._write_batch)(batch)
+            rows = await asyncio.to_thread(self._build_rows, batch)
+            await database_sync_to_async(services.span_bulk_create)(spans=rows)
+            self._rows += rows
         except Exception:
             logger.exception("run %s: could not write %d spans", self.run_id, len(batch))
-
-    def _write_batch(self, batch: list[SpanRecord]) -> None:
-        rows = [self._row(record) for record in batch]
-        services.span_bulk_create(spans=rows)
-        self._rows.extend(rows)
 
     def _parent(self, parent_run_id: UUID | None) -> UUID:
         if parent_run_id is None:
@@ -263,22 +268,27 @@ class RunTracer(BaseCallbackHandler):
         )
         self._alias[run_id] = run_id
         self._open[run_id] = record
-        self.span_count += 1
         span_id_var.set(str(run_id))
         return record
 
-    def _end_span(self, run_id: UUID, output: Any = None, error: BaseException | None = None):
+    def _end_span(
+        self, run_id: UUID, output: Any = None, error: BaseException | None = None
+    ) -> None:
         record = self._open.pop(run_id, None)
         if record is None:
-            return None
+            return
         record.end = time.time()
         record.output = output
+        span_id_var.set(str(record.parent_id))
+        if isinstance(error, asyncio.CancelledError):
+            # Its status is decided at `finish`, from the run's outcome; never flushed
+            # before that. Few: only the steps open when the run was stopped.
+            self._interrupted.append(record)
+            return
         if error is not None:
             record.error = error
-            record.status = CANCELLED if isinstance(error, asyncio.CancelledError) else ERROR
-        span_id_var.set(str(record.parent_id))
+            record.status = ERROR
         self._close(record)
-        return record
 
     # --- Callbacks (the request path: keep them cheap) -----------------------------
 
@@ -293,7 +303,6 @@ class RunTracer(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        began = time.perf_counter()
         name = kwargs.get("name")
         node = metadata.get("langgraph_node") if metadata else None
         # A graph node's own chain carries its node name as both name and metadata;
@@ -310,17 +319,12 @@ class RunTracer(BaseCallbackHandler):
             )
         else:
             self._alias[run_id] = self._parent(parent_run_id)
-        self.callback_seconds += time.perf_counter() - began
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         self._end_span(run_id)
-        self.callback_seconds += time.perf_counter() - began
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         self._end_span(run_id, error=error)
-        self.callback_seconds += time.perf_counter() - began
 
     def on_chat_model_start(
         self,
@@ -333,7 +337,6 @@ class RunTracer(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        began = time.perf_counter()
         name = (metadata or {}).get("ls_model_name") or self.model or "llm"
         self._open_span(
             run_id,
@@ -343,27 +346,17 @@ class RunTracer(BaseCallbackHandler):
             inputs=messages,
             meta=(metadata, kwargs.get("invocation_params")),
         )
-        self.current_llm_span_id = run_id
-        self.callback_seconds += time.perf_counter() - began
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         record = self._open.get(run_id)
         if record is not None and not record.first_token:
             record.first_token = time.time()
-        self.callback_seconds += time.perf_counter() - began
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
-        record = self._end_span(run_id, output=response)
-        if record is not None and self.on_llm_end_hook is not None:
-            self.on_llm_end_hook(record.id, record)
-        self.callback_seconds += time.perf_counter() - began
+        self._end_span(run_id, output=response)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         self._end_span(run_id, error=error)
-        self.callback_seconds += time.perf_counter() - began
 
     def on_tool_start(
         self,
@@ -377,7 +370,6 @@ class RunTracer(BaseCallbackHandler):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        began = time.perf_counter()
         name = serialized.get("name") or kwargs.get("name") or "tool"
         self._open_span(
             run_id,
@@ -387,19 +379,17 @@ class RunTracer(BaseCallbackHandler):
             inputs=inputs if inputs is not None else input_str,
             meta=kwargs.get("tool_call_id"),
         )
-        self.callback_seconds += time.perf_counter() - began
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         self._end_span(run_id, output=output)
-        self.callback_seconds += time.perf_counter() - began
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        began = time.perf_counter()
         self._end_span(run_id, error=error)
-        self.callback_seconds += time.perf_counter() - began
 
-    # --- Turning records into rows (off the request path) ---------------------------
+    # --- Turning records into rows (off the request path, in a worker thread) --------
+
+    def _build_rows(self, batch: list[SpanRecord]) -> list[Span]:
+        return [self._row(record) for record in batch]
 
     def _row(self, record: SpanRecord) -> Span:
         error_type, error_message = _error(record.error)
@@ -552,8 +542,6 @@ def _error(error: BaseException | tuple[str, str] | None) -> tuple[str, str]:
         return "", ""
     if isinstance(error, tuple):
         return error
-    if isinstance(error, asyncio.CancelledError):
-        return "cancelled", "Stopped before it finished."
     code = getattr(error, "code", None)
     return (code if isinstance(code, str) else type(error).__name__), str(error)
 

@@ -5,6 +5,10 @@ The spans are the ones already recorded (same ids: the trace id is the run id, a
 id is the low 64 bits of our span UUID), rebuilt as SDK spans with their real start and
 end times and named per the OpenTelemetry GenAI semantic conventions. One export per
 trace, in a worker thread, after the run has answered.
+
+Message content (prompts, completions, tool arguments and results) is opt-in, as the
+conventions ask: it leaves the process only when TRACING_EXPORT_CONTENT is true. The
+trace browser, inside the app's own access control, always has it.
 """
 
 import asyncio
@@ -50,8 +54,9 @@ def schedule(*, trace_id: UUID, spans: Sequence[Span]) -> None:
     """Export in a worker thread; the caller does not wait."""
     endpoint = settings.OTEL_EXPORTER_OTLP_ENDPOINT
     resource = _resource(settings.OTEL_SERVICE_NAME)
+    content = settings.TRACING_EXPORT_CONTENT
     future = asyncio.get_running_loop().run_in_executor(
-        None, _export, endpoint, resource, trace_id, list(spans)
+        None, _export, endpoint, resource, trace_id, list(spans), content
     )
     _pending.add(future)
     future.add_done_callback(_pending.discard)
@@ -63,9 +68,11 @@ async def drain() -> None:
         await asyncio.gather(*_pending, return_exceptions=True)
 
 
-def _export(endpoint: str, resource: Resource, trace_id: UUID, spans: list[Span]) -> None:
+def _export(
+    endpoint: str, resource: Resource, trace_id: UUID, spans: list[Span], content: bool
+) -> None:
     try:
-        result = _exporter(endpoint).export(otel_spans(trace_id, spans, resource))
+        result = _exporter(endpoint).export(otel_spans(trace_id, spans, resource, content=content))
         if result.name != "SUCCESS":
             logger.warning("trace %s: OTLP export to %s failed", trace_id, endpoint)
     except Exception:
@@ -76,7 +83,12 @@ def otel_span_id(span_id: UUID) -> int:
     return (span_id.int & 0xFFFF_FFFF_FFFF_FFFF) or 1
 
 
-def otel_spans(trace_id: UUID, spans: Sequence[Span], resource: Resource) -> list[ReadableSpan]:
+def otel_spans(
+    trace_id: UUID, spans: Sequence[Span], resource: Resource, *, content: bool = False
+) -> list[ReadableSpan]:
+    """The spans as SDK spans; `content`: include prompts, completions, tool arguments
+    and results."""
+
     def context(span_id: UUID) -> SpanContext:
         return SpanContext(
             trace_id=trace_id.int,
@@ -87,7 +99,7 @@ def otel_spans(trace_id: UUID, spans: Sequence[Span], resource: Resource) -> lis
 
     out = []
     for span in spans:
-        name, kind, attributes = _describe(span)
+        name, kind, attributes = _describe(span, content)
         attributes["agentsite.span.kind"] = span.kind
         attributes["agentsite.run_id"] = str(trace_id)
         if span.status == Span.Status.OK:
@@ -116,7 +128,7 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1_000_000_000)
 
 
-def _describe(span: Span) -> tuple[str, SpanKind, dict[str, Any]]:
+def _describe(span: Span, content: bool) -> tuple[str, SpanKind, dict[str, Any]]:
     a = span.attributes or {}
     if span.kind == Span.Kind.LLM:
         model = a.get("model") or span.name
@@ -136,28 +148,31 @@ def _describe(span: Span) -> tuple[str, SpanKind, dict[str, Any]]:
             "gen_ai.usage.input_tokens": span.input_tokens,
             "gen_ai.usage.output_tokens": span.output_tokens,
             "gen_ai.usage.cache_read.input_tokens": span.cached_tokens or None,
-            "gen_ai.input.messages": json.dumps(a.get("prompt") or [], ensure_ascii=False),
-            "gen_ai.output.messages": json.dumps(
-                [a["completion"]] if a.get("completion") else [], ensure_ascii=False
-            ),
             "agentsite.time_to_first_token_ms": a.get("time_to_first_token_ms"),
         }
+        if content:
+            attributes["gen_ai.input.messages"] = json.dumps(
+                a.get("prompt") or [], ensure_ascii=False
+            )
+            attributes["gen_ai.output.messages"] = json.dumps(
+                [a["completion"]] if a.get("completion") else [], ensure_ascii=False
+            )
         return f"chat {model}", SpanKind.CLIENT, attributes
     if span.kind == Span.Kind.TOOL:
-        arguments = a.get("arguments")
-        return (
-            f"execute_tool {span.name}",
-            SpanKind.INTERNAL,
-            {
-                "gen_ai.operation.name": "execute_tool",
-                "gen_ai.tool.name": span.name,
-                "gen_ai.tool.call.id": a.get("tool_call_id"),
-                "gen_ai.tool.call.arguments": arguments
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": span.name,
+            "gen_ai.tool.call.id": a.get("tool_call_id"),
+        }
+        if content:
+            arguments = a.get("arguments")
+            attributes["gen_ai.tool.call.arguments"] = (
+                arguments
                 if isinstance(arguments, str)
-                else json.dumps(arguments, ensure_ascii=False),
-                "gen_ai.tool.call.result": a.get("result"),
-            },
-        )
+                else json.dumps(arguments, ensure_ascii=False)
+            )
+            attributes["gen_ai.tool.call.result"] = a.get("result")
+        return f"execute_tool {span.name}", SpanKind.INTERNAL, attributes
     if span.kind == Span.Kind.RUN:
         return (
             "invoke_agent agentsite",

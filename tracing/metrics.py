@@ -1,4 +1,7 @@
-"""Feeds the LLM metrics from a finished trace's spans (computed once, at finish)."""
+"""Feeds the LLM metrics from a finished trace's spans (computed once, at finish).
+
+So with TRACING_ENABLED=false the LLM latency and token metrics stay empty (the run
+metrics, fed by the runner, do not depend on tracing)."""
 
 from collections.abc import Sequence
 

@@ -53,7 +53,6 @@ class Span(models.Model):
         NODE = "node"
         LLM = "llm"
         TOOL = "tool"
-        OTHER = "other"
 
     class Status(models.TextChoices):
         OK = "ok"
@@ -62,9 +61,11 @@ class Span(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     trace = models.ForeignKey(Trace, on_delete=models.CASCADE, related_name="spans")
+    # DO_NOTHING and no constraint: spans are only ever deleted a whole trace at a time,
+    # so deleting them is one DELETE instead of Django collecting each tree in memory.
     parent = models.ForeignKey(
         "self",
-        on_delete=models.CASCADE,
+        on_delete=models.DO_NOTHING,
         null=True,
         blank=True,
         related_name="children",

@@ -70,10 +70,14 @@ def trace_get(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> 
     return trace
 
 
-def trace_tree(*, trace: Trace) -> list[SpanNode]:
+def trace_tree(*, trace: Trace, with_attributes: bool = True) -> list[SpanNode]:
     """The trace's spans as a forest (normally one root: the run), children in start
-    order. One query; the tree is assembled in Python."""
-    spans = list(Span.objects.filter(trace=trace).order_by("started_at", "id"))
+    order. One query; the tree is assembled in Python. Without attributes (prompts and
+    completions: tens of KB per LLM span) when the caller only draws the tree."""
+    spans_qs = Span.objects.filter(trace=trace).order_by("started_at", "id")
+    if not with_attributes:
+        spans_qs = spans_qs.defer("attributes")
+    spans = list(spans_qs)
     origin = trace.started_at
     nodes = {
         span.id: SpanNode(span=span, offset_ms=(span.started_at - origin).total_seconds() * 1000)

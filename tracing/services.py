@@ -13,17 +13,27 @@ PRUNE_BATCH = 500
 
 
 def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime) -> Trace:
-    # update_or_create: a run retried on another worker starts its trace afresh.
-    trace, _ = Trace.objects.update_or_create(
+    # A plain insert: a run is executed once (run_start moves it out of `queued` only
+    # once), and its tracer writes this row at most once, either here or in trace_finish.
+    return Trace.objects.create(
         run_id=run_id,
-        defaults={
-            "user_id": user_id,
-            "model": model,
-            "started_at": started_at,
-            "status": Trace.Status.RUNNING,
-        },
+        user_id=user_id,
+        model=model,
+        started_at=started_at,
+        status=Trace.Status.RUNNING,
     )
-    return trace
+
+
+def trace_close_interrupted(
+    *, run_ids: Sequence[UUID], error_type: str, error_message: str
+) -> None:
+    """Close the traces of runs whose process died: their tracer will never finish them."""
+    Trace.objects.filter(run_id__in=run_ids, status=Trace.Status.RUNNING).update(
+        status=Trace.Status.ERROR,
+        ended_at=timezone.now(),
+        error_type=error_type,
+        error_message=error_message,
+    )
 
 
 def span_bulk_create(*, spans: Sequence[Span]) -> None:
@@ -51,22 +61,26 @@ def trace_finish(
     """Write the last spans and the trace's totals together, so a finished trace is
     never seen with half its spans. `create`: the trace row was not written at the start
     (a short run), so it is written here, in the same transaction."""
+    totals = {
+        "status": status,
+        "ended_at": ended_at,
+        "duration_ms": duration_ms,
+        "span_count": span_count,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cached_tokens": cached_tokens,
+        "error_type": error_type[:200],
+        "error_message": error_message,
+    }
     with transaction.atomic():
         if create:
             assert user_id is not None and started_at is not None
-            trace_start(run_id=run_id, user_id=user_id, model=model, started_at=started_at)
+            Trace.objects.create(
+                run_id=run_id, user_id=user_id, model=model, started_at=started_at, **totals
+            )
+        else:
+            Trace.objects.filter(run_id=run_id).update(**totals)
         Span.objects.bulk_create(spans, batch_size=500)
-        Trace.objects.filter(run_id=run_id).update(
-            status=status,
-            ended_at=ended_at,
-            duration_ms=duration_ms,
-            span_count=span_count,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cached_tokens=cached_tokens,
-            error_type=error_type[:200],
-            error_message=error_message,
-        )
 
 
 def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:
@@ -83,7 +97,8 @@ def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:
         if not ids:
             return deleted
         with transaction.atomic():
-            # Spans first and explicitly: their parent link has no database constraint.
+            # Spans first, in one plain DELETE: `parent` is DO_NOTHING (no database
+            # constraint either), so Django need not load the trees to cascade.
             Span.objects.filter(trace_id__in=ids).delete()
             Trace.objects.filter(run_id__in=ids).delete()
         deleted += len(ids)

@@ -1,17 +1,22 @@
-"""The trace pages: a filterable list of traces and one trace as a tree, a waterfall and
-span details. Thin: validate, call a selector, shape rows for the template."""
+"""The trace pages: a filterable list of traces, one trace as a tree and a waterfall, and
+the details of one span (fetched when it is selected). Thin: validate, call a selector,
+shape rows for the template."""
 
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+from django.views.decorators.http import require_GET
 
 from agentsite.errors import ApplicationError
-from chat.views import AuthenticatedHttpRequest
+from agentsite.http import AuthenticatedHttpRequest
+from chat.models import Run
 
 from . import selectors
 from .formatting import format_compact, format_duration, format_payload, format_usd
@@ -26,6 +31,11 @@ INPUT_KEYS = ("inputs", "input", "prompt", "messages", "arguments", "args")
 OUTPUT_KEYS = ("outputs", "output", "completion", "response", "result")
 # A scalar attribute longer than this reads better as a block than in the facts table.
 SHORT_VALUE_CHARS = 80
+# A run's trace row is written just after its last event, so a chat answer can link to
+# a trace that does not exist yet. For this long after a run ends, a missing trace is
+# taken to be on its way (the page refreshes itself); after that, it is not coming.
+TRACE_PENDING_GRACE = timedelta(seconds=60)
+PENDING_REFRESH_SECONDS = 1
 
 
 @login_required
@@ -55,13 +65,15 @@ def trace_list_view(request: AuthenticatedHttpRequest) -> HttpResponse:
 
 
 @login_required
+@require_GET
 def trace_detail_view(request: AuthenticatedHttpRequest, run_id: UUID) -> HttpResponse:
     try:
         trace = selectors.trace_get(user=request.user, run_id=run_id)
     except ApplicationError as error:
-        # Another user's trace is as invisible as a missing one.
-        raise Http404(error.message) from error
-    nodes = selectors.trace_flatten(roots=selectors.trace_tree(trace=trace))
+        return _trace_missing(request, run_id, error)
+    # The tree and the waterfall only: a span's inputs and outputs (a whole prompt per
+    # LLM call) are fetched when the span is selected, or a long trace weighs megabytes.
+    nodes = selectors.trace_flatten(roots=selectors.trace_tree(trace=trace, with_attributes=False))
     origin_ms, total_ms = _timeline(trace, nodes)
     rows = [_row(node, origin_ms, total_ms) for node in nodes]
     return render(
@@ -85,6 +97,61 @@ def trace_detail_view(request: AuthenticatedHttpRequest, run_id: UUID) -> HttpRe
     )
 
 
+@login_required
+@require_GET
+def span_detail_view(
+    request: AuthenticatedHttpRequest, run_id: UUID, span_id: UUID
+) -> HttpResponse:
+    """One span's detail panel as an HTML fragment, for the trace page to show when the
+    span is selected. Same visibility as the trace page."""
+    try:
+        trace = selectors.trace_get(user=request.user, run_id=run_id)
+    except ApplicationError as error:
+        raise Http404(error.message) from error
+    try:
+        span = Span.objects.get(trace=trace, id=span_id)
+    except Span.DoesNotExist as error:
+        raise Http404("There is no such span.") from error
+    offset_ms = (span.started_at - trace.started_at).total_seconds() * 1000
+    response = render(request, "tracing/_span_detail.html", {"span": _span_detail(span, offset_ms)})
+    # Spans are written once and never change, but they are private: no shared caches.
+    response["Cache-Control"] = "private, max-age=300"
+    return response
+
+
+def _trace_missing(
+    request: AuthenticatedHttpRequest, run_id: UUID, error: ApplicationError
+) -> HttpResponse:
+    """No visible trace. If the run is the user's, say why (its trace is still being
+    written, or tracing is off) rather than a bare 404; anyone else's run stays a 404,
+    so run ids cannot be probed."""
+    run = Run.objects.select_related("conversation").filter(id=run_id).first()
+    if run is None or (run.conversation.owner_id != request.user.pk and not request.user.is_staff):
+        raise Http404(error.message)
+    if not settings.TRACING_ENABLED:
+        reason, status = "disabled", 200
+    elif run.status in Run.ACTIVE_STATUSES or (
+        run.finished_at is None or timezone.now() - run.finished_at < TRACE_PENDING_GRACE
+    ):
+        reason, status = "pending", 200
+    else:
+        # Finished long ago and never traced (before tracing existed, or a failed write).
+        reason, status = "absent", 404
+    return render(
+        request,
+        "tracing/trace_pending.html",
+        {
+            "run": run,
+            "reason": reason,
+            "refresh_seconds": PENDING_REFRESH_SECONDS,
+            "conversation_id": run.conversation_id
+            if run.conversation.owner_id == request.user.pk
+            else None,
+        },
+        status=status,
+    )
+
+
 def _timeline(trace: Trace, nodes: list[selectors.SpanNode]) -> tuple[float, float]:
     """Where the waterfall starts and how wide it is, in ms relative to the trace start.
     Normally 0 and the trace's duration; stretched if a span starts before the trace
@@ -98,15 +165,13 @@ def _timeline(trace: Trace, nodes: list[selectors.SpanNode]) -> tuple[float, flo
 
 
 def _row(node: selectors.SpanNode, origin_ms: float, total_ms: float) -> dict[str, Any]:
-    """Everything the template shows for one span, precomputed: a 1,000-span trace is
-    1,000 loop iterations, so the template only prints values."""
+    """Everything the template shows for one span's row, precomputed: a 1,000-span
+    trace is 1,000 loop iterations, so the template only prints values."""
     span = node.span
     left = min(max((node.offset_ms - origin_ms) / total_ms * 100, 0.0), 100.0)
     width = min(max(span.duration_ms / total_ms * 100, 0.0), 100.0 - left)
-    tokens = span.input_tokens + span.output_tokens
     return {
         "id": str(span.id),
-        "parent_id": str(span.parent_id) if span.parent_id else "",
         "kind": span.kind,
         "name": span.name,
         "status": span.status,
@@ -116,9 +181,20 @@ def _row(node: selectors.SpanNode, origin_ms: float, total_ms: float) -> dict[st
         "left": f"{left:.3f}",
         "width": f"{width:.3f}",
         "duration": format_duration(span.duration_ms),
-        "offset": ("+" if node.offset_ms >= 0 else "") + format_duration(node.offset_ms),
+    }
+
+
+def _span_detail(span: Span, offset_ms: float) -> dict[str, Any]:
+    """Everything the detail panel shows for one span, as plain text to be escaped."""
+    return {
+        "id": str(span.id),
+        "kind": span.kind,
+        "name": span.name,
+        "status": span.status,
+        "duration": format_duration(span.duration_ms),
+        "offset": ("+" if offset_ms >= 0 else "") + format_duration(offset_ms),
         "started": timezone.localtime(span.started_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-        "tokens": tokens,
+        "tokens": span.input_tokens + span.output_tokens,
         "tokens_text": f"{span.input_tokens:,} in · {span.output_tokens:,} out · "
         f"{span.cached_tokens:,} cached",
         "cost": format_usd(span.cost_usd),

@@ -38,6 +38,9 @@ class InProcessExecutor:
 
     def __init__(self) -> None:
         self._tasks: dict[UUID, asyncio.Task[None]] = {}
+        # Cancelled once already: a second cancel (another tab, a delete) must not
+        # interrupt the run while it records its outcome and sends its final event.
+        self._cancelled: set[UUID] = set()
 
     def submit(self, run_id: UUID) -> None:
         async_to_sync(self._start)(run_id)
@@ -56,7 +59,7 @@ class InProcessExecutor:
             self._execute(run_id), name=f"run-{run_id}", context=contextvars.Context()
         )
         self._tasks[run_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
+        task.add_done_callback(lambda _: self._forget(run_id))
 
     async def _execute(self, run_id: UUID) -> None:
         from .runner import execute_run  # the runner needs the services, which need us
@@ -101,11 +104,17 @@ class InProcessExecutor:
         task = self._tasks.get(run_id)
         if task is None or task.done():
             return False
-        task.cancel()
+        if run_id not in self._cancelled:
+            self._cancelled.add(run_id)
+            task.cancel()
         return True
 
+    def _forget(self, run_id: UUID) -> None:
+        self._tasks.pop(run_id, None)
+        self._cancelled.discard(run_id)
+
     async def join(self, run_id: UUID) -> None:
-        """Wait for a run to end (tests and graceful shutdown)."""
+        """Wait for a run to end (used by the tests)."""
         task = self._tasks.get(run_id)
         if task is not None:
             await asyncio.wait([task])

@@ -69,6 +69,11 @@ def _openai() -> BaseChatModel:
         max_retries=settings.AGENT_PROVIDER_MAX_RETRIES,
         stream_usage=True,
         use_responses_api=False,
+        # langchain-openai sends the limit as max_completion_tokens; some compatible
+        # servers (older vLLM, Ollama, llama.cpp) only honour max_tokens, so send both.
+        extra_body={"max_tokens": settings.AGENT_MAX_TOKENS}
+        if settings.AGENT_OPENAI_BASE_URL
+        else None,
     )
 
 

@@ -84,7 +84,9 @@ async def execute_run(run_id: UUID) -> None:
     except Exception as error:
         _fail_with(outcome, run_id, error)
     try:
-        await _finish(run_id, stream, outcome)
+        # Shielded: a late cancel must not lose the recorded outcome or the final event
+        # every open socket is waiting for.
+        await asyncio.shield(_finish(run_id, stream, outcome))
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
@@ -230,10 +232,7 @@ async def _on_model_message(
 
 
 async def _finish(run_id: UUID, stream: RunEventStream | None, outcome: RunOutcome) -> None:
-    # Shielded: a cancel arriving while we record the outcome must not lose it.
-    messages = await asyncio.shield(
-        database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
-    )
+    messages = await database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
     if stream is None:
         return
     answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]

@@ -100,7 +100,8 @@ async def test_request_carries_model_settings_system_prompt_tools_and_user_messa
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
     assert body["temperature"] == settings.AGENT_TEMPERATURE
-    assert settings.AGENT_MAX_TOKENS in (body.get("max_tokens"), body.get("max_completion_tokens"))
+    # Both spellings of the output limit, for servers that know only one of them.
+    assert body["max_completion_tokens"] == body["max_tokens"] == settings.AGENT_MAX_TOKENS
     system, user = request.messages
     assert system["role"] == "system" and system["content"].startswith(SYSTEM_PROMPT_START)
     assert user == {"role": "user", "content": "Remember: the sky is green."}

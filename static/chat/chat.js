@@ -201,10 +201,12 @@
     footer.appendChild(el("span", "usage",
       (usage.total_tokens || 0) + " tokens · " + (usage.input_tokens || 0) + " in / " +
       (usage.output_tokens || 0) + " out"));
-    footer.appendChild(document.createTextNode(" · "));
-    const trace = el("a", "trace-link", "trace");
-    trace.href = "/traces/" + encodeURIComponent(event.run) + "/";
-    footer.appendChild(trace);
+    if (chat.dataset.tracing === "on") {
+      footer.appendChild(document.createTextNode(" · "));
+      const trace = el("a", "trace-link", "trace");
+      trace.href = "/traces/" + encodeURIComponent(event.run) + "/";
+      footer.appendChild(trace);
+    }
     return footer;
   }
 

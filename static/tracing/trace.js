@@ -1,16 +1,78 @@
-// The trace page: select a span to show its (server-rendered) details, collapse and
-// expand subtrees. It only toggles `hidden` and classes; it never builds HTML from data.
+// The trace page: select a span to fetch and show its details, collapse and expand
+// subtrees. It never builds HTML from data: the details arrive as a fragment the server
+// rendered (and escaped) for us.
 (function () {
   "use strict";
   const tree = document.getElementById("span-rows");
   const panel = document.getElementById("span-panel");
   if (!tree || !panel) return;
 
+  const PLACEHOLDER = "00000000-0000-0000-0000-000000000000";
+  const spanUrl = panel.dataset.spanUrl;
+  // Fragments already fetched, by span id: going back to a span costs nothing.
+  const fragments = new Map();
+  let pending = null;
   let selected = tree.querySelector(".span-row.selected");
-  let shown = selected && document.getElementById("detail-" + selected.dataset.span);
 
   function depthOf(row) {
     return Number(row.dataset.depth);
+  }
+
+  function showNote(text) {
+    const note = document.createElement("p");
+    note.className = "panel-note error";
+    note.textContent = text;
+    panel.replaceChildren(note);
+  }
+
+  function showFragment(html) {
+    // innerHTML is safe here, and only here: `html` is the body of a same-origin
+    // response from our own tracing:span view, a Django template with autoescaping on,
+    // so every span name, prompt and result in it is already escaped text.
+    panel.innerHTML = html;
+    panel.scrollTop = 0;
+  }
+
+  async function load(spanId) {
+    if (pending) pending.abort();
+    pending = null;
+    if (fragments.has(spanId)) {
+      panel.removeAttribute("aria-busy");
+      showFragment(fragments.get(spanId));
+      return;
+    }
+    const controller = new AbortController();
+    pending = controller;
+    panel.setAttribute("aria-busy", "true");
+    try {
+      const response = await fetch(spanUrl.replace(PLACEHOLDER, spanId), {
+        credentials: "same-origin",
+        headers: { Accept: "text/html" },
+        signal: controller.signal,
+      });
+      if (pending !== controller) return; // another span was selected meanwhile
+      // A lapsed session is redirected to the login page: not a fragment to show.
+      if (response.redirected || !response.ok) {
+        showNote(
+          response.status === 404
+            ? "This span is no longer available."
+            : response.redirected
+              ? "Your session has ended: reload the page to sign in again."
+              : "Could not load this span (HTTP " + response.status + ")."
+        );
+        return;
+      }
+      const html = await response.text();
+      fragments.set(spanId, html);
+      if (pending === controller) showFragment(html);
+    } catch (error) {
+      if (pending === controller) showNote("Could not load this span: " + error.message);
+    } finally {
+      if (pending === controller) {
+        pending = null;
+        panel.removeAttribute("aria-busy");
+      }
+    }
   }
 
   function select(row, remember) {
@@ -19,15 +81,10 @@
       selected.classList.remove("selected");
       selected.setAttribute("aria-selected", "false");
     }
-    if (shown) shown.hidden = true;
     selected = row;
     row.classList.add("selected");
     row.setAttribute("aria-selected", "true");
-    shown = document.getElementById("detail-" + row.dataset.span);
-    if (shown) {
-      shown.hidden = false;
-      panel.scrollTop = 0;
-    }
+    load(row.dataset.span);
     // Shareable: the address names the span (replaceState, so Back leaves the page).
     if (remember) history.replaceState(null, "", "#span-" + row.dataset.span);
   }
@@ -111,4 +168,6 @@
     select(linked, false);
     linked.scrollIntoView({ block: "center" });
   }
+  // The first row starts selected; its details are fetched like any other's.
+  if (selected && !pending) load(selected.dataset.span);
 })();

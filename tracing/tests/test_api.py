@@ -3,7 +3,9 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import services as chat_services
@@ -121,6 +123,17 @@ def test_prune_traces_deletes_old_traces_and_their_spans(make_user, capsys):
     assert not Span.objects.filter(trace_id__in=[t.run_id for t in old]).exists()
     call_command("prune_traces", "--days", "1")
     assert not Trace.objects.exists() and not Span.objects.exists()
+
+
+def test_deleting_a_trace_deletes_its_spans_without_loading_them(make_user):
+    alice = make_user("alice")
+    trace, other = make_trace(alice, spans=50), make_trace(alice)
+    with CaptureQueriesContext(connection) as queries:
+        Trace.objects.filter(pk=trace.pk).delete()
+    assert not Span.objects.filter(trace_id=trace.pk).exists()
+    assert Span.objects.filter(trace_id=other.pk).count() == 3
+    span_queries = [q["sql"] for q in queries if "tracing_span" in q["sql"]]
+    assert len(span_queries) == 1 and span_queries[0].startswith("DELETE")
 
 
 def test_trace_list_filters_and_staff_sees_everyone(make_user):

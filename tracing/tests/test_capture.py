@@ -158,3 +158,72 @@ def test_json_logs_carry_request_run_and_span_ids(client, db):
     response = client.get("/login/", HTTP_X_REQUEST_ID="abc-123")
     assert response["X-Request-ID"] == "abc-123"
     assert len(client.get("/login/", HTTP_X_REQUEST_ID="bad id!")["X-Request-ID"]) == 32
+
+
+async def test_a_timed_out_run_closes_its_spans_as_errors_of_the_timeout(make_user, settings):
+    settings.AGENT_RUN_TIMEOUT = 0.3
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "tell me a long story " * 5, until="run.limit_reached")
+    assert run.status == Run.Status.LIMIT_REACHED and run.error_code == "run_timeout"
+
+    trace = await Trace.objects.aget(run=run)
+    assert trace.status == "error" and trace.error_type == "run_timeout"
+    # The node is closed through on_chain_error(CancelledError), the LLM call is still
+    # open at the end: both are errors of the timeout, like the run, never `cancelled`.
+    tree = await database_sync_to_async(shape)(trace)
+    assert tree == [
+        "run:run:error",
+        "  node:call_model:error",
+        "    llm:agentsite-offline-demo:error",
+    ]
+    spans = [s async for s in Span.objects.filter(trace=trace)]
+    assert {(s.error_type, s.error_message) for s in spans} == {("run_timeout", run.error_message)}
+    root = next(s for s in spans if s.kind == "run")
+    assert all(root.started_at <= s.started_at <= s.ended_at <= root.ended_at for s in spans)
+
+
+async def test_a_run_stopped_at_the_step_limit_leaves_a_consistent_tree(make_user, settings):
+    settings.AGENT_MAX_STEPS = 1
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "What is 2 + 2?", until="run.limit_reached")
+    assert run.status == Run.Status.LIMIT_REACHED and run.error_code == "max_steps"
+
+    # A limit is not a failure of any step: the steps that ran are `ok`, and the run (root
+    # span and trace alike) is `error` with the limit's code, as trace_status_for maps
+    # limit_reached.
+    trace = await Trace.objects.aget(run=run)
+    assert (trace.status, trace.error_type, trace.error_message) == (
+        "error",
+        "max_steps",
+        run.error_message,
+    )
+    tree = await database_sync_to_async(shape)(trace)
+    assert tree == [
+        "run:run:error",
+        "  node:call_model:ok",
+        "    llm:agentsite-offline-demo:ok",
+        "  node:stop_at_step_limit:ok",
+    ]
+    root = await Span.objects.aget(trace=trace, kind="run")
+    assert (root.error_type, root.error_message) == ("max_steps", run.error_message)
+    assert trace.span_count == await Span.objects.filter(trace=trace).acount() == 4
+
+
+async def test_the_run_logs_with_its_root_span_id(make_user, monkeypatch):
+    from agentsite.logging import span_id_var
+    from chat.events import RunEventStream
+
+    seen = {}
+    emit = RunEventStream.emit
+
+    async def spy(self, kind, **data):
+        seen.setdefault(kind, span_id_var.get())
+        return await emit(self, kind, **data)
+
+    monkeypatch.setattr(RunEventStream, "emit", spy)
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "What is 2*3?")
+    root = await Span.objects.aget(trace_id=run.id, kind="run")
+    # Before the graph starts and after it ends: run-level lines carry the root span.
+    assert seen["run.started"] == seen["run.completed"] == str(root.id)

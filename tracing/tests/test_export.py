@@ -1,6 +1,7 @@
 """The OTLP export against a real OTLP/HTTP receiver on 127.0.0.1 (stdlib HTTP server,
 protobuf decoded with opentelemetry-proto)."""
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -115,6 +116,36 @@ async def test_spans_are_exported_over_otlp_with_genai_attributes(make_user, set
     assert chat[-1]["gen_ai.response.finish_reasons"] == ["stop"]
     tool = [attrs(s) for s in spans if s.name.startswith("execute_tool")]
     assert {a["gen_ai.tool.name"] for a in tool} == {"calculator"}
+    assert all(a["gen_ai.tool.call.id"] for a in tool)
+    # Message content is opt-in (TRACING_EXPORT_CONTENT), as the conventions ask.
+    content = {
+        "gen_ai.input.messages",
+        "gen_ai.output.messages",
+        "gen_ai.tool.call.arguments",
+        "gen_ai.tool.call.result",
+    }
+    assert not any(content & attrs(s).keys() for s in spans)
+
+
+async def test_message_content_is_exported_when_enabled(make_user, settings, collector):
+    settings.OTEL_EXPORTER_OTLP_ENDPOINT = f"http://127.0.0.1:{collector.server_port}"
+    settings.TRACING_EXPORT_CONTENT = True
+    user = await database_sync_to_async(make_user)()
+    await run_message(user, "What is 2*3 and 4*5?")
+    await export.drain()
+
+    [request] = collector.received
+    spans = [s for r in request.resource_spans for scope in r.scope_spans for s in scope.spans]
+    chat = [attrs(s) for s in spans if s.name.startswith("chat ")]
+    first_prompt = json.loads(chat[0]["gen_ai.input.messages"])
+    assert first_prompt[0]["role"] == "system"
+    assert first_prompt[-1] == {"role": "human", "content": "What is 2*3 and 4*5?"}
+    assert "20" in json.loads(chat[-1]["gen_ai.output.messages"])[0]["content"]
+    tool = [attrs(s) for s in spans if s.name.startswith("execute_tool")]
+    assert sorted(json.loads(a["gen_ai.tool.call.arguments"])["expression"] for a in tool) == [
+        "2*3",
+        "4*5",
+    ]
     assert {a["gen_ai.tool.call.result"] for a in tool} == {"6", "20"}
 
 

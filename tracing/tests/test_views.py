@@ -3,6 +3,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -103,6 +104,10 @@ def trace_links(content: str) -> int:
 
 def row_count(content: bytes) -> int:
     return len(re.findall(rb'class="span-row ', content))
+
+
+def span_url(span) -> str:
+    return reverse("tracing:span", args=[span.trace_id, span.id])
 
 
 # --- the list ---------------------------------------------------------------------------
@@ -229,12 +234,11 @@ def test_pagination_keeps_the_filters(client, make_user):
 # --- one trace --------------------------------------------------------------------------
 
 
-def test_trace_page_renders_tree_waterfall_and_details(client, make_user):
-    alice = make_user()
-    trace = make_trace(alice, duration_ms=1000)
+def make_small_trace(user):
+    trace = make_trace(user, duration_ms=1000)
     root = add_span(trace, kind="run", name="run", duration_ms=1000)
     node = add_span(trace, parent=root, kind="node", name="agent", start_ms=100, duration_ms=500)
-    add_span(
+    llm = add_span(
         trace,
         parent=node,
         kind="llm",
@@ -251,7 +255,7 @@ def test_trace_page_renders_tree_waterfall_and_details(client, make_user):
             "finish_reason": "stop",
         },
     )
-    add_span(
+    tool = add_span(
         trace,
         parent=root,
         kind="tool",
@@ -263,6 +267,12 @@ def test_trace_page_renders_tree_waterfall_and_details(client, make_user):
         error_message="division by zero",
         attributes={"arguments": {"expression": "1/0"}},
     )
+    return trace, llm, tool
+
+
+def test_trace_page_renders_tree_and_waterfall(client, make_user):
+    alice = make_user()
+    trace, _, _ = make_small_trace(alice)
     client.force_login(alice)
 
     response = client.get(reverse("tracing:detail", args=[trace.run_id]))
@@ -276,23 +286,73 @@ def test_trace_page_renders_tree_waterfall_and_details(client, make_user):
     # Waterfall bars: start and width as a share of the trace's duration.
     assert 'style="left:10.000%;width:50.000%"' in content
     assert 'style="left:60.000%;width:25.000%"' in content
-    # One detail section per span, all but the first hidden until selected.
-    assert content.count('class="span-detail"') == 4
-    assert content.count('class="span-detail" id="detail-') == 4
-    assert len(re.findall(r'class="span-detail" id="detail-[^"]+" hidden>', content)) == 3
-    # Inputs/outputs as readable text, tokens, cost, error.
+    # The panel is filled on selection, from the span view the page names.
+    url = reverse("tracing:span", args=[trace.run_id, "00000000-0000-0000-0000-000000000000"])
+    assert f'data-span-url="{url}"' in content
+
+
+def test_trace_page_carries_no_span_payloads(client, make_user):
+    alice = make_user()
+    trace, _, _ = make_small_trace(alice)
+    client.force_login(alice)
+    content = client.get(reverse("tracing:detail", args=[trace.run_id])).content.decode()
+    for payload in ("Hi &lt;b&gt;", "Hello there", "finish_reason", "1/0", "division by zero"):
+        assert payload not in content
+    assert 'class="span-detail"' not in content
+
+
+def test_span_detail_shows_inputs_outputs_tokens_cost_and_error(client, make_user):
+    alice = make_user()
+    _, llm, tool = make_small_trace(alice)
+    client.force_login(alice)
+
+    response = client.get(span_url(llm))
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/html")
+    content = response.content.decode()
+    # A fragment for the panel, not a page.
+    assert "<html" not in content and "<body" not in content
+    assert f'id="detail-{llm.id}"' in content
     assert "── user ──\nHi &lt;b&gt;" in content
     assert "Hello there" in content and "finish_reason" in content
     assert "120 in · 30 out · 0 cached" in content and "$0.00123" in content
+    assert "+100 ms" in content and "400 ms" in content
+
+    content = client.get(span_url(tool)).content.decode()
     assert "ZeroDivisionError" in content and "division by zero" in content
     assert "&quot;expression&quot;: &quot;1/0&quot;" in content
+
+
+def test_span_detail_of_another_users_trace_is_not_found(client, make_user):
+    alice, mallory = make_user("alice"), make_user("mallory")
+    _, llm, _ = make_small_trace(alice)
+    client.force_login(mallory)
+    response = client.get(span_url(llm))
+    assert response.status_code == 404
+    assert b"Hello there" not in response.content
+    # Nor can a span be reached through a trace the user may see.
+    own_trace, _, _ = make_small_trace(mallory)
+    response = client.get(reverse("tracing:span", args=[own_trace.run_id, llm.id]))
+    assert response.status_code == 404
+    client.logout()
+    assert client.get(span_url(llm)).status_code == 302
+
+
+def test_staff_can_open_anyones_span_detail(client, make_user):
+    alice, admin = make_user("alice"), make_user("admin")
+    admin.is_staff = True
+    admin.save(update_fields=["is_staff"])
+    _, llm, _ = make_small_trace(alice)
+    client.force_login(admin)
+    response = client.get(span_url(llm))
+    assert response.status_code == 200 and b"Hello there" in response.content
 
 
 def test_hostile_content_is_escaped(client, make_user):
     alice = make_user()
     trace = make_trace(alice, model=HOSTILE, error_type=HOSTILE, error_message=HOSTILE)
     root = add_span(trace, kind="run", name=HOSTILE)
-    add_span(
+    tool = add_span(
         trace,
         parent=root,
         kind="tool",
@@ -308,10 +368,18 @@ def test_hostile_content_is_escaped(client, make_user):
         },
     )
     client.force_login(alice)
-    for url in (reverse("tracing:detail", args=[trace.run_id]), reverse("tracing:list")):
+    for url in (
+        reverse("tracing:detail", args=[trace.run_id]),
+        reverse("tracing:list"),
+        span_url(tool),
+    ):
         content = client.get(url).content.decode()
         assert "<img" not in content
         assert "&lt;img src=x onerror=alert(1)&gt;" in content
+    # Every place the detail fragment shows the hostile text (name, error, arguments,
+    # result, an attribute's key and value, a long list) has it escaped.
+    fragment = client.get(span_url(tool)).content.decode()
+    assert fragment.count("&lt;img src=x onerror=alert(1)&gt;") >= 8
 
 
 def test_another_users_trace_is_not_found(client, make_user):
@@ -361,7 +429,8 @@ def test_a_thousand_span_trace_renders(client, make_user, django_assert_max_num_
         response = client.get(reverse("tracing:detail", args=[trace.run_id]))
     assert response.status_code == 200
     assert row_count(response.content) == 1000
-    assert response.content.count(b'class="span-detail"') == 1000
+    assert len(set(re.findall(rb'data-span="([0-9a-f-]{36})"', response.content))) == 1000
+    assert b"messages" not in response.content
 
 
 def test_a_span_starting_before_its_trace_stretches_the_timeline(client, make_user):
@@ -375,3 +444,75 @@ def test_a_span_starting_before_its_trace_stretches_the_timeline(client, make_us
     assert 'style="left:0.000%;width:100.000%"' in content
     assert 'style="left:9.091%;width:50.000%"' in content
     assert "−100 ms" in content
+
+
+# --- a trace link followed before its trace is written -------------------------------
+
+
+def make_run(user, *, status="completed", finished_ago=timedelta(seconds=1)):
+    conversation = Conversation.objects.create(owner=user)
+    return Run.objects.create(
+        conversation=conversation,
+        model="offline",
+        status=status,
+        finished_at=timezone.now() - finished_ago if finished_ago is not None else None,
+    )
+
+
+def test_a_just_finished_run_without_trace_says_it_is_being_written(client, make_user):
+    alice = make_user()
+    run = make_run(alice)
+    client.force_login(alice)
+    response = client.get(reverse("tracing:detail", args=[run.id]))
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "This run's trace is being written — it will appear in a moment" in content
+    assert re.search(r'<meta http-equiv="refresh" content="[12]">', content)
+
+
+def test_a_running_run_without_trace_says_it_is_being_written(client, make_user):
+    alice = make_user()
+    run = make_run(alice, status="running", finished_ago=None)
+    client.force_login(alice)
+    response = client.get(reverse("tracing:detail", args=[run.id]))
+    assert response.status_code == 200 and b"being written" in response.content
+
+
+def test_the_trace_replaces_the_waiting_page_once_written(client, make_user):
+    alice = make_user()
+    trace = make_trace(alice)
+    add_span(trace, kind="run", name="run")
+    client.force_login(alice)
+    content = client.get(reverse("tracing:detail", args=[trace.run_id])).content
+    assert b"being written" not in content and b'http-equiv="refresh"' not in content
+    assert row_count(content) == 1
+
+
+@override_settings(TRACING_ENABLED=False)
+def test_a_run_without_trace_says_tracing_is_off(client, make_user):
+    alice = make_user()
+    run = make_run(alice)
+    client.force_login(alice)
+    response = client.get(reverse("tracing:detail", args=[run.id]))
+    assert response.status_code == 200
+    assert b"Tracing is turned off" in response.content
+    assert b'http-equiv="refresh"' not in response.content
+
+
+def test_a_long_finished_run_without_trace_does_not_wait_forever(client, make_user):
+    alice = make_user()
+    run = make_run(alice, finished_ago=timedelta(hours=1))
+    client.force_login(alice)
+    response = client.get(reverse("tracing:detail", args=[run.id]))
+    assert response.status_code == 404
+    assert b"No trace was recorded for this run" in response.content
+    assert b'http-equiv="refresh"' not in response.content
+
+
+def test_another_users_run_without_trace_is_not_found(client, make_user):
+    alice, mallory = make_user("alice"), make_user("mallory")
+    run = make_run(alice)
+    client.force_login(mallory)
+    response = client.get(reverse("tracing:detail", args=[run.id]))
+    assert response.status_code == 404
+    assert b"being written" not in response.content
