@@ -94,6 +94,8 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+# The embedded defaults keep their files in var/, which a fresh clone does not have yet.
+VAR_DIR.mkdir(exist_ok=True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL + a busy timeout let the web requests and the run executor write side by side;
     # IMMEDIATE transactions take the write lock up front instead of failing mid-way.
