@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "corsheaders",
     "chat",
     "tracing",
+    "billing",
 ]
 
 MIDDLEWARE = [

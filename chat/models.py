@@ -45,6 +45,9 @@ class Run(models.Model):
     steps = models.PositiveIntegerField(default=0)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
+    # What its LLM calls cost, summed from the usage ledger at finish (billing); null
+    # when a call was unpriced (or the run predates pricing).
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
 

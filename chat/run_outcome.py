@@ -13,6 +13,8 @@ class RunOutcome:
     steps: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    # Part of input_tokens served from the provider's prompt cache (billed cheaper).
+    cached_tokens: int = 0
     error_code: str = ""
     error_message: str = ""
     # Chunks streamed by a model call that has not reported its usage yet; if the run
@@ -23,9 +25,10 @@ class RunOutcome:
         self.unreported_output_tokens += 1
         self.add_text(text)
 
-    def add_usage(self, *, input_tokens: int, output_tokens: int) -> None:
+    def add_usage(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> None:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        self.cached_tokens += cached_tokens
         self.unreported_output_tokens = 0
 
     def add_text(self, text: str) -> None:

@@ -127,7 +127,7 @@ def test_question_streams_an_answer_with_a_tool_step_and_survives_reload(
     # The streamed plain text was swapped for the server's Markdown rendering.
     expect(answer.locator("strong")).to_have_text("391")
     expect(footer).to_have_text(
-        re.compile(r"^\s*[1-9]\d* tokens · [1-9]\d* in / [1-9]\d* out · trace\s*$")
+        re.compile(r"^\s*\$0\.\d*[1-9] · [1-9]\d* tokens · [1-9]\d* in / [1-9]\d* out · trace\s*$")
     )
     live_usage = footer.inner_text()
 

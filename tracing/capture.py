@@ -14,7 +14,10 @@ generated per callback and a step seen in LangChain's tooling has the same id he
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -90,6 +93,19 @@ class SpanRecord:
         self.output: Any = None
 
 
+@dataclass(frozen=True)
+class LlmCallUsage:
+    """An LLM span's usage, for billing. `reported`: the provider reported it (False for
+    a call still open or stopped by a cancel, a failure or the deadline)."""
+
+    span_id: UUID
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reported: bool
+
+
 class RunTracer(BaseCallbackHandler):
     """Builds the span tree of one run: run → graph node → LLM call / tool call → …"""
 
@@ -129,6 +145,8 @@ class RunTracer(BaseCallbackHandler):
         self._flushes: list[asyncio.Task[None]] = []
         # Rows already built (and written), kept for the totals and the export.
         self._rows: list[Span] = []
+        # Every LLM call's record, open or closed, in order: what billing prices.
+        self._llm: list[SpanRecord] = []
         self._finished = False
         self._started: asyncio.Future[Trace] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,14 +177,41 @@ class RunTracer(BaseCallbackHandler):
                 )
             )
 
-    async def finish(self, *, status: str, error_type: str = "", error_message: str = "") -> None:
+    def llm_calls(self) -> list[LlmCallUsage]:
+        """Each LLM call so far with its usage. Cheap (no rows are built): the runner
+        prices them before its final event, while the spans are still unwritten."""
+        calls = []
+        for record in self._llm:
+            usage = _usage(record.output)
+            calls.append(
+                LlmCallUsage(
+                    record.id,
+                    self._llm_model(record),
+                    *usage,
+                    reported=_generated_message(record.output) is not None,
+                )
+            )
+        return calls
+
+    async def finish(
+        self,
+        *,
+        status: str,
+        error_type: str = "",
+        error_message: str = "",
+        span_costs: Mapping[UUID, Decimal | None] | None = None,
+        cost_usd: Decimal | None = None,
+    ) -> None:
         """Close what is still open, write every remaining span and finalize the Trace.
 
         `status` is the trace's final status (see `trace_status_for`). Spans still open,
         and spans a CancelledError stopped, are closed by it: `cancelled` for a
         cancelled run, otherwise `error` with the run's error type and message (a run
         stopped by its deadline or a limit, a failure that cancelled its siblings). In a
-        run that succeeded, a step the graph itself cancelled stays `cancelled`."""
+        run that succeeded, a step the graph itself cancelled stays `cancelled`.
+
+        `span_costs` (LLM span id → USD, None if unpriced) and `cost_usd` (the run's
+        total) come from whoever priced the calls (billing); tracing only stores them."""
         if self._finished:
             return
         self._finished = True
@@ -219,6 +264,8 @@ class RunTracer(BaseCallbackHandler):
             cached_tokens=sum(r.cached_tokens for r in rows),
             error_type=error_type,
             error_message=error_message,
+            span_costs=span_costs or {},
+            cost_usd=cost_usd,
         )
         from . import export, metrics
 
@@ -338,13 +385,15 @@ class RunTracer(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = (metadata or {}).get("ls_model_name") or self.model or "llm"
-        self._open_span(
-            run_id,
-            parent_run_id,
-            LLM,
-            name,
-            inputs=messages,
-            meta=(metadata, kwargs.get("invocation_params")),
+        self._llm.append(
+            self._open_span(
+                run_id,
+                parent_run_id,
+                LLM,
+                name,
+                inputs=messages,
+                meta=(metadata, kwargs.get("invocation_params")),
+            )
         )
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -423,10 +472,7 @@ class RunTracer(BaseCallbackHandler):
         params: dict[str, Any] = raw_params or {}
         attributes: dict[str, Any] = {
             "provider": metadata.get("ls_provider") or self.provider,
-            "model": metadata.get("ls_model_name")
-            or params.get("model")
-            or params.get("model_name")
-            or self.model,
+            "model": self._llm_model(record),
             "request": {
                 key: value
                 for key, value in (
@@ -457,6 +503,17 @@ class RunTracer(BaseCallbackHandler):
                 attributes["response_model"] = model_name
         span.input_tokens, span.output_tokens, span.cached_tokens = _usage(record.output)
         span.attributes = attributes
+
+    def _llm_model(self, record: SpanRecord) -> str:
+        raw_metadata, raw_params = record.meta or (None, None)
+        metadata: dict[str, Any] = raw_metadata or {}
+        params: dict[str, Any] = raw_params or {}
+        return str(
+            metadata.get("ls_model_name")
+            or params.get("model")
+            or params.get("model_name")
+            or self.model
+        )
 
     def _tool_attributes(self, span: Span, record: SpanRecord) -> None:
         attributes: dict[str, Any] = {

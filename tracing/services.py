@@ -1,7 +1,8 @@
 """Writes of traces. The capture buffers spans and hands them over here in batches."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from uuid import UUID
 
 from django.db import transaction
@@ -57,10 +58,17 @@ def trace_finish(
     cached_tokens: int,
     error_type: str = "",
     error_message: str = "",
+    span_costs: Mapping[UUID, Decimal | None] | None = None,
+    cost_usd: Decimal | None = None,
 ) -> None:
     """Write the last spans and the trace's totals together, so a finished trace is
     never seen with half its spans. `create`: the trace row was not written at the start
-    (a short run), so it is written here, in the same transaction."""
+    (a short run), so it is written here, in the same transaction. `span_costs`: the
+    priced LLM spans, including any already flushed in an earlier batch."""
+    costs = dict(span_costs or {})
+    for span in spans:
+        if span.id in costs:
+            span.cost_usd = costs.pop(span.id)
     totals = {
         "status": status,
         "ended_at": ended_at,
@@ -69,6 +77,7 @@ def trace_finish(
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "cached_tokens": cached_tokens,
+        "cost_usd": cost_usd,
         "error_type": error_type[:200],
         "error_message": error_message,
     }
@@ -81,6 +90,10 @@ def trace_finish(
         else:
             Trace.objects.filter(run_id=run_id).update(**totals)
         Span.objects.bulk_create(spans, batch_size=500)
+        # Spans of earlier batches: a run has few LLM calls, so one UPDATE each is fine.
+        for span_id, cost in costs.items():
+            if cost is not None:
+                Span.objects.filter(id=span_id).update(cost_usd=cost)
 
 
 def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:

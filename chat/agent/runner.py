@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any, cast
 from uuid import UUID
 
@@ -17,6 +18,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 
 from agentsite import metrics
 from agentsite.logging import run_id_var
+from billing import services as billing
 from chat import services
 from chat.events import RunEventStream
 from chat.models import Run
@@ -46,6 +48,8 @@ async def execute_run(run_id: UUID) -> None:
     stream: RunEventStream | None = None
     tracer: RunTracer | None = None
     started: float | None = None
+    user_id: int | None = None
+    cost: billing.RunCost | None = None
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     run_id_var.set(str(run_id))
     try:
@@ -53,6 +57,7 @@ async def execute_run(run_id: UUID) -> None:
         if run is None:
             return
         started = time.monotonic()
+        user_id = run.conversation.owner_id
         metrics.ACTIVE_RUNS.inc()
         tracer = _start_trace(run)
         stream = RunEventStream(run.id, run.conversation_id)
@@ -86,14 +91,14 @@ async def execute_run(run_id: UUID) -> None:
     try:
         # Shielded: a late cancel must not lose the recorded outcome or the final event
         # every open socket is waiting for.
-        await asyncio.shield(_finish(run_id, stream, outcome))
+        cost = await asyncio.shield(_finish(run_id, stream, outcome, tracer, user_id))
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
             metrics.RUNS.labels(status=outcome.status.value).inc()
             metrics.RUN_DURATION.observe(time.monotonic() - started)
         if tracer is not None:
-            await _finish_trace(tracer, outcome)
+            await _finish_trace(tracer, outcome, cost)
 
 
 def _start_trace(run: Run) -> RunTracer | None:
@@ -107,7 +112,9 @@ def _start_trace(run: Run) -> RunTracer | None:
     return tracer
 
 
-async def _finish_trace(tracer: RunTracer, outcome: RunOutcome) -> None:
+async def _finish_trace(
+    tracer: RunTracer, outcome: RunOutcome, cost: billing.RunCost | None
+) -> None:
     # After the final event: the user has the answer while the spans are written.
     # Shielded, so a late cancel cannot leave the trace half written. A failure here
     # loses the trace, never the answer.
@@ -117,6 +124,8 @@ async def _finish_trace(tracer: RunTracer, outcome: RunOutcome) -> None:
                 status=trace_status_for(outcome.status),
                 error_type=outcome.error_code,
                 error_message=outcome.error_message,
+                span_costs=cost.span_costs if cost else None,
+                cost_usd=cost.total_usd if cost else None,
             )
         )
     except Exception:
@@ -217,7 +226,11 @@ async def _on_model_message(
 ) -> None:
     usage = message.usage_metadata
     if usage:
-        outcome.add_usage(input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"])
+        outcome.add_usage(
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            cached_tokens=(usage.get("input_token_details") or {}).get("cache_read") or 0,
+        )
         await stream.emit(
             "usage",
             input_tokens=usage["input_tokens"],
@@ -231,10 +244,17 @@ async def _on_model_message(
         )
 
 
-async def _finish(run_id: UUID, stream: RunEventStream | None, outcome: RunOutcome) -> None:
+async def _finish(
+    run_id: UUID,
+    stream: RunEventStream | None,
+    outcome: RunOutcome,
+    tracer: RunTracer | None,
+    user_id: int | None,
+) -> billing.RunCost | None:
     messages = await database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
+    cost = await _record_usage(run_id, outcome, tracer, user_id)
     if stream is None:
-        return
+        return cost
     answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]
     final: dict[str, Any] = {
         "status": outcome.status.value,
@@ -244,10 +264,53 @@ async def _finish(run_id: UUID, stream: RunEventStream | None, outcome: RunOutco
             "output_tokens": outcome.output_tokens,
             "total_tokens": outcome.input_tokens + outcome.output_tokens,
         },
+        # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
+        "cost_usd": _usd(cost.total_usd) if cost else None,
     }
     if outcome.error_code:
         final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
     await stream.emit(FINAL_EVENTS[outcome.status], **final)
+    return cost
+
+
+async def _record_usage(
+    run_id: UUID, outcome: RunOutcome, tracer: RunTracer | None, user_id: int | None
+) -> billing.RunCost | None:
+    """Price the run's LLM calls into the usage ledger before the final event, which
+    shows the cost. Traced calls are billed per span; usage no span reported (a call
+    cut short, or an untraced run) is billed from the run's own totals. A failure here
+    is logged and loses the cost, never the answer."""
+    if user_id is None:  # the run never started: no call was made
+        return None
+    traced = [
+        billing.LlmCall(
+            span_id=call.span_id,
+            model=call.model,
+            input_tokens=call.input_tokens,
+            output_tokens=call.output_tokens,
+            cached_tokens=call.cached_tokens,
+            reported=call.reported,
+        )
+        for call in (tracer.llm_calls() if tracer is not None else [])
+    ]
+    calls = billing.usage_calls_reconcile(
+        calls=traced,
+        model=model_info().name,
+        input_tokens=outcome.input_tokens,
+        output_tokens=outcome.output_tokens,
+        cached_tokens=outcome.cached_tokens,
+    )
+    try:
+        return await database_sync_to_async(billing.usage_record_run)(
+            run_id=run_id, user_id=user_id, calls=calls
+        )
+    except Exception:
+        logger.exception("run %s: could not record its usage", run_id)
+        return None
+
+
+def _usd(amount: Decimal | None) -> str | None:
+    return None if amount is None else str(amount)
 
 
 def _message_out(message_id: int, content: str) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""Who pays (accounts), what a model costs (prices) and what was spent (the ledger).
+
+Quotas, plans and API keys attach to `Account` later; the ledger already carries
+everything they need (account, user, run, span, tokens, cost, time)."""
+
+from django.conf import settings
+from django.db import models
+
+
+class Account(models.Model):
+    """A tenant: the party that is billed. Every user belongs to exactly one; a user who
+    has none gets a personal account on first need (`account_for_user`)."""
+
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    """The user → account link. One account per user (the issue's "users belong to
+    one"); an account has many members."""
+
+    class Role(models.TextChoices):
+        OWNER = "owner"
+        MEMBER = "member"
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="membership"
+    )
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.account}"
+
+
+class ModelPrice(models.Model):
+    """USD per million tokens for a model name or a glob pattern of names.
+
+    Matching (billing.pricing.price_for_model): an active row whose `model` equals the
+    name exactly wins; otherwise, among active glob patterns (fnmatch, case-sensitive)
+    that match, the most specific one wins — the one with the most literal (non-wildcard)
+    characters, so "gpt-4.1-mini*" beats "gpt-4.1*" for "gpt-4.1-mini-2025-04-14".
+    """
+
+    model = models.CharField(
+        max_length=200,
+        unique=True,
+        help_text='An exact model name ("gpt-4.1") or a glob ("gpt-4.1*").',
+    )
+    input_per_mtok = models.DecimalField("input $/Mtok", max_digits=12, decimal_places=6)
+    output_per_mtok = models.DecimalField("output $/Mtok", max_digits=12, decimal_places=6)
+    # Null: the provider has no cached-input discount, cached tokens cost the input rate.
+    cached_input_per_mtok = models.DecimalField(
+        "cached input $/Mtok", max_digits=12, decimal_places=6, null=True, blank=True
+    )
+    active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model
+
+
+class UsageRecord(models.Model):
+    """The usage ledger: one row per LLM call, append-only.
+
+    Nothing updates or deletes rows: there is no service for it and the admin is
+    read-only. So nothing may reference a row that could change under it either:
+    `run_id` and `span_id` are plain UUIDs, not foreign keys, because the ledger outlives
+    the conversations (and their runs and traces) that users delete, and a SET_NULL
+    would rewrite money records. `run_id` joins chat.Run and tracing.Trace (whose id is
+    the run id), `span_id` the LLM call's tracing.Span.
+    """
+
+    # PROTECT: an account with spend on record cannot vanish with its history.
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="usage")
+    # SET_NULL only when a user account is erased; the spend stays on the account.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="usage",
+    )
+    run_id = models.UUIDField(db_index=True)
+    # Null when the call has no span (tracing disabled): the run's totals, one row.
+    span_id = models.UUIDField(null=True, blank=True)
+    model = models.CharField(max_length=200)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    # Part of input_tokens served from the provider's prompt cache.
+    cached_tokens = models.PositiveIntegerField(default=0)
+    # Null when no price matched the model: unpriced, which is not free.
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    price_missing = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["account", "-created_at"]),
+            models.Index(fields=["model", "-created_at"]),
+        ]
+        constraints = [
+            # A call is recorded once, however often its run's finish is retried.
+            models.UniqueConstraint(
+                fields=["span_id"],
+                condition=models.Q(span_id__isnull=False),
+                name="usage_one_record_per_span",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.input_tokens}+{self.output_tokens} tokens (run {self.run_id})"

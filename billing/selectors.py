@@ -1,0 +1,28 @@
+"""Reads of billing."""
+
+from datetime import datetime
+from decimal import Decimal
+from uuid import UUID
+
+from django.db.models import QuerySet, Sum
+from django.utils import timezone
+
+from .models import Account, UsageRecord
+
+
+def usage_list(*, run_id: UUID) -> QuerySet[UsageRecord]:
+    return UsageRecord.objects.filter(run_id=run_id).order_by("created_at", "id")
+
+
+def month_start(*, now: datetime | None = None) -> datetime:
+    now = timezone.localtime(now or timezone.now())
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def account_spend(*, account: Account, since: datetime) -> Decimal:
+    """Priced spend since `since`. Unpriced calls are not in it: they are flagged
+    `price_missing` for operators instead of being counted as free."""
+    total = UsageRecord.objects.filter(account=account, created_at__gte=since).aggregate(
+        total=Sum("cost_usd")
+    )["total"]
+    return total or Decimal(0)

@@ -1,0 +1,186 @@
+"""The ledger, written by real runs of the built-in model over the WebSocket."""
+
+import logging
+from decimal import Decimal
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import Client
+from django.urls import reverse
+
+from billing.models import Account, Membership, ModelPrice, UsageRecord
+from billing.pricing import cost_of, price_for_model
+from billing.services import account_for_user
+from chat import services
+from chat.models import Run
+from conftest import open_socket, receive_until, wait_for_runs
+from tracing.formatting import format_usd
+from tracing.models import Span, Trace
+from tracing.selectors import trace_list
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def run_message(user, content, until="run.completed", cancel_after_tokens=None):
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": content})
+    if cancel_after_tokens is not None:
+        frames = []
+        while sum(f["type"] == "token" for f in frames) < cancel_after_tokens:
+            frames.append(await socket.receive_json_from(timeout=10))
+        await socket.send_json_to({"type": "cancel"})
+        frames += await receive_until(socket, until)
+    else:
+        frames = await receive_until(socket, until)
+    await socket.disconnect()
+    await wait_for_runs()
+    run = await Run.objects.aget(conversation=conversation)
+    return run, frames
+
+
+def records_of(run):
+    return list(UsageRecord.objects.filter(run_id=run.id).order_by("created_at", "id"))
+
+
+async def test_a_run_records_one_priced_row_per_llm_call(make_user, prices):
+    user = await database_sync_to_async(make_user)()
+    run, frames = await run_message(user, "What is 17 * 23?")
+
+    records = await database_sync_to_async(records_of)(run)
+    llm_spans = [s async for s in Span.objects.filter(trace_id=run.id, kind="llm")]
+    assert len(records) == len(llm_spans) == 2
+    by_span = {s.id: s for s in llm_spans}
+    price = await database_sync_to_async(price_for_model)(model="agentsite-offline-demo")
+    account = await database_sync_to_async(account_for_user)(user_id=user.id)
+    for record in records:
+        span = by_span[record.span_id]  # the join key to the real LLM span
+        assert record.account_id == account.id and record.user_id == user.id
+        assert record.model == "agentsite-offline-demo" and not record.price_missing
+        assert (record.input_tokens, record.output_tokens) == (
+            span.input_tokens,
+            span.output_tokens,
+        )
+        assert record.input_tokens > 0 and record.output_tokens > 0
+        expected = cost_of(
+            price=price,
+            input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
+            cached_tokens=record.cached_tokens,
+        )
+        assert record.cost_usd == expected == span.cost_usd > 0
+    total = sum(r.cost_usd for r in records)
+    assert sum(r.input_tokens for r in records) == run.input_tokens
+    assert sum(r.output_tokens for r in records) == run.output_tokens
+    assert run.cost_usd == total
+    trace = await Trace.objects.aget(run_id=run.id)
+    assert trace.cost_usd == total
+    assert frames[-1]["cost_usd"] == str(total)
+    # The trace list's min-cost filter now has costs to filter on.
+    listed = database_sync_to_async(lambda cost: list(trace_list(user=user, min_cost_usd=cost)))
+    assert [t.run_id for t in await listed(total)] == [run.id]
+    assert await listed(total + Decimal("0.00000001")) == []
+    # The history footer shows what the live one did.
+    page = await database_sync_to_async(conversation_page)(user, run)
+    assert f'{format_usd(total)}</span> · <span class="usage">' in page
+
+
+def conversation_page(user, run):
+    client = Client()
+    client.force_login(user)
+    return client.get(reverse("chat:conversation", args=[run.conversation_id])).content.decode()
+
+
+async def test_an_unpriced_model_records_its_tokens_flagged_and_never_free(
+    make_user, prices, settings, caplog
+):
+    settings.AGENT_MODEL = "offline"
+    await ModelPrice.objects.filter(model="agentsite-offline-demo").adelete()
+    user = await database_sync_to_async(make_user)()
+    with caplog.at_level(logging.WARNING, logger="billing.services"):
+        run, frames = await run_message(user, "What is 17 * 23?")
+
+    records = await database_sync_to_async(records_of)(run)
+    assert len(records) == 2
+    assert all(r.price_missing and r.cost_usd is None for r in records)
+    assert sum(r.input_tokens + r.output_tokens for r in records) == run.total_tokens > 0
+    assert run.cost_usd is None
+    assert (await Trace.objects.aget(run_id=run.id)).cost_usd is None
+    assert frames[-1]["cost_usd"] is None
+    assert "no price for model 'agentsite-offline-demo'" in caplog.text
+    page = await database_sync_to_async(conversation_page)(user, run)
+    assert '<span class="cost">price unknown</span>' in page
+
+
+async def test_without_tracing_the_run_totals_are_recorded(make_user, prices, settings):
+    settings.TRACING_ENABLED = False
+    user = await database_sync_to_async(make_user)()
+    run, frames = await run_message(user, "What is 17 * 23?")
+
+    assert not await Trace.objects.filter(run_id=run.id).aexists()
+    [record] = await database_sync_to_async(records_of)(run)
+    assert record.span_id is None
+    assert (record.input_tokens, record.output_tokens) == (run.input_tokens, run.output_tokens)
+    assert record.cost_usd == run.cost_usd > 0
+    assert frames[-1]["cost_usd"] == str(run.cost_usd)
+
+
+async def test_a_cancelled_run_records_what_it_used(make_user, prices, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    run, frames = await run_message(
+        user, "Tell me about yourself", until="run.cancelled", cancel_after_tokens=3
+    )
+
+    assert run.status == Run.Status.CANCELLED and run.output_tokens > 0
+    records = await database_sync_to_async(records_of)(run)
+    assert records and all(r.span_id is not None for r in records)
+    # The interrupted call is billed what the user saw stream, against its own span.
+    assert sum(r.output_tokens for r in records) == run.output_tokens
+    assert sum(r.input_tokens for r in records) == run.input_tokens
+    total = sum(r.cost_usd for r in records)
+    assert total > 0 and run.cost_usd == total
+    assert frames[-1]["cost_usd"] == str(total)
+    spans = {s.id: s async for s in Span.objects.filter(trace_id=run.id, kind="llm")}
+    assert all(spans[r.span_id].cost_usd == r.cost_usd for r in records)
+    assert (await Trace.objects.aget(run_id=run.id)).cost_usd == total
+
+
+def test_account_for_user_creates_one_personal_account(make_user):
+    user = make_user()
+    account = account_for_user(user_id=user.id)
+    assert account_for_user(user_id=user.id) == account
+    assert Account.objects.count() == 1
+    membership = Membership.objects.get(user=user)
+    assert membership.role == "owner" and membership.account.name == user.username
+
+
+def test_account_for_user_that_loses_a_race_returns_the_winners_account(make_user, monkeypatch):
+    # Another request created the account between this one's lookup and its insert.
+    from billing import services as billing_services
+
+    user = make_user()
+    winner = Account.objects.create(name="winner")
+    Membership.objects.create(user=user, account=winner)
+    monkeypatch.setattr(billing_services, "_account_of", lambda *, user_id: None)
+    assert account_for_user(user_id=user.id) == winner
+    assert Account.objects.count() == 1
+
+
+def test_the_ledger_survives_deleting_the_conversation(make_user, prices):
+    from billing.services import LlmCall, usage_record_run
+
+    user = make_user()
+    conversation = services.conversation_create(owner=user)
+    run = Run.objects.create(conversation=conversation, model="agentsite-offline-demo")
+    cost = usage_record_run(
+        run_id=run.id,
+        user_id=user.id,
+        calls=[LlmCall(None, "agentsite-offline-demo", 1_000_000, 0)],
+    )
+    assert cost.total_usd == Decimal("0.4")
+    run.refresh_from_db()
+    assert run.cost_usd == Decimal("0.4")
+    conversation.delete()
+    assert UsageRecord.objects.get(run_id=run.id).cost_usd == Decimal("0.4")
