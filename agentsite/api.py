@@ -10,12 +10,13 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, ValidationError
 from ninja.security import django_auth
 
+from billing.auth import ApiKeyAuth
 from tracing.api import router as tracing_router
 
 from .errors import ApplicationError
 
 # Every way a caller may authenticate, tried in order; the API-key class joins this list.
-AUTH = [django_auth]
+AUTH = [django_auth, ApiKeyAuth()]
 
 api = NinjaAPI(
     title="Agentsite API",

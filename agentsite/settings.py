@@ -148,6 +148,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:index"
 LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
+# The request header programs send their API key in (billing.auth.ApiKeyAuth).
+AGENT_API_KEY_HEADER = env.str("AGENT_API_KEY_HEADER", default="X-API-Key")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

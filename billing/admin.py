@@ -1,15 +1,19 @@
-"""Operators manage accounts and prices here, and read (never edit) the usage ledger."""
+"""Operators manage accounts, API keys and prices here, and read (never edit) the usage
+ledger."""
 
 from typing import Any
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from agentsite.errors import ApplicationError
 from tracing.formatting import format_usd
 
-from .models import Account, Membership, ModelPrice, UsageRecord
+from .models import Account, ApiKey, Membership, ModelPrice, UsageRecord
 from .selectors import account_spend, month_start
+from .services import account_for_user, api_key_create, api_key_revoke, api_key_scopes_clean
 
 
 class MembershipInline(admin.TabularInline):
@@ -101,3 +105,96 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ApiKeyForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(
+        choices=ApiKey.Scope.choices, widget=forms.CheckboxSelectMultiple
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("created_by", "name", "scopes", "expires_at")
+
+    def clean_scopes(self) -> list[str]:
+        try:
+            return api_key_scopes_clean(scopes=self.cleaned_data["scopes"])
+        except ApplicationError as error:
+            raise forms.ValidationError(error.message) from error
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are created through `api_key_create` (the raw key is shown once, in the
+    success message, never stored) and revoked, not edited: the hash is never shown."""
+
+    form = ApiKeyForm
+    list_display = (
+        "prefix",
+        "name",
+        "account",
+        "created_by",
+        "scope_list",
+        "created_at",
+        "last_used_at",
+        "expires_at",
+        "revoked_at",
+    )
+    list_filter = ("revoked_at", "expires_at", "account")
+    search_fields = ("prefix", "name", "account__name", "created_by__username")
+    list_select_related = ("account", "created_by")
+    autocomplete_fields = ("created_by",)
+    actions = ("revoke_selected",)
+
+    @admin.display(description="Scopes")
+    def scope_list(self, api_key: ApiKey) -> str:
+        return ", ".join(api_key.scopes)
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        if obj is None:
+            # The key's account is its user's account, so the two cannot disagree.
+            return ("created_by", "name", "scopes", "expires_at")
+        return (
+            "prefix",
+            "name",
+            "account",
+            "created_by",
+            "scopes",
+            "expires_at",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        if obj is None:
+            return ()
+        return ("prefix", "account", "created_by", "created_at", "last_used_at", "revoked_at")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        api_key, raw_key = api_key_create(
+            account=account_for_user(user_id=obj.created_by_id),
+            created_by=obj.created_by,
+            name=obj.name,
+            scopes=obj.scopes,
+            expires_at=obj.expires_at,
+        )
+        # The admin goes on with `obj` (log entry, redirect): make it the created row.
+        for model_field in ApiKey._meta.concrete_fields:
+            setattr(obj, model_field.attname, getattr(api_key, model_field.attname))
+        obj._state.adding = False
+        messages.success(
+            request,
+            f"API key {api_key.prefix}… created. Copy it now, it will not be shown again: "
+            f"{raw_key}",
+        )
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        keys = list(queryset.filter(revoked_at__isnull=True))
+        for api_key in keys:
+            api_key_revoke(api_key=api_key)
+        self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)

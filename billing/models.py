@@ -1,6 +1,6 @@
 """Who pays (accounts), what a model costs (prices) and what was spent (the ledger).
 
-Quotas, plans and API keys attach to `Account` later; the ledger already carries
+API keys belong to an `Account`; quotas and plans attach to it later; the ledger already carries
 everything they need (account, user, run, span, tokens, cost, time)."""
 
 from django.conf import settings
@@ -38,6 +38,48 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.account}"
+
+
+class ApiKey(models.Model):
+    """A credential for programs calling the JSON API on behalf of a user of an account.
+
+    Only `prefix` (the visible start of the key, used to find the row) and a hash of the
+    whole key are stored; the key itself is shown once by `api_key_create`. The hash is
+    a plain SHA-256: the secret is 32 random bytes, so there is nothing to brute-force
+    and a slow password hash (or a per-row salt) would add latency to every request for
+    no gain; unlike an HMAC keyed with SECRET_KEY, it survives a SECRET_KEY rotation."""
+
+    class Scope(models.TextChoices):
+        RUNS = "runs"
+        TRACES = "traces"
+        USAGE = "usage"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="api_keys")
+    # The key acts as this user (what it may see is what they own); a key outliving its
+    # user would act as nobody, so it goes with them.
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="api_keys",
+        verbose_name="user",
+        help_text="The key acts as this user: it sees what they own.",
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Updated at most once a minute (services.api_key_authenticate), not on every request.
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name})"
 
 
 class ModelPrice(models.Model):

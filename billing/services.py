@@ -1,17 +1,25 @@
-"""Writes of billing: accounts on first need, and the usage ledger."""
+"""Writes of billing: accounts on first need, API keys, and the usage ledger."""
 
+import hashlib
+import hmac
 import logging
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
+from agentsite.errors import ApplicationError
 from chat.models import Run
 
-from .models import Account, Membership, ModelPrice, UsageRecord
+from .models import Account, ApiKey, Membership, ModelPrice, UsageRecord
 from .pricing import cost_of, price_for_model
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,118 @@ def account_for_user(*, user_id: int) -> Account:
 def _account_of(*, user_id: int) -> Account | None:
     membership = Membership.objects.select_related("account").filter(user_id=user_id).first()
     return membership.account if membership is not None else None
+
+
+# A key reads "ak_<8 hex>_<43 url-safe chars>": the first 11 characters are the stored,
+# visible prefix; the rest is 32 random bytes. A fixed shape lets malformed keys be
+# refused before any query.
+_API_KEY_RE = re.compile(r"ak_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
+_API_KEY_PREFIX_LEN = len("ak_") + 8
+# Writing last_used_at on every request would turn each API read into a write.
+API_KEY_LAST_USED_EVERY = timedelta(minutes=1)
+
+
+def _api_key_hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_scopes_clean(*, scopes: Sequence[str]) -> list[str]:
+    """The scopes as stored (known, unique, sorted); an unknown or empty set is refused."""
+    cleaned = sorted({scope.strip() for scope in scopes if scope.strip()})
+    unknown = [scope for scope in cleaned if scope not in ApiKey.Scope.values]
+    if unknown or not cleaned:
+        raise ApplicationError(
+            "invalid_scopes",
+            f"Scopes must be one or more of: {', '.join(ApiKey.Scope.values)}"
+            + (f" (unknown: {', '.join(unknown)})." if unknown else "."),
+        )
+    return cleaned
+
+
+def api_key_create(
+    *,
+    account: Account,
+    created_by: User,
+    name: str,
+    scopes: Sequence[str],
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key for `account`, acting as `created_by`, and the raw key: the only time
+    it exists outside the caller's hands. Only its prefix and hash are stored."""
+    if not Membership.objects.filter(user_id=created_by.pk, account=account).exists():
+        raise ApplicationError(
+            "invalid_request", f"{created_by} is not a member of the account {account}."
+        )
+    cleaned_scopes = api_key_scopes_clean(scopes=scopes)
+    # 32 bits of prefix: a collision is rare but possible, so retry rather than fail.
+    for _ in range(5):
+        prefix = f"ak_{secrets.token_hex(4)}"
+        raw_key = f"{prefix}_{secrets.token_urlsafe(32)}"
+        try:
+            with transaction.atomic():
+                api_key = ApiKey.objects.create(
+                    account=account,
+                    created_by=created_by,
+                    name=name,
+                    prefix=prefix,
+                    key_hash=_api_key_hash(raw_key),
+                    scopes=cleaned_scopes,
+                    expires_at=expires_at,
+                )
+            return api_key, raw_key
+        except IntegrityError:
+            continue
+    raise RuntimeError("Could not find a free API key prefix.")
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Refuse the key from now on. Revoking twice keeps the first revocation time."""
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+    return api_key
+
+
+def api_key_verify(*, raw_key: str) -> ApiKey:
+    """The key `raw_key` names, if it may be used now; else an `invalid_api_key` error.
+
+    Why a key is refused (revoked, expired) is said only once the caller has shown the
+    whole secret: a prefix alone is not secret and must not reveal a key's state."""
+    invalid = ApplicationError("invalid_api_key", "The API key is not valid.", http_status=401)
+    if not _API_KEY_RE.fullmatch(raw_key):
+        raise invalid
+    api_key = (
+        ApiKey.objects.select_related("created_by", "account")
+        .filter(prefix=raw_key[:_API_KEY_PREFIX_LEN])
+        .first()
+    )
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, _api_key_hash(raw_key)):
+        raise invalid
+    now = timezone.now()
+    if api_key.revoked_at is not None:
+        raise ApplicationError("invalid_api_key", "The API key has been revoked.", http_status=401)
+    if api_key.expires_at is not None and api_key.expires_at <= now:
+        raise ApplicationError(
+            "invalid_api_key",
+            f"The API key expired at {api_key.expires_at.isoformat()}.",
+            http_status=401,
+        )
+    if not api_key.created_by.is_active:
+        raise invalid
+    if api_key.last_used_at is None or now - api_key.last_used_at >= API_KEY_LAST_USED_EVERY:
+        api_key.last_used_at = now
+        # update(), not save(): concurrent requests must not rewrite other fields (a
+        # revocation that landed after our read).
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    return api_key
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
+    """The usable key `raw_key` names, or None (revoked, expired, malformed, unknown)."""
+    try:
+        return api_key_verify(raw_key=raw_key)
+    except ApplicationError:
+        return None
 
 
 def usage_calls_reconcile(

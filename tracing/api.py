@@ -4,6 +4,8 @@ from uuid import UUID
 from django.http import HttpRequest
 from ninja import Router
 
+from billing.auth import api_key_of, api_key_require_scope
+
 from . import selectors
 from .schemas import TraceOut
 from .selectors import SpanNode
@@ -14,7 +16,12 @@ router = Router(tags=["traces"])
 @router.get("/runs/{run_id}/trace", response=TraceOut)
 def run_trace(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """The span tree of a run: run → graph node → LLM call / tool call → …"""
-    trace = selectors.trace_get(user=request.user, run_id=run_id)
+    api_key_require_scope(request, "traces")
+    # A key sees its own user's traces only, even if that user is staff: a key handed
+    # to a program must not carry an operator's view of everyone's runs.
+    trace = selectors.trace_get(
+        user=request.user, run_id=run_id, allow_staff=api_key_of(request) is None
+    )
     roots = selectors.trace_tree(trace=trace)
     return {
         **{field: getattr(trace, field) for field in TraceOut.model_fields if field != "spans"},

@@ -55,7 +55,9 @@ def trace_list(
     return traces.order_by("-started_at")
 
 
-def trace_get(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> Trace:
+def trace_get(
+    *, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str, allow_staff: bool = True
+) -> Trace:
     """The trace of a run, if `user` may see it. Another user's trace is reported as
     not found (not forbidden), so run ids cannot be probed for existence."""
     not_found = ApplicationError("not_found", "There is no such trace.", http_status=404)
@@ -65,7 +67,7 @@ def trace_get(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> 
         trace = Trace.objects.select_related("user").get(run_id=run_id)
     except (Trace.DoesNotExist, ValidationError, ValueError) as error:
         raise not_found from error
-    if trace.user_id != user.pk and not getattr(user, "is_staff", False):
+    if trace.user_id != user.pk and not (allow_staff and getattr(user, "is_staff", False)):
         raise not_found
     return trace
 

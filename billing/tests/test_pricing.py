@@ -41,17 +41,23 @@ def test_cost_is_rounded_to_eight_decimals():
 
 
 def test_the_most_specific_pattern_wins_and_an_exact_name_beats_every_pattern(prices):
-    assert price_for_model(model="gpt-4.1-mini-2025-04-14").model == "gpt-4.1-mini*"
-    assert price_for_model(model="gpt-4.1-2025-04-14").model == "gpt-4.1*"
-    assert price_for_model(model="o3-mini").model == "o3-mini*"
-    assert price_for_model(model="claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5*"
-    assert price_for_model(model="claude-sonnet-4-20250514").model == "claude-sonnet-4*"
-    price(model="gpt-4.1-mini", input_rate="9")
-    assert price_for_model(model="gpt-4.1-mini").input_per_mtok == Decimal("9")
+    assert price_for_model(model="gpt-4.1-mini-2025-04-14").model == "gpt-4.1-mini-2*"
+    assert price_for_model(model="gpt-4.1-2025-04-14").model == "gpt-4.1-2*"
+    assert price_for_model(model="o3-mini").model == "o3-mini"
+    assert price_for_model(model="claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5-2*"
+    price(model="gpt-4.1*", input_rate="1")
+    price(model="gpt-4.1-mini-2025*", input_rate="2")
+    assert price_for_model(model="gpt-4.1-mini-2025-04-14").model == "gpt-4.1-mini-2025*"
+    assert price_for_model(model="gpt-4.1-turbo").model == "gpt-4.1*"
+    price(model="gpt-4.1-mini*", input_rate="9")
+    assert price_for_model(model="gpt-4.1-mini").model == "gpt-4.1-mini"  # exact wins
 
 
 def test_an_unknown_or_inactive_model_has_no_price(prices):
     assert price_for_model(model="llama-3-70b") is None
+    # A sibling with a price of its own is not priced like its family.
+    for sibling in ("o3-pro", "gpt-5-pro", "claude-opus-4-5"):
+        assert price_for_model(model=sibling) is None
     ModelPrice.objects.filter(model="agentsite-offline-demo").update(active=False)
     assert price_for_model(model="agentsite-offline-demo") is None
 

@@ -25,6 +25,7 @@ from chat.models import Run
 from chat.rendering import render_markdown
 from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
+from tracing.formatting import format_usd
 
 from .checkpointer import checkpointer
 from .context import Context
@@ -88,10 +89,13 @@ async def execute_run(run_id: UUID) -> None:
             _fail_with(outcome, run_id, error)
     except Exception as error:
         _fail_with(outcome, run_id, error)
+    # Shielded: a late cancel must not lose the recorded outcome, its cost or the final
+    # event every open socket is waiting for; the finishing goes on and is waited for.
+    finishing = asyncio.ensure_future(_finish(run_id, stream, outcome, tracer, user_id))
     try:
-        # Shielded: a late cancel must not lose the recorded outcome or the final event
-        # every open socket is waiting for.
-        cost = await asyncio.shield(_finish(run_id, stream, outcome, tracer, user_id))
+        cost = await asyncio.shield(finishing)
+    except asyncio.CancelledError:
+        cost = await finishing
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
@@ -251,8 +255,9 @@ async def _finish(
     tracer: RunTracer | None,
     user_id: int | None,
 ) -> billing.RunCost | None:
+    calls = _billable_calls(outcome, tracer) if user_id is not None else []
     messages = await database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
-    cost = await _record_usage(run_id, outcome, tracer, user_id)
+    cost = await _record_usage(run_id, calls, user_id)
     if stream is None:
         return cost
     answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]
@@ -266,22 +271,21 @@ async def _finish(
         },
         # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
         "cost_usd": _usd(cost.total_usd) if cost else None,
+        # Formatted here so the live footer reads exactly like the reloaded page.
+        "cost_display": "price unknown",
     }
+    if cost is not None and cost.total_usd is not None:
+        final["cost_display"] = format_usd(cost.total_usd)
     if outcome.error_code:
         final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
     await stream.emit(FINAL_EVENTS[outcome.status], **final)
     return cost
 
 
-async def _record_usage(
-    run_id: UUID, outcome: RunOutcome, tracer: RunTracer | None, user_id: int | None
-) -> billing.RunCost | None:
-    """Price the run's LLM calls into the usage ledger before the final event, which
-    shows the cost. Traced calls are billed per span; usage no span reported (a call
-    cut short, or an untraced run) is billed from the run's own totals. A failure here
-    is logged and loses the cost, never the answer."""
-    if user_id is None:  # the run never started: no call was made
-        return None
+def _billable_calls(outcome: RunOutcome, tracer: RunTracer | None) -> list[billing.LlmCall]:
+    """The run's LLM calls as the ledger will bill them: per traced span, topped up with
+    what no span reported (a call cut short, or an untraced run). The run's own totals
+    are then set to the same sums, so the footer, the run and the ledger agree."""
     traced = [
         billing.LlmCall(
             span_id=call.span_id,
@@ -300,6 +304,19 @@ async def _record_usage(
         output_tokens=outcome.output_tokens,
         cached_tokens=outcome.cached_tokens,
     )
+    outcome.input_tokens = sum(call.input_tokens for call in calls)
+    outcome.output_tokens = sum(call.output_tokens for call in calls)
+    outcome.cached_tokens = sum(call.cached_tokens for call in calls)
+    return calls
+
+
+async def _record_usage(
+    run_id: UUID, calls: list[billing.LlmCall], user_id: int | None
+) -> billing.RunCost | None:
+    """Price the run's LLM calls into the usage ledger before the final event, which
+    shows the cost. A failure here is logged and loses the cost, never the answer."""
+    if user_id is None:  # the run never started: no call was made
+        return None
     try:
         return await database_sync_to_async(billing.usage_record_run)(
             run_id=run_id, user_id=user_id, calls=calls
@@ -310,7 +327,8 @@ async def _record_usage(
 
 
 def _usd(amount: Decimal | None) -> str | None:
-    return None if amount is None else str(amount)
+    # Fixed-point: str() would send tiny amounts as "1E-7".
+    return None if amount is None else format(amount, "f")
 
 
 def _message_out(message_id: int, content: str) -> dict[str, Any]:

@@ -188,17 +188,6 @@
 
   // As tracing/formatting.py's format_usd, so the live footer and the reloaded page
   // read the same. The amount arrives as a decimal string; null means unpriced.
-  function formatUsd(amount) {
-    if (amount === null || amount === undefined) return "price unknown";
-    const value = Number(amount);
-    if (value === 0) return "$0";
-    if (value >= 1) {
-      return "$" + value.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2});
-    }
-    if (value >= 0.01) return "$" + value.toFixed(4);
-    return "$" + value.toFixed(8).replace(/0+$/, "");
-  }
-
   function drawFooter(event) {
     const footer = el("div", "run-footer " + event.status);
     footer.dataset.run = event.run;
@@ -210,7 +199,7 @@
       footer.appendChild(el("span", "run-status", STATUS_LABELS[event.status]));
       footer.appendChild(document.createTextNode(" · "));
     }
-    footer.appendChild(el("span", "cost", formatUsd(event.cost_usd)));
+    footer.appendChild(el("span", "cost", event.cost_display || "price unknown"));
     footer.appendChild(document.createTextNode(" · "));
     const usage = event.usage || {};
     footer.appendChild(el("span", "usage",

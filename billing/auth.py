@@ -1,0 +1,46 @@
+"""API-key authentication for the JSON API (one of the classes in agentsite.api.AUTH)."""
+
+from django.conf import settings
+from django.http import HttpRequest
+from ninja.security import APIKeyHeader
+
+from agentsite.errors import ApplicationError
+
+from .models import ApiKey
+from .services import api_key_verify
+
+
+class ApiKeyAuth(APIKeyHeader):
+    """Accepts a key sent in the `AGENT_API_KEY_HEADER` header.
+
+    No header: None, so the next class in AUTH may try. A header with a bad key: a 401
+    `invalid_api_key` error at once, rather than the generic "sign in" answer, so a
+    client learns its key is the problem. On success `request.auth` is the key and
+    `request.user` its user, so endpoints scope ownership the same way for sessions and
+    keys."""
+
+    param_name = settings.AGENT_API_KEY_HEADER
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> ApiKey | None:
+        if not key:
+            return None
+        api_key = api_key_verify(raw_key=key)
+        request.user = api_key.created_by
+        return api_key
+
+
+def api_key_of(request: HttpRequest) -> ApiKey | None:
+    """The key the request authenticated with, if it used one (not a session)."""
+    auth = getattr(request, "auth", None)
+    return auth if isinstance(auth, ApiKey) else None
+
+
+def api_key_require_scope(request: HttpRequest, scope: str) -> None:
+    """Refuse a key-authenticated request whose key lacks `scope`; sessions pass."""
+    api_key = api_key_of(request)
+    if api_key is not None and scope not in api_key.scopes:
+        raise ApplicationError(
+            "insufficient_scope",
+            f"This API key lacks the {scope!r} scope.",
+            http_status=403,
+        )
