@@ -70,7 +70,7 @@ class ApiKey(models.Model):
     scopes = models.JSONField(default=list)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
-    # Updated at most once a minute (services.api_key_authenticate), not on every request.
+    # Updated at most once a minute (services.api_key_verify), not on every request.
     last_used_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -2,16 +2,11 @@
 
 from datetime import datetime
 from decimal import Decimal
-from uuid import UUID
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Sum
 from django.utils import timezone
 
 from .models import Account, UsageRecord
-
-
-def usage_list(*, run_id: UUID) -> QuerySet[UsageRecord]:
-    return UsageRecord.objects.filter(run_id=run_id).order_by("created_at", "id")
 
 
 def month_start(*, now: datetime | None = None) -> datetime:

@@ -173,14 +173,6 @@ def api_key_verify(*, raw_key: str) -> ApiKey:
     return api_key
 
 
-def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
-    """The usable key `raw_key` names, or None (revoked, expired, malformed, unknown)."""
-    try:
-        return api_key_verify(raw_key=raw_key)
-    except ApplicationError:
-        return None
-
-
 def usage_calls_reconcile(
     *,
     calls: Sequence[LlmCall],

@@ -9,12 +9,13 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from agentsite.errors import ApplicationError
 from billing.models import ApiKey
 from billing.services import (
     account_for_user,
-    api_key_authenticate,
     api_key_create,
     api_key_revoke,
+    api_key_verify,
 )
 from chat import services as chat_services
 from chat.models import Run
@@ -89,7 +90,8 @@ def test_revoked_and_expired_keys_are_refused_with_the_reason(make_user, state, 
     error = response.json()["error"]
     assert error["code"] == "invalid_api_key"
     assert reason in error["message"]
-    assert api_key_authenticate(raw_key=raw_key) is None
+    with pytest.raises(ApplicationError):
+        api_key_verify(raw_key=raw_key)
 
 
 def test_malformed_unknown_and_wrong_secret_keys_get_a_generic_401(make_user):
@@ -169,15 +171,15 @@ def test_last_used_at_is_updated_at_most_once_a_minute(make_user):
     user = make_user()
     api_key, raw_key = make_key(user)
     assert api_key.last_used_at is None
-    assert api_key_authenticate(raw_key=raw_key) is not None
+    assert api_key_verify(raw_key=raw_key) is not None
     api_key.refresh_from_db()
     first = api_key.last_used_at
     assert first is not None
-    assert api_key_authenticate(raw_key=raw_key) is not None
+    assert api_key_verify(raw_key=raw_key) is not None
     api_key.refresh_from_db()
     assert api_key.last_used_at == first  # throttled: no write within the minute
     ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=first - timedelta(minutes=2))
-    assert api_key_authenticate(raw_key=raw_key) is not None
+    assert api_key_verify(raw_key=raw_key) is not None
     api_key.refresh_from_db()
     assert api_key.last_used_at > first - timedelta(minutes=2)
 
