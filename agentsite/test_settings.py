@@ -11,7 +11,10 @@ for name in ("DATABASE_URL", "AGENT_REDIS_URL", "AGENT_MODEL", "ALLOWED_HOSTS"):
 from agentsite.settings import *  # noqa: E402,F403
 
 AGENT_OFFLINE_TOKEN_DELAY = 0.0
-AGENT_CHECKPOINT_SQLITE_PATH = os.path.join(
-    tempfile.mkdtemp(prefix="agentsite-test-"), "checkpoints.sqlite3"
-)
+_TEST_DIR = tempfile.mkdtemp(prefix="agentsite-test-")
+AGENT_CHECKPOINT_SQLITE_PATH = os.path.join(_TEST_DIR, "checkpoints.sqlite3")
+# A file, not Django's shared-cache in-memory database: the web requests and the run
+# executor write from several threads, and only a file gets SQLite's real locking (WAL,
+# busy timeout) that the deployed monolith has; shared cache fails at once instead.
+DATABASES["default"]["TEST"] = {"NAME": os.path.join(_TEST_DIR, "test.sqlite3")}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from agentsite.admin import ReadOnlyAdmin
 from agentsite.errors import ApplicationError
 from tracing.formatting import format_usd
 
@@ -73,7 +74,8 @@ class PricedFilter(admin.SimpleListFilter):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdmin):
+    # The ledger is append-only: no adding, editing or deleting rows by hand.
     list_display = (
         "created_at",
         "account",
@@ -95,16 +97,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     @admin.display(description="Cost", ordering="cost_usd")
     def cost(self, record: UsageRecord) -> str:
         return "price unknown" if record.cost_usd is None else format_usd(record.cost_usd)
-
-    # The ledger is append-only: no adding, editing or deleting rows by hand.
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -7,7 +7,22 @@ from django.conf import settings
 from django.db import models
 
 
-class Trace(models.Model):
+class StepUsage(models.Model):
+    """What a run or one of its steps used and how it ended, on traces and spans alike."""
+
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    # Filled in by billing once LLM calls are priced; null means "not priced".
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    error_type = models.CharField(max_length=200, blank=True)
+    error_message = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class Trace(StepUsage):
     class Status(models.TextChoices):
         OK = "ok"
         ERROR = "error"
@@ -27,13 +42,6 @@ class Trace(models.Model):
     ended_at = models.DateTimeField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     span_count = models.PositiveIntegerField(default=0)
-    input_tokens = models.PositiveIntegerField(default=0)
-    output_tokens = models.PositiveIntegerField(default=0)
-    cached_tokens = models.PositiveIntegerField(default=0)
-    # Filled in by billing once LLM calls are priced; null means "not priced".
-    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
-    error_type = models.CharField(max_length=200, blank=True)
-    error_message = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-started_at"]
@@ -47,7 +55,7 @@ class Trace(models.Model):
         return f"Trace of run {self.run_id} ({self.status})"
 
 
-class Span(models.Model):
+class Span(StepUsage):
     class Kind(models.TextChoices):
         RUN = "run"
         NODE = "node"
@@ -80,12 +88,6 @@ class Span(models.Model):
     # LLM spans: provider, model, request parameters, time to first token, finish reason,
     # prompt and completion (truncated). Tool spans: arguments and result. Nodes: name.
     attributes = models.JSONField(default=dict, blank=True)
-    input_tokens = models.PositiveIntegerField(default=0)
-    output_tokens = models.PositiveIntegerField(default=0)
-    cached_tokens = models.PositiveIntegerField(default=0)
-    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
-    error_type = models.CharField(max_length=200, blank=True)
-    error_message = models.TextField(blank=True)
 
     class Meta:
         ordering = ["started_at"]

@@ -6,7 +6,16 @@ from uuid import UUID
 from ninja import Schema
 
 
-class SpanOut(Schema):
+class StepUsageOut(Schema):
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost_usd: Decimal | None
+    error_type: str
+    error_message: str
+
+
+class SpanOut(StepUsageOut):
     id: UUID
     parent_id: UUID | None
     kind: str
@@ -18,16 +27,10 @@ class SpanOut(Schema):
     # Milliseconds from the trace start: where the span sits on a timeline.
     offset_ms: float
     attributes: dict[str, Any]
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_usd: Decimal | None
-    error_type: str
-    error_message: str
     children: list["SpanOut"]
 
 
-class TraceOut(Schema):
+class TraceOut(StepUsageOut):
     run_id: UUID
     status: str
     model: str
@@ -35,12 +38,6 @@ class TraceOut(Schema):
     ended_at: datetime | None
     duration_ms: float | None
     span_count: int
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_usd: Decimal | None
-    error_type: str
-    error_message: str
     spans: list[SpanOut]
 
 

@@ -1,10 +1,12 @@
 """The ledger, written by real runs of the built-in model over the WebSocket."""
 
 import logging
+import threading
 from decimal import Decimal
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
@@ -156,16 +158,27 @@ def test_account_for_user_creates_one_personal_account(make_user):
     assert membership.role == "owner" and membership.account.name == user.username
 
 
-def test_account_for_user_that_loses_a_race_returns_the_winners_account(make_user, monkeypatch):
-    # Another request created the account between this one's lookup and its insert.
-    from billing import services as billing_services
-
+def test_concurrent_first_requests_end_up_with_one_account(make_user):
     user = make_user()
-    winner = Account.objects.create(name="winner")
-    Membership.objects.create(user=user, account=winner)
-    monkeypatch.setattr(billing_services, "_account_of", lambda *, user_id: None)
-    assert account_for_user(user_id=user.id) == winner
-    assert Account.objects.count() == 1
+    start = threading.Barrier(16)
+    accounts: list[int] = []
+
+    def first_request() -> None:
+        start.wait()
+        try:
+            accounts.append(account_for_user(user_id=user.id).id)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first_request) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(accounts) == 16 and len(set(accounts)) == 1
+    assert Account.objects.count() == 1  # the losers' inserts were rolled back
+    assert Membership.objects.filter(user=user).count() == 1
 
 
 def test_the_ledger_survives_deleting_the_conversation(make_user, prices):
