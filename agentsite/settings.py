@@ -150,6 +150,9 @@ LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
 # The request header programs send their API key in (billing.auth.ApiKeyAuth).
 AGENT_API_KEY_HEADER = env.str("AGENT_API_KEY_HEADER", default="X-API-Key")
+# Requests per minute per account when its plan sets none (0: no limit); counted in
+# memory per process, or in Redis (shared by every instance) with AGENT_REDIS_URL.
+AGENT_RATE_LIMIT_PER_MINUTE = env.int("AGENT_RATE_LIMIT_PER_MINUTE", default=60)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -1,17 +1,82 @@
-"""Who pays (accounts), what a model costs (prices) and what was spent (the ledger).
-
-API keys belong to an `Account`; quotas and plans attach to it later; the ledger already carries
-everything they need (account, user, run, span, tokens, cost, time)."""
+"""Who pays (accounts), under which limits (plans, per-account overrides), what a model
+costs (prices), what is spent (the ledger) and what is promised to calls in flight
+(reservations against each account's daily counters)."""
 
 from django.conf import settings
 from django.db import models
 
 
-class Account(models.Model):
+class Quotas(models.Model):
+    """The limits a plan sets and an account may override. Blank means no limit on a
+    plan, and "the plan's" on an account. Days and months are UTC."""
+
+    money_per_day_usd = models.DecimalField(
+        "money per day ($)", max_digits=12, decimal_places=4, null=True, blank=True
+    )
+    money_per_month_usd = models.DecimalField(
+        "money per month ($)", max_digits=12, decimal_places=4, null=True, blank=True
+    )
+    money_per_run_usd = models.DecimalField(
+        "money per run ($)", max_digits=12, decimal_places=4, null=True, blank=True
+    )
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
+    requests_per_minute_per_account = models.PositiveIntegerField(
+        "requests per minute (account)", null=True, blank=True
+    )
+    requests_per_minute_per_key = models.PositiveIntegerField(
+        "requests per minute (each API key)", null=True, blank=True
+    )
+    concurrent_runs = models.PositiveIntegerField(null=True, blank=True)
+
+    QUOTA_FIELDS = (
+        "money_per_day_usd",
+        "money_per_month_usd",
+        "money_per_run_usd",
+        "tokens_per_day",
+        "requests_per_minute_per_account",
+        "requests_per_minute_per_key",
+        "concurrent_runs",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class Plan(Quotas):
+    """A named set of limits. New accounts get the default plan (if one is marked)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    is_default = models.BooleanField(
+        "default for new accounts",
+        default=False,
+        help_text="Personal accounts made on a user's first visit get this plan.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"],
+                condition=models.Q(is_default=True),
+                name="billing_one_default_plan",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Account(Quotas):
     """A tenant: the party that is billed. Every user belongs to exactly one; a user who
-    has none gets a personal account on first need (`account_for_user`)."""
+    has none gets a personal account on first need (`account_for_user`). Its limits are
+    its plan's, except where a field here is set (an override)."""
 
     name = models.CharField(max_length=200)
+    # PROTECT: a plan in use cannot be deleted out from under its accounts.
+    plan = models.ForeignKey(
+        Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="accounts"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -163,3 +228,46 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.input_tokens}+{self.output_tokens} tokens (run {self.run_id})"
+
+
+class DailySpend(models.Model):
+    """An account's running totals for one UTC day: the counters quotas are checked
+    against, so a check reads one month of small rows instead of summing the ledger.
+
+    `spent_usd`/`tokens_spent` move only together with the ledger (a call's row is
+    written in the same transaction), `reserved_*` is what calls in flight may still
+    cost at most. Both belong to the day the call was reserved on."""
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="daily_spend")
+    day = models.DateField()
+    spent_usd = models.DecimalField(max_digits=16, decimal_places=8, default=0)
+    reserved_usd = models.DecimalField(max_digits=16, decimal_places=8, default=0)
+    tokens_spent = models.PositiveBigIntegerField(default=0)
+    tokens_reserved = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "day"], name="billing_one_row_per_day")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account} on {self.day}"
+
+
+class BudgetReservation(models.Model):
+    """The worst case of one LLM call in flight, held against its account's budget from
+    before the call until it is settled into the ledger. Its id is the call's id (the
+    LLM span's id), so a reservation left behind by a crashed process can be found and
+    released with its run."""
+
+    id = models.UUIDField(primary_key=True)
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="reservations")
+    run_id = models.UUIDField(db_index=True)
+    day = models.DateField()
+    model = models.CharField(max_length=200)
+    amount_usd = models.DecimalField(max_digits=14, decimal_places=8)
+    tokens = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.amount_usd} USD for run {self.run_id}"

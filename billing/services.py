@@ -19,7 +19,7 @@ from django.utils import timezone
 from agentsite.errors import ApplicationError
 from chat.models import Run
 
-from .models import Account, ApiKey, Membership, ModelPrice, UsageRecord
+from .models import Account, ApiKey, Membership, ModelPrice, Plan, UsageRecord
 from .pricing import cost_of, price_for_model
 
 logger = logging.getLogger(__name__)
@@ -57,15 +57,19 @@ def account_for_user(*, user_id: int) -> Account:
     user = get_user_model().objects.get(pk=user_id)
     try:
         with transaction.atomic():
-            account = Account.objects.create(name=user.get_username())
+            account = Account.objects.create(
+                name=user.get_username(), plan=Plan.objects.filter(is_default=True).first()
+            )
             Membership.objects.create(user=user, account=account, role=Membership.Role.OWNER)
             return account
     except IntegrityError:
-        return Membership.objects.select_related("account").get(user_id=user_id).account
+        return Membership.objects.select_related("account__plan").get(user_id=user_id).account
 
 
 def _account_of(*, user_id: int) -> Account | None:
-    membership = Membership.objects.select_related("account").filter(user_id=user_id).first()
+    membership = (
+        Membership.objects.select_related("account__plan").filter(user_id=user_id).first()
+    )
     return membership.account if membership is not None else None
 
 

@@ -32,6 +32,7 @@ class Run(models.Model):
         FAILED = "failed"
         CANCELLED = "cancelled"
         LIMIT_REACHED = "limit_reached"
+        BUDGET_EXCEEDED = "budget_exceeded"
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
 
