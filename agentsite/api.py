@@ -10,6 +10,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, ValidationError
 from ninja.security import django_auth
 
+from billing.api import router as billing_router
 from billing.auth import ApiKeyAuth
 from tracing.api import router as tracing_router
 
@@ -58,3 +59,4 @@ def authentication_error(request: HttpRequest, error: AuthenticationError) -> Ht
 
 
 api.add_router("/v1/", tracing_router)
+api.add_router("/v1/", billing_router)
