@@ -209,6 +209,8 @@ class UsageRecord(models.Model):
     # Null when no price matched the model: unpriced, which is not free.
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     price_missing = models.BooleanField(default=False)
+    # The worst case held for the call before it was made: how good the estimate was.
+    reserved_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
@@ -262,10 +264,16 @@ class BudgetReservation(models.Model):
 
     id = models.UUIDField(primary_key=True)
     account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="reservations")
+    # Whom the call's ledger row will name.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
     run_id = models.UUIDField(db_index=True)
     day = models.DateField()
     model = models.CharField(max_length=200)
     amount_usd = models.DecimalField(max_digits=14, decimal_places=8)
+    # The estimated prompt, billed as the input of a call cut short after it streamed.
+    prompt_tokens = models.PositiveIntegerField()
     tokens = models.PositiveIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 

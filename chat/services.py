@@ -10,6 +10,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
+from billing.budget import budget_release_runs, runs_admit
+from billing.services import account_for_user
 from tracing.services import trace_close_interrupted
 
 from .agent.checkpointer import delete_thread
@@ -76,6 +78,7 @@ def _clean_message(content: object) -> str:
 def run_create(*, conversation: Conversation, content: object) -> Run:
     """Record the user's message and queue a run to answer it; the run starts on commit."""
     text = _clean_message(content)
+    account = account_for_user(user_id=conversation.owner_id)
     with transaction.atomic():
         # Lock the conversation so two tabs cannot start two runs at once.
         conversation = Conversation.objects.select_for_update().get(id=conversation.id)
@@ -86,6 +89,7 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
                 "The agent is still answering the previous message; wait or press stop.",
                 http_status=409,
             )
+        runs_admit(account=account)
         if conversation.title == DEFAULT_TITLE:
             conversation.title = _clean_title(text[:60])
         conversation.save(update_fields=["title", "updated_at"])
@@ -113,6 +117,7 @@ def _expire_interrupted_runs(conversation: Conversation) -> None:
         error_message=message,
     )
     trace_close_interrupted(run_ids=run_ids, error_type="run_interrupted", error_message=message)
+    budget_release_runs(run_ids=run_ids)
 
 
 def run_start(*, run_id: UUID) -> Run | None:
@@ -187,6 +192,7 @@ def _cancel_or_close(run_id: UUID) -> None:
     # The executor stops a run it is executing; a run nobody executes (its process
     # died) is closed here so it does not stay "running" forever.
     if not get_executor().cancel(run_id):
+        budget_release_runs(run_ids=[run_id])
         run_finish(
             run_id=run_id,
             outcome=RunOutcome(

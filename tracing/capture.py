@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -93,19 +92,6 @@ class SpanRecord:
         self.output: Any = None
 
 
-@dataclass(frozen=True)
-class LlmCallUsage:
-    """An LLM span's usage, for billing. `reported`: the provider reported it (False for
-    a call still open or stopped by a cancel, a failure or the deadline)."""
-
-    span_id: UUID
-    model: str
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    reported: bool
-
-
 class RunTracer(BaseCallbackHandler):
     """Builds the span tree of one run: run → graph node → LLM call / tool call → …"""
 
@@ -176,22 +162,6 @@ class RunTracer(BaseCallbackHandler):
                     started_at=_dt(self.root.start),
                 )
             )
-
-    def llm_calls(self) -> list[LlmCallUsage]:
-        """Each LLM call so far with its usage. Cheap (no rows are built): the runner
-        prices them before its final event, while the spans are still unwritten."""
-        calls = []
-        for record in self._llm:
-            usage = _usage(record.output)
-            calls.append(
-                LlmCallUsage(
-                    record.id,
-                    self._llm_model(record),
-                    *usage,
-                    reported=_generated_message(record.output) is not None,
-                )
-            )
-        return calls
 
     async def finish(
         self,

@@ -1,6 +1,7 @@
 """The agent graph: model -> tools -> model ... until an answer or the step limit."""
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
@@ -13,6 +14,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.runtime import Runtime
 
+from .budget import RunBudget
 from .context import Context
 from .history import fit_to_budget, skipped_tool_result
 from .models import load_chat_model
@@ -26,12 +28,22 @@ logger = logging.getLogger(__name__)
 ModelFactory = Callable[[], BaseChatModel]
 
 
-def make_model_node(load_model: ModelFactory) -> Callable[..., Awaitable[State]]:
+def make_model_node(
+    load_model: ModelFactory, budget: RunBudget | None
+) -> Callable[..., Awaitable[State]]:
     async def call_model(state: State, runtime: Runtime[Context]) -> State:
         model = load_model().bind_tools(TOOLS)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         history = fit_to_budget(state["messages"], runtime.context.context_tokens)
-        response = await model.ainvoke([SystemMessage(SYSTEM_PROMPT.format(now=now)), *history])
+        prompt = [SystemMessage(SYSTEM_PROMPT.format(now=now)), *history]
+        # The call's id is its LLM span's id: the ledger row and the trace share it.
+        call_id = uuid.uuid4()
+        reservation = await budget.reserve(call_id=call_id, prompt=prompt) if budget else None
+        # Cut short here (cancel, failure, deadline), the call stays reserved: the run's
+        # finish settles it with what it streamed.
+        response = await model.ainvoke(prompt, {"run_id": call_id})
+        if budget is not None and reservation is not None:
+            await budget.settle(reservation, response)
         return {"messages": [response], "steps": state.get("steps", 0) + 1}
 
     return call_model
@@ -69,10 +81,14 @@ AgentGraph = CompiledStateGraph[State, Context, State, State]
 
 
 def build_graph(
-    checkpointer: BaseCheckpointSaver | None = None, load_model: ModelFactory = load_chat_model
+    checkpointer: BaseCheckpointSaver | None = None,
+    load_model: ModelFactory = load_chat_model,
+    budget: RunBudget | None = None,
 ) -> AgentGraph:
+    """The agent. Without a `budget` its calls are not metered (tests of the graph
+    alone); every run the runner executes has one."""
     builder = StateGraph(State, context_schema=Context)
-    builder.add_node("call_model", make_model_node(load_model))
+    builder.add_node("call_model", make_model_node(load_model, budget))
     builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=tool_error_message))
     builder.add_node("stop_at_step_limit", stop_at_step_limit)
     builder.add_edge(START, "call_model")

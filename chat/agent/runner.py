@@ -18,7 +18,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 
 from agentsite import metrics
 from agentsite.logging import run_id_var
-from billing import services as billing
+from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
+from billing.services import account_for_user
 from chat import services
 from chat.events import RunEventStream
 from chat.models import Run
@@ -27,6 +28,7 @@ from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
 from tracing.formatting import format_usd
 
+from .budget import RunBudget
 from .checkpointer import checkpointer
 from .context import Context
 from .errors import provider_error_from
@@ -41,6 +43,7 @@ FINAL_EVENTS = {
     Run.Status.FAILED: "run.failed",
     Run.Status.CANCELLED: "run.cancelled",
     Run.Status.LIMIT_REACHED: "run.limit_reached",
+    Run.Status.BUDGET_EXCEEDED: "run.budget_exceeded",
 }
 
 
@@ -50,7 +53,7 @@ async def execute_run(run_id: UUID) -> None:
     tracer: RunTracer | None = None
     started: float | None = None
     user_id: int | None = None
-    cost: billing.RunCost | None = None
+    cost: RunCost | None = None
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     run_id_var.set(str(run_id))
     try:
@@ -77,6 +80,8 @@ async def execute_run(run_id: UUID) -> None:
             )
     except asyncio.CancelledError:
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
+    except BudgetExceeded as error:
+        outcome.fail(Run.Status.BUDGET_EXCEEDED, error.code, error.message)
     except TimeoutError as error:
         if deadline.expired():
             outcome.fail(
@@ -91,7 +96,7 @@ async def execute_run(run_id: UUID) -> None:
         _fail_with(outcome, run_id, error)
     # Shielded: a late cancel must not lose the recorded outcome, its cost or the final
     # event every open socket is waiting for; the finishing goes on and is waited for.
-    finishing = asyncio.ensure_future(_finish(run_id, stream, outcome, tracer, user_id))
+    finishing = asyncio.ensure_future(_finish(run_id, stream, outcome, user_id))
     try:
         cost = await asyncio.shield(finishing)
     except asyncio.CancelledError:
@@ -116,9 +121,7 @@ def _start_trace(run: Run) -> RunTracer | None:
     return tracer
 
 
-async def _finish_trace(
-    tracer: RunTracer, outcome: RunOutcome, cost: billing.RunCost | None
-) -> None:
+async def _finish_trace(tracer: RunTracer, outcome: RunOutcome, cost: RunCost | None) -> None:
     # After the final event: the user has the answer while the spans are written.
     # Shielded, so a late cancel cannot leave the trace half written. A failure here
     # loses the trace, never the answer.
@@ -157,12 +160,21 @@ async def _drive_graph(
     outcome: RunOutcome,
     tracer: RunTracer | None = None,
 ) -> None:
+    user_id = run.conversation.owner_id
     context = Context(
         run_id=run.id,
         conversation_id=run.conversation_id,
-        user_id=run.conversation.owner_id,
+        user_id=user_id,
         max_steps=settings.AGENT_MAX_STEPS,
         context_tokens=settings.AGENT_CONTEXT_TOKENS,
+    )
+    account = await database_sync_to_async(account_for_user)(user_id=user_id)
+    budget = RunBudget(
+        account_id=account.pk,
+        user_id=user_id,
+        run_id=run.id,
+        model=model_info().name,
+        max_output_tokens=settings.AGENT_MAX_TOKENS,
     )
     config: Any = {
         "configurable": {"thread_id": str(run.conversation_id)},
@@ -172,7 +184,7 @@ async def _drive_graph(
     }
     graph_input: State = {"messages": [HumanMessage(content=content)], "steps": 0}
     async with checkpointer() as saver:
-        graph = build_graph(saver)
+        graph = build_graph(saver, budget=budget)
         parts = graph.astream(
             graph_input, config, context=context, stream_mode=["messages", "updates"]
         )
@@ -252,12 +264,12 @@ async def _finish(
     run_id: UUID,
     stream: RunEventStream | None,
     outcome: RunOutcome,
-    tracer: RunTracer | None,
     user_id: int | None,
-) -> billing.RunCost | None:
-    calls = _billable_calls(outcome, tracer) if user_id is not None else []
+) -> RunCost | None:
+    # The ledger first: the run's totals become the ledger's, so the footer, the run
+    # and the ledger agree.
+    cost = await _close_usage(run_id, outcome) if user_id is not None else None
     messages = await database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
-    cost = await _record_usage(run_id, calls, user_id)
     if stream is None:
         return cost
     answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]
@@ -282,48 +294,23 @@ async def _finish(
     return cost
 
 
-def _billable_calls(outcome: RunOutcome, tracer: RunTracer | None) -> list[billing.LlmCall]:
-    """The run's LLM calls as the ledger will bill them: per traced span, topped up with
-    what no span reported (a call cut short, or an untraced run). The run's own totals
-    are then set to the same sums, so the footer, the run and the ledger agree."""
-    traced = [
-        billing.LlmCall(
-            span_id=call.span_id,
-            model=call.model,
-            input_tokens=call.input_tokens,
-            output_tokens=call.output_tokens,
-            cached_tokens=call.cached_tokens,
-            reported=call.reported,
-        )
-        for call in (tracer.llm_calls() if tracer is not None else [])
-    ]
-    calls = billing.usage_calls_reconcile(
-        calls=traced,
-        model=model_info().name,
+async def _close_usage(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
+    """Settle the run's calls still held into the ledger before the final event, which
+    shows the cost. A failure here is logged and loses the cost, never the answer."""
+    seen = Usage(
         input_tokens=outcome.input_tokens,
         output_tokens=outcome.output_tokens,
         cached_tokens=outcome.cached_tokens,
     )
-    outcome.input_tokens = sum(call.input_tokens for call in calls)
-    outcome.output_tokens = sum(call.output_tokens for call in calls)
-    outcome.cached_tokens = sum(call.cached_tokens for call in calls)
-    return calls
-
-
-async def _record_usage(
-    run_id: UUID, calls: list[billing.LlmCall], user_id: int | None
-) -> billing.RunCost | None:
-    """Price the run's LLM calls into the usage ledger before the final event, which
-    shows the cost. A failure here is logged and loses the cost, never the answer."""
-    if user_id is None:  # the run never started: no call was made
-        return None
     try:
-        return await database_sync_to_async(billing.usage_record_run)(
-            run_id=run_id, user_id=user_id, calls=calls
-        )
+        cost = await database_sync_to_async(usage_close_run)(run_id=run_id, seen=seen)
     except Exception:
         logger.exception("run %s: could not record its usage", run_id)
         return None
+    outcome.input_tokens = cost.input_tokens
+    outcome.output_tokens = cost.output_tokens
+    outcome.cached_tokens = cost.cached_tokens
+    return cost
 
 
 def _usd(amount: Decimal | None) -> str | None:

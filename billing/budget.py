@@ -1,0 +1,322 @@
+"""Budget enforcement (services): what an account may still spend, held against calls in
+flight so concurrent runs cannot overrun a limit.
+
+Before each LLM call its worst case (estimated prompt + the maximum output, at the
+model's price) is reserved, atomically, against the account's daily, monthly, token and
+per-run limits; when the call ends it is settled: its ledger row is written and its
+actual cost moves from "reserved" to "spent" in the same transaction. A call cut short
+(cancel, failure, deadline) is settled when its run finishes, with the usage the run
+saw; one whose process died is released with its run.
+
+Atomicity: reservations of one account serialize on its row lock (SELECT … FOR UPDATE
+on PostgreSQL; SQLite transactions are IMMEDIATE, one writer at a time), so each check
+sees every earlier reservation. Settling needs no lock: it only moves money from
+reserved to spent, in one UPDATE.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from uuid import UUID
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import DecimalField, F, IntegerField, Q, Sum, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from agentsite.errors import ApplicationError
+from chat.models import Run
+
+from .models import Account, BudgetReservation, DailySpend, UsageRecord
+from .pricing import cost_of, price_for_model
+from .quotas import AccountLimits, account_limits
+
+logger = logging.getLogger(__name__)
+
+HOW_TO_RAISE = "An operator can raise it in the admin (Billing → Accounts or Plans)."
+
+
+class BudgetExceeded(ApplicationError):
+    """The next LLM call could cost more than what a limit leaves."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("budget_exceeded", f"{message} {HOW_TO_RAISE}", http_status=402)
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """A run's calls according to the ledger: the total cost (None if any call is
+    unpriced), each call's cost by span id (for the trace), and the token totals."""
+
+    total_usd: Decimal | None
+    span_costs: dict[UUID, Decimal | None]
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+
+
+def _sum(expression: F | Q, *, filter: Q | None = None, tokens: bool = False) -> Coalesce:
+    zero = Value(0, IntegerField()) if tokens else Value(Decimal(0), DecimalField())
+    return Coalesce(Sum(expression, filter=filter), zero)
+
+
+def utc_today(now: datetime | None = None) -> date:
+    return (now or timezone.now()).astimezone(UTC).date()
+
+
+def budget_reserve(
+    *,
+    account_id: int,
+    user_id: int,
+    run_id: UUID,
+    call_id: UUID,
+    model: str,
+    prompt_tokens: int,
+    max_output_tokens: int,
+    now: datetime | None = None,
+) -> BudgetReservation:
+    """Hold the worst case of one LLM call, or raise `BudgetExceeded` naming the limit
+    it would pass. An unpriced model reserves its tokens but no money: its cost is
+    unknown, and it is flagged in the ledger when settled."""
+    price = price_for_model(model=model)
+    amount = (
+        cost_of(price=price, input_tokens=prompt_tokens, output_tokens=max_output_tokens)
+        if price is not None
+        else Decimal(0)
+    )
+    tokens = prompt_tokens + max_output_tokens
+    day = utc_today(now)
+    with transaction.atomic():
+        account = (
+            Account.objects.select_for_update(of=("self",))
+            .select_related("plan")
+            .get(pk=account_id)
+        )
+        limits = account_limits(account=account)
+        _check_run(limits, run_id=run_id, amount=amount)
+        _check_account(limits, account_id=account_id, day=day, amount=amount, tokens=tokens)
+        held = DailySpend.objects.filter(account_id=account_id, day=day).update(
+            reserved_usd=F("reserved_usd") + amount, tokens_reserved=F("tokens_reserved") + tokens
+        )
+        if not held:  # the day's first call; the row lock above makes this insert safe
+            DailySpend.objects.create(
+                account_id=account_id, day=day, reserved_usd=amount, tokens_reserved=tokens
+            )
+        return BudgetReservation.objects.create(
+            id=call_id,
+            account_id=account_id,
+            user_id=user_id,
+            run_id=run_id,
+            day=day,
+            model=model,
+            amount_usd=amount,
+            prompt_tokens=prompt_tokens,
+            tokens=tokens,
+        )
+
+
+def _check_run(limits: AccountLimits, *, run_id: UUID, amount: Decimal) -> None:
+    limit = limits.money_per_run_usd
+    if limit is None:
+        return
+    spent = UsageRecord.objects.filter(run_id=run_id).aggregate(total=_sum(F("cost_usd")))["total"]
+    if spent + amount > limit:
+        raise BudgetExceeded(
+            f"This answer stopped at the limit of ${limit} per run: it has cost "
+            f"${spent:.4f} so far and its next step could cost up to ${amount:.4f}."
+        )
+
+
+def _check_account(
+    limits: AccountLimits, *, account_id: int, day: date, amount: Decimal, tokens: int
+) -> None:
+    if (
+        limits.money_per_day_usd is None
+        and limits.money_per_month_usd is None
+        and limits.tokens_per_day is None
+    ):
+        return
+    today = Q(day=day)
+    totals = DailySpend.objects.filter(
+        account_id=account_id, day__gte=day.replace(day=1)
+    ).aggregate(
+        # Aliases must not shadow the `day` field the filters name.
+        month_usd=_sum(F("spent_usd") + F("reserved_usd")),
+        today_usd=_sum(F("spent_usd") + F("reserved_usd"), filter=today),
+        today_tokens=_sum(F("tokens_spent") + F("tokens_reserved"), filter=today, tokens=True),
+    )
+    in_flight = "including answers still in progress"
+    if (
+        limits.money_per_day_usd is not None
+        and totals["today_usd"] + amount > limits.money_per_day_usd
+    ):
+        raise BudgetExceeded(
+            f"The account's daily budget of ${limits.money_per_day_usd} is used up "
+            f"(${totals['today_usd']:.4f} spent or held today, {in_flight}; the next step could "
+            f"cost up to ${amount:.4f}). It renews at 00:00 UTC."
+        )
+    if (
+        limits.money_per_month_usd is not None
+        and totals["month_usd"] + amount > limits.money_per_month_usd
+    ):
+        raise BudgetExceeded(
+            f"The account's monthly budget of ${limits.money_per_month_usd} is used up "
+            f"(${totals['month_usd']:.4f} spent or held this month, {in_flight}; the next "
+            f"step could cost up to ${amount:.4f}). It renews on the 1st, 00:00 UTC."
+        )
+    if (
+        limits.tokens_per_day is not None
+        and totals["today_tokens"] + tokens > limits.tokens_per_day
+    ):
+        raise BudgetExceeded(
+            f"The account's limit of {limits.tokens_per_day:,} tokens per day is used up "
+            f"({totals['today_tokens']:,} used or held today, {in_flight}; the next step could "
+            f"use up to {tokens:,}). It renews at 00:00 UTC."
+        )
+
+
+def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
+    """Record the call in the ledger at its actual cost and free its reservation, in one
+    transaction. False if it was already settled or released (nothing is counted twice).
+    An unpriced call is recorded with its tokens, flagged, never free."""
+    price = price_for_model(model=reservation.model)
+    cost = (
+        cost_of(
+            price=price,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+        )
+        if price is not None
+        else None
+    )
+    if price is None:
+        logger.warning(
+            "run %s: no price for model %r; its usage is recorded unpriced "
+            "(add a ModelPrice in the admin)",
+            reservation.run_id,
+            reservation.model,
+        )
+    elif cost is not None and cost > reservation.amount_usd:
+        # The prompt estimate was low (a tokenizer denser than ~4 characters a token).
+        logger.warning(
+            "run %s: call %s cost %s, more than the %s reserved",
+            reservation.run_id,
+            reservation.id,
+            cost,
+            reservation.amount_usd,
+        )
+    with transaction.atomic():
+        if not _reservation_delete(reservation):
+            return False
+        UsageRecord.objects.create(
+            account_id=reservation.account_id,
+            user_id=reservation.user_id,
+            run_id=reservation.run_id,
+            span_id=reservation.id,
+            model=reservation.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=cost,
+            price_missing=price is None,
+            reserved_usd=reservation.amount_usd,
+        )
+        DailySpend.objects.filter(account_id=reservation.account_id, day=reservation.day).update(
+            spent_usd=F("spent_usd") + (cost or 0),
+            tokens_spent=F("tokens_spent") + usage.input_tokens + usage.output_tokens,
+        )
+    return True
+
+
+def _reservation_delete(reservation: BudgetReservation) -> bool:
+    """Remove the hold from the counters; False if it is already gone."""
+    deleted, _ = BudgetReservation.objects.filter(id=reservation.id).delete()
+    if deleted:
+        DailySpend.objects.filter(account_id=reservation.account_id, day=reservation.day).update(
+            reserved_usd=F("reserved_usd") - reservation.amount_usd,
+            tokens_reserved=F("tokens_reserved") - reservation.tokens,
+        )
+    return bool(deleted)
+
+
+def budget_release_runs(*, run_ids: Sequence[UUID]) -> int:
+    """Free what runs whose process died still hold. Their calls' usage was never
+    reported, so nothing is recorded; returns how many holds were freed."""
+    released = 0
+    with transaction.atomic():
+        for reservation in BudgetReservation.objects.filter(run_id__in=run_ids):
+            released += _reservation_delete(reservation)
+    return released
+
+
+def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
+    """Settle what a finishing run still holds and store its cost.
+
+    `seen` is the usage the run showed the user. A call cut short (cancel, failure,
+    deadline) is still reserved: if it streamed output, the provider processed its
+    prompt, so it is billed the estimated prompt and the output the run saw; if it
+    streamed nothing it is released. So the ledger never bills less than was shown."""
+    recorded = UsageRecord.objects.filter(run_id=run_id).aggregate(
+        input=_sum(F("input_tokens"), tokens=True),
+        output=_sum(F("output_tokens"), tokens=True),
+        cached=_sum(F("cached_tokens"), tokens=True),
+    )
+    unbilled_output = max(seen.output_tokens - recorded["output"], 0)
+    held = BudgetReservation.objects.filter(run_id=run_id).order_by("-created_at")
+    for index, reservation in enumerate(held):
+        if index == 0 and unbilled_output:
+            usage = Usage(
+                input_tokens=max(seen.input_tokens - recorded["input"], reservation.prompt_tokens),
+                output_tokens=unbilled_output,
+                cached_tokens=max(seen.cached_tokens - recorded["cached"], 0),
+            )
+            budget_settle(reservation=reservation, usage=usage)
+        else:
+            with transaction.atomic():
+                _reservation_delete(reservation)
+    rows = list(UsageRecord.objects.filter(run_id=run_id))
+    costs = [row.cost_usd for row in rows]
+    total = None if None in costs else sum((c for c in costs if c is not None), Decimal(0))
+    Run.objects.filter(id=run_id).update(cost_usd=total)
+    return RunCost(
+        total_usd=total,
+        span_costs={row.span_id: row.cost_usd for row in rows if row.span_id is not None},
+        input_tokens=sum(row.input_tokens for row in rows),
+        output_tokens=sum(row.output_tokens for row in rows),
+        cached_tokens=sum(row.cached_tokens for row in rows),
+    )
+
+
+def runs_admit(*, account: Account) -> None:
+    """Refuse a new run when the account already has as many under way as its limit
+    allows. Call inside the transaction that creates the run: the account's row lock
+    makes two simultaneous starts count each other."""
+    limit = account_limits(account=account).concurrent_runs
+    if limit is None:
+        return
+    list(Account.objects.select_for_update().filter(pk=account.pk).values_list("pk"))
+    # A run "active" past its wall-clock limit lost its process; it does not count.
+    alive_since = timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
+    active = Run.objects.filter(
+        status__in=Run.ACTIVE_STATUSES,
+        created_at__gte=alive_since,
+        conversation__owner__membership__account=account,
+    ).count()
+    if active >= limit:
+        raise ApplicationError(
+            "concurrent_runs_limit",
+            f"This account already has {active} answers in progress, its limit. Wait for "
+            f"one to finish or stop one. {HOW_TO_RAISE}",
+            http_status=429,
+        )
