@@ -1,20 +1,122 @@
-"""Operators manage accounts, API keys and prices here, and read (never edit) the usage
-ledger."""
+"""Operators manage plans, accounts (and their limits), API keys and prices here, and
+read (never edit) the usage ledger, the daily counters and the calls in flight."""
 
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest
+from django.template.loader import render_to_string
 
 from agentsite.admin import ReadOnlyAdmin
 from agentsite.errors import ApplicationError
-from tracing.formatting import format_usd
+from tracing.formatting import format_count, format_usd
 
-from .models import Account, ApiKey, Membership, ModelPrice, UsageRecord
-from .selectors import account_spend, month_start
+from .models import (
+    Account,
+    ApiKey,
+    BudgetReservation,
+    DailySpend,
+    Membership,
+    ModelPrice,
+    Plan,
+    Quotas,
+    UsageRecord,
+)
+from .quotas import account_limits
+from .selectors import DayUsage, accounts_with_spend, daily_usage, usage_summary, utc_day_bounds
 from .services import account_for_user, api_key_create, api_key_revoke, api_key_scopes_clean
+
+CHART_DAYS = 30
+# The chart's drawing box (SVG user units; the picture scales to the page's width).
+_WIDTH, _HEIGHT = 720, 220
+_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 12, 18, 28
+
+
+def spend_chart(*, days: list[DayUsage], limit: Decimal | None) -> dict[str, Any]:
+    """The geometry of a bar chart of `days` (one bar each, scaled so the tallest bar or
+    the daily `limit`, whichever is higher, reaches the top), for spend_chart.html."""
+    plot_width = _WIDTH - _LEFT - _RIGHT
+    plot_height = _HEIGHT - _TOP - _BOTTOM
+    baseline = _TOP + plot_height
+    top = max([day.cost_usd for day in days] + [limit or Decimal(0)])
+
+    def y_of(amount: Decimal) -> float:
+        return baseline - (float(amount / top) * plot_height if top else 0.0)
+
+    slot = plot_width / max(len(days), 1)
+    bars = []
+    for index, day in enumerate(days):
+        height = baseline - y_of(day.cost_usd)
+        if day.cost_usd > 0:
+            height = max(height, 1.0)  # a cent next to dollars still shows
+        title = (
+            f"{day.day:%a %d %b %Y}: {format_usd(day.cost_usd)}, "
+            f"{format_count(day.calls)} call{'s' if day.calls != 1 else ''}, "
+            f"{format_count(day.input_tokens)} in / {format_count(day.output_tokens)} out tokens"
+        )
+        if day.unpriced_calls:
+            title += f"; {format_count(day.unpriced_calls)} unpriced, not in the cost"
+        bars.append(
+            {
+                "slot_x": f"{_LEFT + index * slot:.2f}",
+                "slot_width": f"{slot:.2f}",
+                "x": f"{_LEFT + index * slot + slot * 0.14:.2f}",
+                "y": f"{baseline - height:.2f}",
+                "width": f"{slot * 0.72:.2f}",
+                "height": f"{height:.2f}",
+                "unpriced": day.unpriced_calls > 0,
+                "center_x": f"{_LEFT + (index + 0.5) * slot:.2f}",
+                "title": title,
+            }
+        )
+    # About six date labels, counted back from the last day so that today has one.
+    step = max(math.ceil(len(days) / 6), 1)
+    labels = [
+        {"x": f"{_LEFT + (index + 0.5) * slot:.2f}", "text": f"{day.day:%b} {day.day.day}"}
+        for index, day in enumerate(days)
+        if (len(days) - 1 - index) % step == 0
+    ]
+    ticks = [
+        {"y": f"{y_of(amount):.2f}", "label": format_usd(amount)}
+        for amount in ((top, top / 2) if top else ())
+    ]
+    return {
+        "width": _WIDTH,
+        "height": _HEIGHT,
+        "left": _LEFT,
+        "right": _WIDTH - _RIGHT,
+        "baseline": f"{baseline:.2f}",
+        "label_y": _HEIGHT - 8,
+        "bars": bars,
+        "labels": labels,
+        "ticks": ticks,
+        "limit": None
+        if limit is None
+        else {"y": f"{y_of(limit):.2f}", "label": f"daily limit {format_usd(limit)}"},
+        "total": format_usd(sum((day.cost_usd for day in days), Decimal(0))),
+        "calls": format_count(sum(day.calls for day in days)),
+        "unpriced_calls": sum(day.unpriced_calls for day in days),
+    }
+
+
+def _spent_of_limit(spent: Decimal, reserved: Decimal, limit: Decimal | None) -> str:
+    text = format_usd(spent)
+    if reserved:
+        text += f" + {format_usd(reserved)} in flight"
+    return text if limit is None else f"{text} of {format_usd(limit)}"
+
+
+def _limit_text(value: Decimal | int | None) -> str:
+    if value is None:
+        return "no limit"
+    return format_usd(value) if isinstance(value, Decimal) else format_count(value)
 
 
 class MembershipInline(admin.TabularInline):
@@ -24,21 +126,175 @@ class MembershipInline(admin.TabularInline):
     readonly_fields = ("created_at",)
 
 
+def _limit_column(
+    name: str, description: str, blank: str = "no limit"
+) -> Callable[[Any, Quotas], str]:
+    """A changelist column for the quota field `name`, short enough that all seven fit."""
+
+    @admin.display(description=description, ordering=name)
+    def column(model_admin: Any, quotas: Quotas) -> str:
+        value = getattr(quotas, name)
+        return blank if value is None else _limit_text(value)
+
+    return column
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "default",
+        "per_day",
+        "per_month",
+        "per_run",
+        "tokens",
+        "rpm_account",
+        "rpm_key",
+        "runs",
+        "account_count",
+    )
+    search_fields = ("name",)
+    fieldsets = (
+        (None, {"fields": ("name", "is_default")}),
+        ("Limits — blank means no limit", {"fields": Quotas.QUOTA_FIELDS}),
+    )
+
+    per_day = _limit_column("money_per_day_usd", "$ / day")
+    per_month = _limit_column("money_per_month_usd", "$ / month")
+    per_run = _limit_column("money_per_run_usd", "$ / run")
+    tokens = _limit_column("tokens_per_day", "Tokens / day")
+    rpm_account = _limit_column(
+        "requests_per_minute_per_account",
+        "Req / min (account)",
+        blank=f"site default ({settings.AGENT_RATE_LIMIT_PER_MINUTE or 'none'})",
+    )
+    rpm_key = _limit_column("requests_per_minute_per_key", "Req / min (key)")
+    runs = _limit_column("concurrent_runs", "Runs at once")
+
+    @admin.display(description="Default", boolean=True, ordering="is_default")
+    def default(self, plan: Plan) -> bool:
+        return plan.is_default
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
+        return super().get_queryset(request).annotate(account_total=Count("accounts"))
+
+    @admin.display(description="Accounts", ordering="account_total")
+    def account_count(self, plan: Plan) -> int:
+        return plan.account_total  # type: ignore[attr-defined]
+
+
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin):
-    list_display = ("name", "member_count", "spend_this_month", "created_at")
+    list_display = ("name", "plan", "member_count", "spend_today", "spend_this_month", "created_at")
+    list_filter = ("plan",)
+    list_select_related = ("plan",)
     search_fields = ("name", "memberships__user__username")
     inlines = (MembershipInline,)
-    readonly_fields = ("created_at", "spend_this_month")
+    readonly_fields = ("created_at", "effective_limits", "usage_now", "daily_spend_chart")
+    fieldsets = (
+        (None, {"fields": ("name", "plan", "created_at")}),
+        (
+            "Limits — blank uses the plan's",
+            {
+                "fields": Quotas.QUOTA_FIELDS,
+                "description": "Set a field to override the plan for this account only.",
+            },
+        ),
+        (
+            "Usage (UTC days and months)",
+            {"fields": ("effective_limits", "usage_now", "daily_spend_chart")},
+        ),
+    )
 
-    @admin.display(description="Members")
+    def get_fieldsets(self, request: HttpRequest, obj: Account | None = None) -> Any:
+        if obj is None:  # nothing spent yet: no usage section on the add page
+            return self.fieldsets[:2]
+        return self.fieldsets
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Account]:
+        queryset = super().get_queryset(request).select_related("plan")
+        queryset = queryset.annotate(member_total=Count("memberships", distinct=True))
+        return accounts_with_spend(queryset=queryset)
+
+    @admin.display(description="Members", ordering="member_total")
     def member_count(self, account: Account) -> int:
-        return account.memberships.count()
+        return account.member_total  # type: ignore[attr-defined]
 
-    @admin.display(description="Spend this month")
+    @admin.display(description="Spent today", ordering="spent_today_usd")
+    def spend_today(self, account: Account) -> str:
+        return _spent_of_limit(
+            account.spent_today_usd,  # type: ignore[attr-defined]
+            account.reserved_today_usd,  # type: ignore[attr-defined]
+            account_limits(account=account).money_per_day_usd,
+        )
+
+    @admin.display(description="Spent this month", ordering="spent_month_usd")
     def spend_this_month(self, account: Account) -> str:
-        # Per row on the changelist: fine for an admin page of accounts (paginated).
-        return format_usd(account_spend(account=account, since=month_start()))
+        return _spent_of_limit(
+            account.spent_month_usd,  # type: ignore[attr-defined]
+            account.reserved_month_usd,  # type: ignore[attr-defined]
+            account_limits(account=account).money_per_month_usd,
+        )
+
+    @admin.display(description="Limits in force")
+    def effective_limits(self, account: Account) -> str:
+        limits = account_limits(account=account)
+        rows = []
+        for name in Quotas.QUOTA_FIELDS:
+            value = getattr(limits, name)
+            if getattr(account, name) is not None:
+                source = "this account"
+            elif account.plan is not None and getattr(account.plan, name) is not None:
+                source = f"plan {account.plan}"
+            elif value is not None:
+                source = "site default"
+            else:
+                source = ""
+            rows.append(
+                {
+                    "label": Account._meta.get_field(name).verbose_name,  # type: ignore[union-attr]
+                    "value": _limit_text(value),
+                    "source": source,
+                }
+            )
+        return render_to_string("admin/billing/account/limits.html", {"rows": rows})
+
+    @admin.display(description="Spend and tokens")
+    def usage_now(self, account: Account) -> str:
+        summary = usage_summary(account=account)
+        periods = [("Today", summary.day), ("This month", summary.month)]
+        return render_to_string(
+            "admin/billing/account/usage.html",
+            {
+                "periods": [
+                    {
+                        "label": label,
+                        "spent": format_usd(period.spent_usd),
+                        "reserved": format_usd(period.reserved_usd),
+                        "limit": _limit_text(period.limit_usd),
+                        "remaining": _limit_text(period.remaining_usd),
+                        "resets_at": period.resets_at,
+                    }
+                    for label, period in periods
+                ],
+                "tokens": {
+                    "used": format_count(summary.tokens_today.used),
+                    "reserved": format_count(summary.tokens_today.reserved),
+                    "limit": _limit_text(summary.tokens_today.limit),
+                    "remaining": _limit_text(summary.tokens_today.remaining),
+                    "resets_at": summary.day.resets_at,
+                },
+            },
+        )
+
+    @admin.display(description=f"Daily spend, last {CHART_DAYS} days")
+    def daily_spend_chart(self, account: Account) -> str:
+        until = utc_day_bounds()[0].date()
+        days = daily_usage(
+            account=account, since=until - timedelta(days=CHART_DAYS - 1), until=until
+        )
+        chart = spend_chart(days=days, limit=account_limits(account=account).money_per_day_usd)
+        return render_to_string("admin/billing/account/spend_chart.html", {"chart": chart})
 
 
 @admin.register(ModelPrice)
@@ -97,6 +353,47 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="Cost", ordering="cost_usd")
     def cost(self, record: UsageRecord) -> str:
         return "price unknown" if record.cost_usd is None else format_usd(record.cost_usd)
+
+
+@admin.register(DailySpend)
+class DailySpendAdmin(ReadOnlyAdmin):
+    """The counters limits are checked against; only billing.budget moves them."""
+
+    list_display = (
+        "day",
+        "account",
+        "spent_usd",
+        "reserved_usd",
+        "tokens_spent",
+        "tokens_reserved",
+    )
+    list_filter = ("account", "day")
+    search_fields = ("account__name",)
+    list_select_related = ("account",)
+    date_hierarchy = "day"
+    ordering = ("-day", "account__name")
+
+
+@admin.register(BudgetReservation)
+class BudgetReservationAdmin(ReadOnlyAdmin):
+    """Calls in flight. One that outlives its run by much is a leak to look into (a
+    process that died before releasing it)."""
+
+    list_display = (
+        "created_at",
+        "account",
+        "day",
+        "model",
+        "amount_usd",
+        "tokens",
+        "run_id",
+        "id",
+    )
+    list_filter = ("account", "day", "model")
+    search_fields = ("account__name", "run_id", "id", "model")
+    list_select_related = ("account",)
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
 
 
 class ApiKeyForm(forms.ModelForm):
