@@ -1,8 +1,8 @@
 """Liveness and readiness probes for load balancers and orchestrators."""
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, cast
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -63,6 +63,7 @@ async def _ping_channel_layer() -> None:
 async def _ping_redis() -> None:
     client = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=PROBE_TIMEOUT)
     try:
-        await client.ping()
+        # redis-py types ping() for its sync and async clients at once.
+        await cast(Awaitable[bool], client.ping())
     finally:
         await client.aclose()

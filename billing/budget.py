@@ -23,7 +23,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import DecimalField, F, IntegerField, Q, Sum, Value
+from django.db.models import DecimalField, Expression, F, IntegerField, Q, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -65,7 +65,7 @@ class RunCost:
     cached_tokens: int
 
 
-def _sum(expression: F | Q, *, filter: Q | None = None, tokens: bool = False) -> Coalesce:
+def _sum(expression: Expression | F, *, filter: Q | None = None, tokens: bool = False) -> Coalesce:
     zero = Value(0, IntegerField()) if tokens else Value(Decimal(0), DecimalField())
     return Coalesce(Sum(expression, filter=filter), zero)
 

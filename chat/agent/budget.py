@@ -1,6 +1,7 @@
 """The run's side of billing: reserve each model call's worst case before it is made and
 settle its actual usage after (billing.budget does the accounting)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -34,7 +35,7 @@ class RunBudget:
     model: str
     max_output_tokens: int
 
-    async def reserve(self, *, call_id: UUID, prompt: list[BaseMessage]) -> BudgetReservation:
+    async def reserve(self, *, call_id: UUID, prompt: Sequence[BaseMessage]) -> BudgetReservation:
         """Hold the call's worst case, or raise billing's `BudgetExceeded`."""
         # The tools' schemas are sent with every call and billed as input.
         prompt_tokens = count_tokens_approximately(prompt, tools=list(TOOLS))

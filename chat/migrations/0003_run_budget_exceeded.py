@@ -4,15 +4,26 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chat', '0002_run_cost_usd'),
+        ("chat", "0002_run_cost_usd"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='run',
-            name='status',
-            field=models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('cancelled', 'Cancelled'), ('limit_reached', 'Limit Reached'), ('budget_exceeded', 'Budget Exceeded')], default='queued', max_length=20),
+            model_name="run",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("queued", "Queued"),
+                    ("running", "Running"),
+                    ("completed", "Completed"),
+                    ("failed", "Failed"),
+                    ("cancelled", "Cancelled"),
+                    ("limit_reached", "Limit Reached"),
+                    ("budget_exceeded", "Budget Exceeded"),
+                ],
+                default="queued",
+                max_length=20,
+            ),
         ),
     ]

@@ -1,0 +1,147 @@
+"""A burst of runs from several processes at once against one account's daily budget:
+the scaled-out deployment, where N instances share one database and only its locking
+keeps them from overspending. test_budget_burst.py runs it on SQLite and PostgreSQL.
+
+    python -m billing.tests.budget_burst --database-url URL [--runs 200] [--processes 4]
+
+The parent migrates a fresh database, measures one run of the built-in model (its cost
+and its reserved worst case), sets the budget, and starts the child processes, which
+all start their share of the runs at the same moment. It prints one JSON object.
+Settings come from the environment (DATABASE_URL, AGENT_OFFLINE_TOKEN_DELAY, …) like
+a deployment's; the caller sets them.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+PROMPT = "Hello there"
+
+
+def setup() -> None:
+    os.environ["DJANGO_SETTINGS_MODULE"] = "agentsite.settings"
+    import django
+
+    django.setup()
+
+
+async def start_runs(username: str, count: int) -> list[str]:
+    """Start `count` runs of `username` at once (one conversation each) and wait for them."""
+    from channels.db import database_sync_to_async
+    from django.contrib.auth import get_user_model
+
+    from chat import services
+    from conftest import wait_for_runs
+
+    user = await get_user_model().objects.aget(username=username)
+
+    def start() -> str:
+        conversation = services.conversation_create(owner=user)
+        return str(services.run_create(conversation=conversation, content=PROMPT).id)
+
+    run_ids = await asyncio.gather(*(database_sync_to_async(start)() for _ in range(count)))
+    await wait_for_runs()
+    return list(run_ids)
+
+
+def calibrate() -> tuple[Decimal, Decimal]:
+    """One run on an unlimited account: what a run costs and what its call reserves."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+
+    from billing.models import UsageRecord
+    from billing.services import account_for_user
+
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0  # same tokens, same cost, no waiting
+    user = get_user_model().objects.create_user("calibration")
+    account = account_for_user(user_id=user.pk)
+    account.plan = None
+    account.save()
+    [run_id] = asyncio.run(start_runs("calibration", 1))
+    [record] = UsageRecord.objects.filter(run_id=run_id)
+    assert record.cost_usd is not None and record.reserved_usd is not None
+    return record.cost_usd, record.reserved_usd
+
+
+def parent(args: argparse.Namespace) -> dict[str, Any]:
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db.models import Count, Max, Min, Sum
+
+    from billing.models import BudgetReservation, DailySpend, UsageRecord
+    from billing.services import account_for_user
+    from chat.models import Run
+
+    call_command("migrate", verbosity=0)
+    cost, reserved = calibrate()
+    budget = (reserved * args.budget_in_worst_cases).quantize(Decimal("0.0001"))
+    user = get_user_model().objects.create_user("burst")
+    account = account_for_user(user_id=user.pk)
+    account.plan = None  # no limit but the one under test
+    account.money_per_day_usd = budget
+    account.save()
+
+    start_at = time.time() + 3  # time for the children to import and set up
+    command = [sys.executable, "-m", "billing.tests.budget_burst", "--start-at", str(start_at)]
+    children = [
+        subprocess.Popen([*command, "--child", str(args.runs // args.processes)])
+        for _ in range(args.processes)
+    ]
+    if any(child.wait() for child in children):
+        raise SystemExit("a child process failed")
+
+    runs = Run.objects.filter(conversation__owner=user)
+    statuses = dict(runs.values_list("status").annotate(n=Count("id")))
+    refused = runs.filter(status=Run.Status.BUDGET_EXCEEDED)
+    ledger = UsageRecord.objects.filter(account=account)
+    counters = DailySpend.objects.filter(account=account).aggregate(
+        spent=Sum("spent_usd"), reserved=Sum("reserved_usd")
+    )
+    return {
+        "runs": runs.count(),
+        "statuses": statuses,
+        "budget_usd": str(budget),
+        "run_cost_usd": str(cost),
+        "call_reserved_usd": str(reserved),
+        "ledger_spent_usd": str(ledger.aggregate(total=Sum("cost_usd"))["total"] or 0),
+        "counter_spent_usd": str(counters["spent"] or 0),
+        "counter_reserved_usd": str(counters["reserved"] or 0),
+        "reservations_left": BudgetReservation.objects.filter(account=account).count(),
+        "refused_messages_name_the_daily_budget": not refused.exclude(
+            error_message__contains="daily budget of $"
+        ).exists(),
+        "refused_before_any_call": not refused.exclude(steps=0).exists(),
+        # The count is exact only if every run tried to reserve before any settled.
+        "last_start": str(runs.aggregate(at=Max("started_at"))["at"]),
+        "first_settle": str(ledger.aggregate(at=Min("created_at"))["at"]),
+    }
+
+
+def child(count: int, start_at: float) -> None:
+    time.sleep(max(start_at - time.time(), 0))
+    asyncio.run(start_runs("burst", count))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--budget-in-worst-cases", type=Decimal, default=Decimal("40.5"))
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup()
+    if args.child:
+        child(args.child, args.start_at)
+    else:
+        print(json.dumps(parent(args)))
+
+
+if __name__ == "__main__":
+    main()

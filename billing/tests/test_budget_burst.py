@@ -1,0 +1,96 @@
+"""200 runs from 4 processes at once against a daily budget that covers only some of them,
+on SQLite and on PostgreSQL (budget_burst.py does the work in fresh databases)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from chat.tests.test_checkpointer import POSTGRES, postgres_available
+
+ROOT = Path(__file__).resolve().parents[2]
+CENT_FRACTION = Decimal("0.00000001")  # the ledger's precision
+
+
+def burst(database_url: str, tmp_path: Path) -> dict:
+    env = {
+        **os.environ,
+        "AGENTSITE_READ_DOTENV": "false",
+        "DEBUG": "true",
+        "SECRET_KEY": "burst-test-" + "x" * 40,
+        "LOG_LEVEL": "WARNING",
+        "DATABASE_URL": database_url,
+        "AGENT_CHECKPOINT_SQLITE_PATH": str(tmp_path / "checkpoints.sqlite3"),
+        # Each completed run holds its reservation for seconds, so every run of the
+        # burst tries to reserve while the admitted ones still hold theirs.
+        "AGENT_OFFLINE_TOKEN_DELAY": "0.1",
+    }
+    env.pop("AGENT_REDIS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "billing.tests.budget_burst", "--runs", "200", "--processes", "4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def postgres_database():
+    name = f"agentsite_burst_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def assert_the_budget_held(result: dict) -> None:
+    budget = Decimal(result["budget_usd"])
+    run_cost = Decimal(result["run_cost_usd"])
+    worst_case = Decimal(result["call_reserved_usd"])
+    completed = result["statuses"].get("completed", 0)
+    refused = result["statuses"].get("budget_exceeded", 0)
+    spent = Decimal(result["ledger_spent_usd"]).quantize(CENT_FRACTION)
+
+    assert result["runs"] == completed + refused == 200, result["statuses"]
+    assert run_cost < worst_case  # so refusals come from the held worst cases
+    # Never past the budget, and every cent of it in the ledger and the counters alike.
+    assert spent <= budget
+    assert spent == completed * run_cost
+    assert Decimal(result["counter_spent_usd"]).quantize(CENT_FRACTION) == spent
+    assert Decimal(result["counter_reserved_usd"]).quantize(CENT_FRACTION) == 0
+    assert result["reservations_left"] == 0
+    # No false refusals: even with every admitted run holding its worst case at once,
+    # floor(budget / worst case) fit; and no more than spending one by one would allow.
+    assert completed >= math.floor(budget / worst_case)
+    assert completed <= math.floor((budget - worst_case) / run_cost) + 1
+    if result["last_start"] < result["first_settle"]:
+        # Every run tried to reserve before any settled: the arithmetic is exact.
+        assert completed == math.floor(budget / worst_case)
+    assert result["refused_messages_name_the_daily_budget"]
+    assert result["refused_before_any_call"]
+
+
+def test_a_burst_cannot_overspend_on_sqlite(tmp_path):
+    assert_the_budget_held(burst(f"sqlite:///{tmp_path / 'burst.sqlite3'}", tmp_path))
+
+
+@pytest.mark.skipif(
+    not postgres_available(),
+    reason="PostgreSQL is NOT reachable on 127.0.0.1:5432: the budget burst is untested there",
+)
+def test_a_burst_cannot_overspend_on_postgres(tmp_path, postgres_database):
+    assert_the_budget_held(burst(postgres_database, tmp_path))
