@@ -28,6 +28,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
+from tracing.formatting import format_usd as usd
 from chat.models import Run
 
 from .models import Account, BudgetReservation, DailySpend, UsageRecord
@@ -132,8 +133,8 @@ def _check_run(limits: AccountLimits, *, run_id: UUID, amount: Decimal) -> None:
     spent = UsageRecord.objects.filter(run_id=run_id).aggregate(total=_sum(F("cost_usd")))["total"]
     if spent + amount > limit:
         raise BudgetExceeded(
-            f"This answer stopped at the limit of ${limit} per run: it has cost "
-            f"${spent:.4f} so far and its next step could cost up to ${amount:.4f}."
+            f"This answer stopped at the limit of {usd(limit)} per run: it has cost "
+            f"{usd(spent)} so far and its next step could cost up to {usd(amount)}."
         )
 
 
@@ -161,18 +162,18 @@ def _check_account(
         and totals["today_usd"] + amount > limits.money_per_day_usd
     ):
         raise BudgetExceeded(
-            f"The account's daily budget of ${limits.money_per_day_usd} is used up "
-            f"(${totals['today_usd']:.4f} spent or held today, {in_flight}; the next step could "
-            f"cost up to ${amount:.4f}). It renews at 00:00 UTC."
+            f"The account's daily budget of {usd(limits.money_per_day_usd)} is used up "
+            f"({usd(totals['today_usd'])} spent or held today, {in_flight}; the next step "
+            f"could cost up to {usd(amount)}). It renews at 00:00 UTC."
         )
     if (
         limits.money_per_month_usd is not None
         and totals["month_usd"] + amount > limits.money_per_month_usd
     ):
         raise BudgetExceeded(
-            f"The account's monthly budget of ${limits.money_per_month_usd} is used up "
-            f"(${totals['month_usd']:.4f} spent or held this month, {in_flight}; the next "
-            f"step could cost up to ${amount:.4f}). It renews on the 1st, 00:00 UTC."
+            f"The account's monthly budget of {usd(limits.money_per_month_usd)} is used up "
+            f"({usd(totals['month_usd'])} spent or held this month, {in_flight}; the next "
+            f"step could cost up to {usd(amount)}). It renews on the 1st, 00:00 UTC."
         )
     if (
         limits.tokens_per_day is not None
@@ -316,7 +317,7 @@ def runs_admit(*, account: Account) -> None:
     if active >= limit:
         raise ApplicationError(
             "concurrent_runs_limit",
-            f"This account already has {active} answers in progress, its limit. Wait for "
-            f"one to finish or stop one. {HOW_TO_RAISE}",
+            f"This account may have {limit} answer{'s' if limit != 1 else ''} in progress "
+            f"at once, and has {active}. Wait for one to finish or stop one. {HOW_TO_RAISE}",
             http_status=429,
         )

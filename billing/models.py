@@ -11,13 +11,13 @@ class Quotas(models.Model):
     plan, and "the plan's" on an account. Days and months are UTC."""
 
     money_per_day_usd = models.DecimalField(
-        "money per day ($)", max_digits=12, decimal_places=4, null=True, blank=True
+        "money per day ($)", max_digits=16, decimal_places=8, null=True, blank=True
     )
     money_per_month_usd = models.DecimalField(
-        "money per month ($)", max_digits=12, decimal_places=4, null=True, blank=True
+        "money per month ($)", max_digits=16, decimal_places=8, null=True, blank=True
     )
     money_per_run_usd = models.DecimalField(
-        "money per run ($)", max_digits=12, decimal_places=4, null=True, blank=True
+        "money per run ($)", max_digits=16, decimal_places=8, null=True, blank=True
     )
     tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
     requests_per_minute_per_account = models.PositiveIntegerField(

@@ -1,0 +1,228 @@
+"""Budgets hold: real runs of the built-in model over the WebSocket, against an account's
+limits. Each call reserves its worst case first; a run whose next step would pass a
+limit stops with `budget_exceeded`, and what it spent is in the ledger."""
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db.models import Sum
+from django.utils import timezone
+
+from billing.budget import budget_reserve
+from billing.models import Account, BudgetReservation, DailySpend, UsageRecord
+from billing.services import account_for_user
+from billing.tests.test_services import records_of, run_message
+from chat import services
+from chat.models import Message, Run
+from conftest import open_socket, receive_until, wait_for_runs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CENT_FRACTION = Decimal("0.00000001")
+
+
+def limit_account(user, **limits) -> Account:
+    """The user's account with only `limits` (no plan)."""
+    account = account_for_user(user_id=user.pk)
+    account.plan = None
+    for name, value in limits.items():
+        setattr(account, name, value)
+    account.save()
+    return account
+
+
+def assert_counters_match_ledger(account: Account) -> None:
+    counters = DailySpend.objects.filter(account=account).aggregate(
+        spent=Sum("spent_usd"), reserved=Sum("reserved_usd"), tokens=Sum("tokens_reserved")
+    )
+    ledger = UsageRecord.objects.filter(account=account).aggregate(total=Sum("cost_usd"))
+    assert Decimal(counters["spent"] or 0).quantize(CENT_FRACTION) == (ledger["total"] or 0)
+    assert Decimal(counters["reserved"] or 0).quantize(CENT_FRACTION) == 0
+    assert (counters["tokens"] or 0) == 0
+    assert not BudgetReservation.objects.filter(account=account).exists()
+
+
+async def calibrate(make_user, content: str) -> list[UsageRecord]:
+    """The ledger rows of one unlimited run of `content`: each call's cost and the worst
+    case it reserved (the same message always costs and reserves the same)."""
+    user = await database_sync_to_async(make_user)(f"calibration-{uuid.uuid4().hex[:8]}")
+    await database_sync_to_async(limit_account)(user)
+    run, _ = await run_message(user, content)
+    return await database_sync_to_async(records_of)(run)
+
+
+async def test_a_run_that_cannot_afford_its_first_call_makes_none(make_user, prices):
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=Decimal("0.0001"))
+
+    run, frames = await run_message(user, "Hello there", until="run.budget_exceeded")
+
+    assert run.status == Run.Status.BUDGET_EXCEEDED and run.steps == 0
+    error = frames[-1]["error"]
+    assert error["code"] == run.error_code == "budget_exceeded"
+    assert "daily budget of $0.0001 is used up" in error["message"]
+    assert "raise it in the admin" in error["message"]
+    assert not await UsageRecord.objects.filter(run_id=run.id).aexists()
+    assert frames[-1]["cost_usd"] == "0"
+    await database_sync_to_async(assert_counters_match_ledger)(account)
+
+
+@pytest.mark.parametrize(
+    ("limit", "says"),
+    [
+        ("money_per_day_usd", "daily budget of $"),
+        ("money_per_month_usd", "monthly budget of $"),
+        ("money_per_run_usd", "per run"),
+    ],
+)
+async def test_a_run_stops_where_its_next_step_would_pass_a_limit(make_user, prices, limit, says):
+    first_call, _ = await calibrate(make_user, "What is 17 * 23?")
+    user = await database_sync_to_async(make_user)()
+    # Exactly the first call's worst case: the first call fits, the second (a longer
+    # prompt, after what the first spent) cannot.
+    account = await database_sync_to_async(limit_account)(user, **{limit: first_call.reserved_usd})
+
+    run, frames = await run_message(user, "What is 17 * 23?", until="run.budget_exceeded")
+
+    assert run.status == Run.Status.BUDGET_EXCEEDED and run.steps == 1
+    assert says in run.error_message
+    [record] = await database_sync_to_async(records_of)(run)
+    assert record.cost_usd == first_call.cost_usd == run.cost_usd
+    assert frames[-1]["cost_usd"] == str(first_call.cost_usd)
+    # What it did before the limit is kept: the tool step and its result.
+    tool = await Message.objects.aget(run=run, role=Message.Role.TOOL)
+    assert tool.tool["result"] == "391"
+    await database_sync_to_async(assert_counters_match_ledger)(account)
+
+    # Raised by an operator, the same conversation goes on: its history is valid.
+    account.plan, account.money_per_day_usd = None, None
+    account.money_per_month_usd, account.money_per_run_usd = None, None
+    await account.asave()
+    socket = await open_socket(f"/ws/chat/{run.conversation_id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": "Thanks"})
+    assert (await receive_until(socket, "run.completed"))[-1]["status"] == "completed"
+    await socket.disconnect()
+    await wait_for_runs()
+
+
+async def test_the_tokens_per_day_limit_is_enforced(make_user, prices):
+    user = await database_sync_to_async(make_user)()
+    await database_sync_to_async(limit_account)(user, tokens_per_day=100)
+
+    run, _ = await run_message(user, "Hello there", until="run.budget_exceeded")
+
+    assert "limit of 100 tokens per day is used up" in run.error_message
+
+
+async def test_one_after_another_runs_stop_where_the_arithmetic_says(make_user, prices):
+    [call] = await calibrate(make_user, "Hello there")
+    cost, worst = call.cost_usd, call.reserved_usd
+    assert cost < worst
+    user = await database_sync_to_async(make_user)()
+    # A run is admitted while spent + its worst case fits: 1 + floor((budget - worst) /
+    # cost) runs, here 3; a run refused with money left is a false refusal.
+    budget = worst + cost * Decimal("2.5")
+    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=budget)
+    other = await database_sync_to_async(make_user)("bob")
+    other_account = await database_sync_to_async(limit_account)(other)
+
+    statuses = []
+    for _ in range(5):
+        conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="Hello there"
+        )
+        await wait_for_runs()
+        statuses.append((await Run.objects.aget(conversation=conversation)).status)
+    # Another account is untouched by this one's spending, and spends its own.
+    other_run, _ = await run_message(other, "Hello there")
+
+    assert statuses == ["completed"] * 3 + ["budget_exceeded"] * 2
+    spent = (await account.usage.aaggregate(total=Sum("cost_usd")))["total"]
+    assert spent == 3 * cost <= budget
+    assert other_run.status == Run.Status.COMPLETED
+    assert [r.account_id async for r in UsageRecord.objects.filter(run_id=other_run.id)] == [
+        other_account.id
+    ]
+    for each in (account, other_account):
+        await database_sync_to_async(assert_counters_match_ledger)(each)
+
+
+async def test_a_cancelled_call_is_billed_its_prompt_and_what_it_streamed(
+    make_user, prices, settings
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=Decimal(1))
+
+    run, frames = await run_message(
+        user, "Tell me about yourself", until="run.cancelled", cancel_after_tokens=3
+    )
+
+    [record] = await database_sync_to_async(records_of)(run)
+    # The provider had the prompt and streamed some output: both are billed, no more.
+    assert record.input_tokens == run.input_tokens > 0
+    assert 3 <= record.output_tokens == run.output_tokens
+    assert record.cost_usd == run.cost_usd < record.reserved_usd
+    assert frames[-1]["usage"]["total_tokens"] == run.total_tokens
+    await database_sync_to_async(assert_counters_match_ledger)(account)
+
+
+def test_a_crashed_runs_reservation_is_released_with_it(make_user, prices):
+    user = make_user()
+    account = limit_account(user, money_per_day_usd=Decimal("0.01"))
+    conversation = services.conversation_create(owner=user)
+    crashed = Run.objects.create(
+        conversation=conversation, model="agentsite-offline-demo", status=Run.Status.RUNNING
+    )
+    Run.objects.filter(id=crashed.id).update(created_at=timezone.now() - timedelta(hours=1))
+    budget_reserve(
+        account_id=account.id,
+        user_id=user.id,
+        run_id=crashed.id,
+        call_id=uuid.uuid4(),
+        model="agentsite-offline-demo",
+        prompt_tokens=1000,
+        max_output_tokens=1024,
+    )
+    assert DailySpend.objects.get(account=account).reserved_usd > 0
+
+    # The next message finds the run's process gone: the run closes, its hold goes.
+    services.run_create(conversation=conversation, content="Hello")
+
+    crashed.refresh_from_db()
+    assert crashed.error_code == "run_interrupted"
+    assert_counters_match_ledger(account)
+
+
+async def test_the_concurrent_runs_limit_refuses_one_more(make_user, prices, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    await database_sync_to_async(limit_account)(user, concurrent_runs=1)
+    first, second = [
+        await database_sync_to_async(services.conversation_create)(owner=user) for _ in "ab"
+    ]
+    busy = await open_socket(f"/ws/chat/{first.id}/", user)
+    await busy.receive_json_from()
+    await busy.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    await receive_until(busy, "token")
+    other = await open_socket(f"/ws/chat/{second.id}/", user)
+    await other.receive_json_from()
+
+    await other.send_json_to({"type": "message", "content": "Hello"})
+    refused = await other.receive_json_from()
+
+    assert refused["type"] == "error" and refused["code"] == "concurrent_runs_limit"
+    assert "may have 1 answer in progress at once" in refused["message"]
+    await receive_until(busy, "run.completed")
+    await wait_for_runs()
+    # Once the first is done the socket works again.
+    await other.send_json_to({"type": "message", "content": "Hello"})
+    assert (await receive_until(other, "run.completed"))[-1]["status"] == "completed"
+    for socket in (busy, other):
+        await socket.disconnect()
+    await wait_for_runs()
