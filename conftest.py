@@ -15,6 +15,15 @@ from agentsite.asgi import application
 from chat.agent.executor import get_executor
 
 
+@pytest.fixture(autouse=True)
+def fresh_rate_limits() -> None:
+    """Request counts of one test must not limit the next: the in-memory limiter lives
+    as long as the process, and account ids repeat once tables are emptied."""
+    from billing.ratelimit import limiter_build
+
+    limiter_build("memory://").storage.reset()
+
+
 @pytest.fixture
 def make_user(db: None) -> Callable[..., AbstractBaseUser]:
     def make(username: str = "alice", password: str = "correct-horse-battery") -> Any:

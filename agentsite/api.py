@@ -8,16 +8,16 @@ one page documents every version.
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, ValidationError
-from ninja.security import django_auth
 
 from billing.api import router as billing_router
-from billing.auth import ApiKeyAuth
+from billing.auth import ApiKeyAuth, SessionAuth
 from tracing.api import router as tracing_router
 
 from .errors import ApplicationError
 
-# Every way a caller may authenticate, tried in order; the API-key class joins this list.
-AUTH = [django_auth, ApiKeyAuth()]
+# Every way a caller may authenticate, tried in order. Both count the request against
+# the caller's requests-per-minute limits.
+AUTH = [SessionAuth(), ApiKeyAuth()]
 
 api = NinjaAPI(
     title="Agentsite API",
@@ -31,7 +31,10 @@ api = NinjaAPI(
 
 @api.exception_handler(ApplicationError)
 def application_error(request: HttpRequest, error: ApplicationError) -> HttpResponse:
-    return api.create_response(request, {"error": error.as_dict()}, status=error.http_status)
+    response = api.create_response(request, {"error": error.as_dict()}, status=error.http_status)
+    if "retry_after" in error.extra:  # 429 rate_limited: whole seconds, as RFC 9110 wants
+        response["Retry-After"] = str(error.extra["retry_after"])
+    return response
 
 
 @api.exception_handler(ValidationError)

@@ -1,13 +1,29 @@
-"""API-key authentication for the JSON API (one of the classes in agentsite.api.AUTH)."""
+"""How the JSON API authenticates (the classes in agentsite.api.AUTH). Every request
+they let in counts against the caller's requests-per-minute limits (ratelimit.py)."""
+
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import APIKeyHeader
+from ninja.security import SessionAuth as NinjaSessionAuth
 
 from agentsite.errors import ApplicationError
 
 from .models import ApiKey
+from .ratelimit import rate_limit_hit, rate_limit_hit_for_user
 from .services import api_key_verify
+
+
+class SessionAuth(NinjaSessionAuth):
+    """ninja's `django_auth` (a signed-in browser session, CSRF-checked), counted
+    against the user's account."""
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> Any:
+        user = super().authenticate(request, key)
+        if user is not None:
+            rate_limit_hit_for_user(user_id=user.pk)
+        return user
 
 
 class ApiKeyAuth(APIKeyHeader):
@@ -25,6 +41,8 @@ class ApiKeyAuth(APIKeyHeader):
         if not key:
             return None
         api_key = api_key_verify(raw_key=key)
+        # After verifying: a bad key must not spend anyone's allowance.
+        rate_limit_hit(account=api_key.account, api_key=api_key)
         request.user = api_key.created_by
         return api_key
 

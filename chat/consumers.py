@@ -15,6 +15,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from agentsite.errors import ApplicationError
 from agentsite.metrics import OPEN_WEBSOCKETS
+from billing.ratelimit import rate_limit_hit_for_user
 
 from . import selectors, services
 from .events import Event, conversation_group, event_log
@@ -77,6 +78,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _handle(self, frame: ClientFrame) -> None:
         if frame.type == "message":
+            # Starting a run counts like an API request; cancel and resume never do, so
+            # a user over the limit can still stop a run and watch it.
+            await database_sync_to_async(rate_limit_hit_for_user)(user_id=self.scope["user"].pk)
             await database_sync_to_async(services.run_create)(
                 conversation=self.conversation, content=frame.content
             )
