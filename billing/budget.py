@@ -28,8 +28,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
-from tracing.formatting import format_usd as usd
 from chat.models import Run
+from tracing.formatting import format_usd as usd
 
 from .models import Account, BudgetReservation, DailySpend, UsageRecord
 from .pricing import cost_of, price_for_model
