@@ -4,16 +4,20 @@ These are plain sync tests on purpose: Playwright's sync API refuses to run insi
 running asyncio loop, and pytest-asyncio (auto mode) only starts one for async tests.
 """
 
+import dataclasses
 import itertools
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.conftest import LiveServer, new_context
+from tests.conftest import ROOT, LiveServer, _server_env, new_context
 
 pytestmark = pytest.mark.browser
 
@@ -315,3 +319,100 @@ def test_a_dropped_connection_resumes_the_answer_without_gaps_or_repeats(chat: P
 
     chat.reload()
     expect(chat.locator("#messages .bubble.assistant")).to_have_text(live)
+
+
+def set_daily_budget(server: LiveServer, username: str, money_per_day_usd: Decimal) -> None:
+    """Give `username` (created if new) an account whose only limit is this daily budget,
+    in the server's own database, as an operator would in the admin."""
+    script = (
+        "from decimal import Decimal\n"
+        "from django.contrib.auth import get_user_model\n"
+        "from billing.services import account_for_user\n"
+        f"user, new = get_user_model().objects.get_or_create(username={username!r})\n"
+        f"if new: user.set_password({server.password!r}); user.save()\n"
+        "account = account_for_user(user_id=user.pk)\n"
+        "account.plan = None\n"  # no default plan: this budget is the only limit
+        f"account.money_per_day_usd = Decimal({str(money_per_day_usd)!r})\n"
+        "account.save(update_fields=['plan', 'money_per_day_usd'])\n"
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", script],
+        cwd=ROOT,
+        env=_server_env(server.log.parent),  # the server's workdir holds its log
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def budgeted_chat(
+    new_page: Callable[..., Page], server: LiveServer, username: str, money_per_day_usd: Decimal
+) -> tuple[Page, list[str]]:
+    """A new user's first chat, under a daily budget of its own (the shared test user's
+    account is left alone), and the list its JavaScript errors go to."""
+    set_daily_budget(server, username, money_per_day_usd)
+    page = new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    log_in(page, dataclasses.replace(server, username=username))
+    expect(page.locator("#empty")).to_be_visible()
+    return page, errors
+
+
+def money_left_today(text: str) -> Decimal:
+    found = re.match(r"Budget left today: \$([\d.,]+) of ", text)
+    assert found, text
+    return Decimal(found[1].replace(",", ""))
+
+
+def test_the_budget_left_goes_down_as_the_user_chats(
+    new_page: Callable[..., Page], agentsite_server: LiveServer
+) -> None:
+    chat, errors = budgeted_chat(new_page, agentsite_server, "budget-spender", Decimal("1"))
+    budget = chat.locator("#budget")
+    expect(budget).to_have_text("Budget left today: $1.0000 of $1.00 · resets 00:00 UTC")
+    before = budget.inner_text()
+
+    ask(chat, "What is 17 * 23?")
+
+    expect(last_footer(chat)).to_have_class(re.compile(r"\bcompleted\b"))
+    # Updated by the run's final event, without a reload.
+    expect(budget).not_to_have_text(before)
+    after = budget.inner_text()
+    assert 0 < money_left_today(after) < money_left_today(before), (before, after)
+    expect(budget).not_to_have_class(re.compile(r"\bexhausted\b"))
+
+    # The live line reads exactly as the page draws it.
+    chat.reload()
+    expect(budget).to_have_text(after)
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_a_message_over_the_daily_budget_is_refused_with_a_warning(
+    new_page: Callable[..., Page], agentsite_server: LiveServer
+) -> None:
+    username = "budget-exhausted"
+    chat, errors = budgeted_chat(new_page, agentsite_server, username, Decimal("1"))
+    budget = chat.locator("#budget")
+    expect(budget).not_to_have_class(re.compile(r"\bexhausted\b"))
+    # An operator lowers the budget below one call while the page is open.
+    set_daily_budget(agentsite_server, username, Decimal("0.00001"))
+
+    ask(chat, "What is 17 * 23?")
+
+    footer = last_footer(chat)
+    expect(footer).to_have_class(re.compile(r"\bbudget_exceeded\b"))
+    expect(footer.locator(".run-status")).to_have_text("Budget reached")
+    expect(footer.locator(".run-error")).to_contain_text("daily budget of $0.00001")
+    expect(footer.locator(".run-error")).to_contain_text("raise it")
+    expect(chat.locator("#messages .bubble.assistant")).to_have_count(0)
+    expect(chat.locator("#send")).to_be_enabled()
+    # The final event turned the budget line into a warning, without a reload.
+    expect(budget).to_have_class(re.compile(r"\bexhausted\b"))
+    expect(budget).to_have_text("Budget left today: $0.00001 of $0.00001 · resets 00:00 UTC")
+
+    chat.reload()
+    expect(budget).to_have_class(re.compile(r"\bexhausted\b"))
+    expect(last_footer(chat).locator(".run-status")).to_have_text("Budget reached")
+    expect(last_footer(chat).locator(".run-error")).to_contain_text("daily budget of $0.00001")
+    assert errors == [], f"JavaScript errors on the page: {errors}"

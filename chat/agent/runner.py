@@ -19,6 +19,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from agentsite import metrics
 from agentsite.logging import run_id_var
 from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
+from billing.display import budget_display_for_user
 from billing.services import account_for_user
 from chat import services
 from chat.events import RunEventStream
@@ -290,6 +291,8 @@ async def _finish(
         final["cost_display"] = format_usd(cost.total_usd)
     if outcome.error_code:
         final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+    # After the ledger: what is left now, for the page's budget line. None: unknown.
+    final["budget"] = await _budget_after(run_id, user_id)
     await stream.emit(FINAL_EVENTS[outcome.status], **final)
     return cost
 
@@ -311,6 +314,23 @@ async def _close_usage(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
     outcome.output_tokens = cost.output_tokens
     outcome.cached_tokens = cost.cached_tokens
     return cost
+
+
+async def _budget_after(run_id: UUID, user_id: int | None) -> dict[str, Any] | None:
+    """The account's budget line once the run is in the ledger. A failure here is logged
+    and loses the line, never the final event."""
+    if user_id is None:
+        return None
+    try:
+        shown = await database_sync_to_async(budget_display_for_user)(
+            user_id=user_id, model=model_info().name, max_output_tokens=settings.AGENT_MAX_TOKENS
+        )
+    except Exception:
+        logger.exception("run %s: could not work out the budget left", run_id)
+        return None
+    if shown is None:  # the account has no limits
+        return {"display": None, "exhausted": False}
+    return {"display": shown.text, "exhausted": shown.exhausted}
 
 
 def _usd(amount: Decimal | None) -> str | None:

@@ -1,10 +1,21 @@
+import importlib
+import re
+from decimal import Decimal
+
 import pytest
+from django.apps import apps
 from django.urls import reverse
 
+from billing.budget import utc_today
+from billing.models import Account, DailySpend
+from billing.services import account_for_user
 from chat import services
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Run
 
 pytestmark = pytest.mark.django_db
+
+# The seed migration's own function (see billing/tests/conftest.py's `prices`).
+_seed_prices = importlib.import_module("billing.migrations.0002_seed_model_prices")
 
 
 def test_pages_need_a_login(client):
@@ -75,3 +86,111 @@ def test_admin_lists_conversations_runs_and_messages(admin_client, make_user):
         assert admin_client.get(reverse(f"admin:chat_{name}_changelist")).status_code == 200
     page = admin_client.get(reverse("admin:chat_conversation_change", args=[conversation.id]))
     assert b"hello admin" in page.content
+
+
+def _budget_line(html: str) -> re.Match[str]:
+    found = re.search(r'<p class="budget( exhausted)?" id="budget"( hidden)?>([^<]*)</p>', html)
+    assert found, "the page has no budget line"
+    return found
+
+
+def _account_with_limits(user, **limits) -> Account:
+    """The user's account with only these limits: no plan (the default one is seeded by
+    a migration, and not every test database still has it)."""
+    account = account_for_user(user_id=user.pk)
+    account.plan = None
+    for name, value in limits.items():
+        setattr(account, name, value)
+    account.save()
+    return account
+
+
+def _page(client, user) -> str:
+    client.force_login(user)
+    conversation = services.conversation_create(owner=user)
+    return client.get(reverse("chat:conversation", args=[conversation.id])).content.decode()
+
+
+def test_the_page_shows_the_budget_left(client, make_user):
+    user = make_user()
+    account = _account_with_limits(
+        user, money_per_day_usd=Decimal("5"), money_per_month_usd=Decimal("50")
+    )
+    DailySpend.objects.create(account=account, day=utc_today(), spent_usd=Decimal("0.0188"))
+
+    line = _budget_line(_page(client, user))
+
+    assert line[3] == (
+        "Budget left today: $4.9812 of $5.00 · this month: $49.9812 of $50.00 · resets 00:00 UTC"
+    )
+    assert line[1] is None and line[2] is None  # shown, and not as a warning
+
+
+def test_the_budget_line_names_only_the_limits_that_exist(client, make_user):
+    user = make_user()
+    _account_with_limits(user, money_per_month_usd=Decimal("20"), tokens_per_day=100_000)
+
+    line = _budget_line(_page(client, user))
+
+    assert line[3] == (
+        "Budget left today: 100,000 of 100,000 tokens · this month: $20.0000 of $20.00 "
+        "· resets 00:00 UTC"
+    )
+
+
+def test_an_account_without_limits_shows_no_budget(client, make_user):
+    user = make_user()
+    _account_with_limits(user)
+
+    line = _budget_line(_page(client, user))
+
+    assert line[2] == " hidden" and line[3] == ""
+    assert "Budget left" not in _page(client, user)
+
+
+def test_a_budget_too_small_for_another_answer_is_a_warning(client, make_user):
+    _seed_prices.seed(apps, None)
+    user = make_user()
+    # Less than one call's maximum output costs the offline model (priced like gpt-4.1-mini).
+    _account_with_limits(user, money_per_day_usd=Decimal("0.001"))
+
+    line = _budget_line(_page(client, user))
+
+    assert line[1] == " exhausted"
+    assert line[3] == "Budget left today: $0.001 of $0.001 · resets 00:00 UTC"
+
+
+def test_a_spent_month_says_when_it_comes_back(client, make_user):
+    _seed_prices.seed(apps, None)
+    user = make_user()
+    account = _account_with_limits(
+        user, money_per_day_usd=Decimal("5"), money_per_month_usd=Decimal("10")
+    )
+    DailySpend.objects.create(account=account, day=utc_today(), spent_usd=Decimal("10"))
+
+    line = _budget_line(_page(client, user))
+
+    assert line[1] == " exhausted"
+    assert line[3] == (
+        "Budget left today: $0 of $5.00 · this month: $0 of $10.00 · resets on the 1st, 00:00 UTC"
+    )
+
+
+def test_a_run_stopped_by_the_budget_says_so_in_the_history(client, make_user):
+    user = make_user()
+    conversation = services.conversation_create(owner=user)
+    run = Run.objects.create(
+        conversation=conversation,
+        model="agentsite-offline-demo",
+        status=Run.Status.BUDGET_EXCEEDED,
+        error_code="budget_exceeded",
+        error_message="The account's daily budget of $0.00001 is used up.",
+    )
+    Message.objects.create(conversation=conversation, run=run, role="user", content="Hi")
+    client.force_login(user)
+
+    html = client.get(reverse("chat:conversation", args=[conversation.id])).content.decode()
+
+    footer = html[html.index('<div class="run-footer budget_exceeded"') :]
+    assert '<span class="run-status">Budget reached</span>' in footer
+    assert "The account&#x27;s daily budget of $0.00001 is used up." in footer

@@ -13,6 +13,7 @@
   const sendButton = document.getElementById("send");
   const stopButton = document.getElementById("stop");
   const notice = document.getElementById("notice");
+  const budgetLine = document.getElementById("budget");
 
   const lastSeq = {};          // run id -> highest seq drawn
   const turns = {};            // run id -> {el, segment, segments, steps}
@@ -152,7 +153,12 @@
     summary.appendChild(el("span", "step-preview", "→ " + event.result));
   }
 
-  const STATUS_LABELS = { cancelled: "Stopped", failed: "Failed", limit_reached: "Limit reached" };
+  const STATUS_LABELS = {
+    cancelled: "Stopped",
+    failed: "Failed",
+    limit_reached: "Limit reached",
+    budget_exceeded: "Budget reached",
+  };
 
   function drawRunEnd(turn, event) {
     stopThinking(turn);
@@ -214,7 +220,18 @@
     return footer;
   }
 
-  const FINAL = ["run.completed", "run.failed", "run.cancelled", "run.limit_reached"];
+  const FINAL = [
+    "run.completed", "run.failed", "run.cancelled", "run.limit_reached", "run.budget_exceeded",
+  ];
+
+  // What is left of the account's limits, as the server worded it after this answer.
+  // No "budget" field: the server could not work it out, so the old text stays.
+  function showBudget(budget) {
+    if (!budget || !budgetLine) return;
+    budgetLine.textContent = budget.display || "";
+    budgetLine.hidden = !budget.display;
+    budgetLine.classList.toggle("exhausted", Boolean(budget.exhausted));
+  }
 
   function onRunEvent(event) {
     if (event.seq <= (lastSeq[event.run] || 0)) return; // already drawn (replayed twice)
@@ -239,6 +256,7 @@
       drawToolFinished(turn, event);
     } else if (FINAL.indexOf(event.type) !== -1) {
       drawRunEnd(turn, event);
+      showBudget(event.budget);
       if (activeRun === event.run) activeRun = null;
       setBusy(Boolean(activeRun));
     }
