@@ -32,6 +32,19 @@ def make_user(db: None) -> Callable[..., AbstractBaseUser]:
     return make
 
 
+def account_with_limits(user: AbstractBaseUser, **limits: Any) -> Any:
+    """The user's account with only these limits: no plan (the default one is seeded by a
+    migration, and transactional tests empty that table)."""
+    from billing.services import account_for_user
+
+    account = account_for_user(user_id=user.pk)
+    account.plan = None
+    for name, value in limits.items():
+        setattr(account, name, value)
+    account.save()
+    return account
+
+
 def session_cookie(user: AbstractBaseUser) -> str:
     client = Client()
     client.force_login(user)

@@ -13,25 +13,14 @@ from django.utils import timezone
 
 from billing.budget import budget_reserve
 from billing.models import Account, BudgetReservation, DailySpend, UsageRecord
-from billing.services import account_for_user
 from billing.tests.test_services import records_of, run_message
 from chat import services
 from chat.models import Message, Run
-from conftest import open_socket, receive_until, wait_for_runs
+from conftest import account_with_limits, open_socket, receive_until, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CENT_FRACTION = Decimal("0.00000001")
-
-
-def limit_account(user, **limits) -> Account:
-    """The user's account with only `limits` (no plan)."""
-    account = account_for_user(user_id=user.pk)
-    account.plan = None
-    for name, value in limits.items():
-        setattr(account, name, value)
-    account.save()
-    return account
 
 
 def assert_counters_match_ledger(account: Account) -> None:
@@ -49,14 +38,16 @@ async def calibrate(make_user, content: str) -> list[UsageRecord]:
     """The ledger rows of one unlimited run of `content`: each call's cost and the worst
     case it reserved (the same message always costs and reserves the same)."""
     user = await database_sync_to_async(make_user)(f"calibration-{uuid.uuid4().hex[:8]}")
-    await database_sync_to_async(limit_account)(user)
+    await database_sync_to_async(account_with_limits)(user)
     run, _ = await run_message(user, content)
     return await database_sync_to_async(records_of)(run)
 
 
 async def test_a_run_that_cannot_afford_its_first_call_makes_none(make_user, prices):
     user = await database_sync_to_async(make_user)()
-    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=Decimal("0.0001"))
+    account = await database_sync_to_async(account_with_limits)(
+        user, money_per_day_usd=Decimal("0.0001")
+    )
 
     run, frames = await run_message(user, "Hello there", until="run.budget_exceeded")
 
@@ -83,7 +74,9 @@ async def test_a_run_stops_where_its_next_step_would_pass_a_limit(make_user, pri
     user = await database_sync_to_async(make_user)()
     # Exactly the first call's worst case: the first call fits, the second (a longer
     # prompt, after what the first spent) cannot.
-    account = await database_sync_to_async(limit_account)(user, **{limit: first_call.reserved_usd})
+    account = await database_sync_to_async(account_with_limits)(
+        user, **{limit: first_call.reserved_usd}
+    )
 
     run, frames = await run_message(user, "What is 17 * 23?", until="run.budget_exceeded")
 
@@ -111,7 +104,7 @@ async def test_a_run_stops_where_its_next_step_would_pass_a_limit(make_user, pri
 
 async def test_the_tokens_per_day_limit_is_enforced(make_user, prices):
     user = await database_sync_to_async(make_user)()
-    await database_sync_to_async(limit_account)(user, tokens_per_day=100)
+    await database_sync_to_async(account_with_limits)(user, tokens_per_day=100)
 
     run, _ = await run_message(user, "Hello there", until="run.budget_exceeded")
 
@@ -126,9 +119,9 @@ async def test_one_after_another_runs_stop_where_the_arithmetic_says(make_user, 
     # A run is admitted while spent + its worst case fits: 1 + floor((budget - worst) /
     # cost) runs, here 3; a run refused with money left is a false refusal.
     budget = worst + cost * Decimal("2.5")
-    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=budget)
+    account = await database_sync_to_async(account_with_limits)(user, money_per_day_usd=budget)
     other = await database_sync_to_async(make_user)("bob")
-    other_account = await database_sync_to_async(limit_account)(other)
+    other_account = await database_sync_to_async(account_with_limits)(other)
 
     statuses = []
     for _ in range(5):
@@ -157,7 +150,7 @@ async def test_a_cancelled_call_is_billed_its_prompt_and_what_it_streamed(
 ):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
-    account = await database_sync_to_async(limit_account)(user, money_per_day_usd=Decimal(1))
+    account = await database_sync_to_async(account_with_limits)(user, money_per_day_usd=Decimal(1))
 
     run, frames = await run_message(
         user, "Tell me about yourself", until="run.cancelled", cancel_after_tokens=3
@@ -174,7 +167,7 @@ async def test_a_cancelled_call_is_billed_its_prompt_and_what_it_streamed(
 
 def test_a_crashed_runs_reservation_is_released_with_it(make_user, prices):
     user = make_user()
-    account = limit_account(user, money_per_day_usd=Decimal("0.01"))
+    account = account_with_limits(user, money_per_day_usd=Decimal("0.01"))
     conversation = services.conversation_create(owner=user)
     crashed = Run.objects.create(
         conversation=conversation, model="agentsite-offline-demo", status=Run.Status.RUNNING
@@ -202,7 +195,7 @@ def test_a_crashed_runs_reservation_is_released_with_it(make_user, prices):
 async def test_the_concurrent_runs_limit_refuses_one_more(make_user, prices, settings):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
-    await database_sync_to_async(limit_account)(user, concurrent_runs=1)
+    await database_sync_to_async(account_with_limits)(user, concurrent_runs=1)
     first, second = [
         await database_sync_to_async(services.conversation_create)(owner=user) for _ in "ab"
     ]

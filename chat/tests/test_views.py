@@ -7,10 +7,10 @@ from django.apps import apps
 from django.urls import reverse
 
 from billing.budget import utc_today
-from billing.models import Account, DailySpend
-from billing.services import account_for_user
+from billing.models import DailySpend
 from chat import services
 from chat.models import Conversation, Message, Run
+from conftest import account_with_limits
 
 pytestmark = pytest.mark.django_db
 
@@ -94,17 +94,6 @@ def _budget_line(html: str) -> re.Match[str]:
     return found
 
 
-def _account_with_limits(user, **limits) -> Account:
-    """The user's account with only these limits: no plan (the default one is seeded by
-    a migration, and not every test database still has it)."""
-    account = account_for_user(user_id=user.pk)
-    account.plan = None
-    for name, value in limits.items():
-        setattr(account, name, value)
-    account.save()
-    return account
-
-
 def _page(client, user) -> str:
     client.force_login(user)
     conversation = services.conversation_create(owner=user)
@@ -113,7 +102,7 @@ def _page(client, user) -> str:
 
 def test_the_page_shows_the_budget_left(client, make_user):
     user = make_user()
-    account = _account_with_limits(
+    account = account_with_limits(
         user, money_per_day_usd=Decimal("5"), money_per_month_usd=Decimal("50")
     )
     DailySpend.objects.create(account=account, day=utc_today(), spent_usd=Decimal("0.0188"))
@@ -128,7 +117,7 @@ def test_the_page_shows_the_budget_left(client, make_user):
 
 def test_the_budget_line_names_only_the_limits_that_exist(client, make_user):
     user = make_user()
-    _account_with_limits(user, money_per_month_usd=Decimal("20"), tokens_per_day=100_000)
+    account_with_limits(user, money_per_month_usd=Decimal("20"), tokens_per_day=100_000)
 
     line = _budget_line(_page(client, user))
 
@@ -140,7 +129,7 @@ def test_the_budget_line_names_only_the_limits_that_exist(client, make_user):
 
 def test_an_account_without_limits_shows_no_budget(client, make_user):
     user = make_user()
-    _account_with_limits(user)
+    account_with_limits(user)
 
     line = _budget_line(_page(client, user))
 
@@ -152,7 +141,7 @@ def test_a_budget_too_small_for_another_answer_is_a_warning(client, make_user):
     _seed_prices.seed(apps, None)
     user = make_user()
     # Less than one call's maximum output costs the offline model (priced like gpt-4.1-mini).
-    _account_with_limits(user, money_per_day_usd=Decimal("0.001"))
+    account_with_limits(user, money_per_day_usd=Decimal("0.001"))
 
     line = _budget_line(_page(client, user))
 
@@ -163,7 +152,7 @@ def test_a_budget_too_small_for_another_answer_is_a_warning(client, make_user):
 def test_a_spent_month_says_when_it_comes_back(client, make_user):
     _seed_prices.seed(apps, None)
     user = make_user()
-    account = _account_with_limits(
+    account = account_with_limits(
         user, money_per_day_usd=Decimal("5"), money_per_month_usd=Decimal("10")
     )
     DailySpend.objects.create(account=account, day=utc_today(), spent_usd=Decimal("10"))
