@@ -22,7 +22,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import DecimalField, Expression, F, IntegerField, Q, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -31,9 +31,10 @@ from agentsite.errors import ApplicationError
 from chat.models import Run
 from tracing.formatting import format_usd as usd
 
+from . import budget_sql as sql
 from .models import Account, BudgetReservation, DailySpend, UsageRecord
 from .pricing import cost_of, price_for_model
-from .quotas import AccountLimits, account_limits
+from .quotas import account_limits
 
 logger = logging.getLogger(__name__)
 
@@ -89,31 +90,21 @@ def budget_reserve(
     """Hold the worst case of one LLM call, or raise `BudgetExceeded` naming the limit
     it would pass. An unpriced model reserves its tokens but no money: its cost is
     unknown, and it is flagged in the ledger when settled."""
-    price = price_for_model(model=model)
-    amount = (
-        cost_of(price=price, input_tokens=prompt_tokens, output_tokens=max_output_tokens)
-        if price is not None
-        else Decimal(0)
-    )
-    tokens = prompt_tokens + max_output_tokens
     day = utc_today(now)
-    with transaction.atomic():
-        account = (
-            Account.objects.select_for_update(of=("self",))
-            .select_related("plan")
-            .get(pk=account_id)
+    tokens = prompt_tokens + max_output_tokens
+    with transaction.atomic(), connection.cursor() as cursor:
+        state = sql.account_state_lock(
+            cursor, account_id=account_id, run_id=run_id, day=day, model=model
         )
-        limits = account_limits(account=account)
-        _check_run(limits, run_id=run_id, amount=amount)
-        _check_account(limits, account_id=account_id, day=day, amount=amount, tokens=tokens)
-        held = DailySpend.objects.filter(account_id=account_id, day=day).update(
-            reserved_usd=F("reserved_usd") + amount, tokens_reserved=F("tokens_reserved") + tokens
+        price = state.price or price_for_model(model=model)
+        amount = (
+            cost_of(price=price, input_tokens=prompt_tokens, output_tokens=max_output_tokens)
+            if price is not None
+            else Decimal(0)
         )
-        if not held:  # the day's first call; the row lock above makes this insert safe
-            DailySpend.objects.create(
-                account_id=account_id, day=day, reserved_usd=amount, tokens_reserved=tokens
-            )
-        return BudgetReservation.objects.create(
+        _check(state, amount=amount, tokens=tokens)
+        sql.daily_hold(cursor, account_id=account_id, day=day, amount=amount, tokens=tokens)
+        reservation = BudgetReservation(
             id=call_id,
             account_id=account_id,
             user_id=user_id,
@@ -124,64 +115,37 @@ def budget_reserve(
             prompt_tokens=prompt_tokens,
             tokens=tokens,
         )
+        sql.insert(cursor, reservation)
+    return reservation
 
 
-def _check_run(limits: AccountLimits, *, run_id: UUID, amount: Decimal) -> None:
-    limit = limits.money_per_run_usd
-    if limit is None:
-        return
-    spent = UsageRecord.objects.filter(run_id=run_id).aggregate(total=_sum(F("cost_usd")))["total"]
-    if spent + amount > limit:
-        raise BudgetExceeded(
-            f"This answer stopped at the limit of {usd(limit)} per run: it has cost "
-            f"{usd(spent)} so far and its next step could cost up to {usd(amount)}."
-        )
-
-
-def _check_account(
-    limits: AccountLimits, *, account_id: int, day: date, amount: Decimal, tokens: int
-) -> None:
-    if (
-        limits.money_per_day_usd is None
-        and limits.money_per_month_usd is None
-        and limits.tokens_per_day is None
-    ):
-        return
-    today = Q(day=day)
-    totals = DailySpend.objects.filter(
-        account_id=account_id, day__gte=day.replace(day=1)
-    ).aggregate(
-        # Aliases must not shadow the `day` field the filters name.
-        month_usd=_sum(F("spent_usd") + F("reserved_usd")),
-        today_usd=_sum(F("spent_usd") + F("reserved_usd"), filter=today),
-        today_tokens=_sum(F("tokens_spent") + F("tokens_reserved"), filter=today, tokens=True),
-    )
+def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
     in_flight = "including answers still in progress"
-    if (
-        limits.money_per_day_usd is not None
-        and totals["today_usd"] + amount > limits.money_per_day_usd
-    ):
+    if state.money_per_run_usd is not None and state.run_usd + amount > state.money_per_run_usd:
         raise BudgetExceeded(
-            f"The account's daily budget of {usd(limits.money_per_day_usd)} is used up "
-            f"({usd(totals['today_usd'])} spent or held today, {in_flight}; the next step "
+            f"This answer stopped at the limit of {usd(state.money_per_run_usd)} per run: it "
+            f"has cost {usd(state.run_usd)} so far and its next step could cost up to "
+            f"{usd(amount)}."
+        )
+    if state.money_per_day_usd is not None and state.today_usd + amount > state.money_per_day_usd:
+        raise BudgetExceeded(
+            f"The account's daily budget of {usd(state.money_per_day_usd)} is used up "
+            f"({usd(state.today_usd)} spent or held today, {in_flight}; the next step "
             f"could cost up to {usd(amount)}). It renews at 00:00 UTC."
         )
     if (
-        limits.money_per_month_usd is not None
-        and totals["month_usd"] + amount > limits.money_per_month_usd
+        state.money_per_month_usd is not None
+        and state.month_usd + amount > state.money_per_month_usd
     ):
         raise BudgetExceeded(
-            f"The account's monthly budget of {usd(limits.money_per_month_usd)} is used up "
-            f"({usd(totals['month_usd'])} spent or held this month, {in_flight}; the next "
+            f"The account's monthly budget of {usd(state.money_per_month_usd)} is used up "
+            f"({usd(state.month_usd)} spent or held this month, {in_flight}; the next "
             f"step could cost up to {usd(amount)}). It renews on the 1st, 00:00 UTC."
         )
-    if (
-        limits.tokens_per_day is not None
-        and totals["today_tokens"] + tokens > limits.tokens_per_day
-    ):
+    if state.tokens_per_day is not None and state.today_tokens + tokens > state.tokens_per_day:
         raise BudgetExceeded(
-            f"The account's limit of {limits.tokens_per_day:,} tokens per day is used up "
-            f"({totals['today_tokens']:,} used or held today, {in_flight}; the next step could "
+            f"The account's limit of {state.tokens_per_day:,} tokens per day is used up "
+            f"({state.today_tokens:,} used or held today, {in_flight}; the next step could "
             f"use up to {tokens:,}). It renews at 00:00 UTC."
         )
 
@@ -190,17 +154,44 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     """Record the call in the ledger at its actual cost and free its reservation, in one
     transaction. False if it was already settled or released (nothing is counted twice).
     An unpriced call is recorded with its tokens, flagged, never free."""
-    price = price_for_model(model=reservation.model)
-    cost = (
-        cost_of(
-            price=price,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens,
+    with transaction.atomic(), connection.cursor() as cursor:
+        if not sql.reservation_delete(cursor, reservation_id=reservation.id):
+            return False
+        price = sql.price_exact(cursor, model=reservation.model) or price_for_model(
+            model=reservation.model
         )
-        if price is not None
-        else None
-    )
+        cost = (
+            cost_of(
+                price=price,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+            )
+            if price is not None
+            else None
+        )
+        sql.insert(
+            cursor,
+            UsageRecord(
+                account_id=reservation.account_id,
+                user_id=reservation.user_id,
+                run_id=reservation.run_id,
+                span_id=reservation.id,
+                model=reservation.model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost_usd=cost,
+                price_missing=price is None,
+                reserved_usd=reservation.amount_usd,
+            ),
+        )
+        sql.daily_settle(
+            cursor,
+            reservation=reservation,
+            cost=cost or Decimal(0),
+            tokens=usage.input_tokens + usage.output_tokens,
+        )
     if price is None:
         logger.warning(
             "run %s: no price for model %r; its usage is recorded unpriced "
@@ -216,26 +207,6 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
             reservation.id,
             cost,
             reservation.amount_usd,
-        )
-    with transaction.atomic():
-        if not _reservation_delete(reservation):
-            return False
-        UsageRecord.objects.create(
-            account_id=reservation.account_id,
-            user_id=reservation.user_id,
-            run_id=reservation.run_id,
-            span_id=reservation.id,
-            model=reservation.model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens,
-            cost_usd=cost,
-            price_missing=price is None,
-            reserved_usd=reservation.amount_usd,
-        )
-        DailySpend.objects.filter(account_id=reservation.account_id, day=reservation.day).update(
-            spent_usd=F("spent_usd") + (cost or 0),
-            tokens_spent=F("tokens_spent") + usage.input_tokens + usage.output_tokens,
         )
     return True
 

@@ -13,10 +13,12 @@ _WILDCARDS = frozenset("*?[]")
 def price_for_model(*, model: str) -> ModelPrice | None:
     """The active price for `model`: an exact match, else the most specific matching
     glob (most literal characters; ties broken by the pattern, for a stable answer)."""
+    # Asked before every LLM call: the exact name alone first, one row, no table scan
+    # into model instances.
+    exact = ModelPrice.objects.filter(active=True, model=model).first()
+    if exact is not None:
+        return exact
     prices = list(ModelPrice.objects.filter(active=True))
-    for price in prices:
-        if price.model == model:
-            return price
     matching = [
         p for p in prices if _WILDCARDS.intersection(p.model) and fnmatchcase(model, p.model)
     ]

@@ -69,6 +69,63 @@ def calibrate() -> tuple[Decimal, Decimal]:
     return record.cost_usd, record.reserved_usd
 
 
+def race(threads: int = 8, attempts: int = 6, fits: int = 10) -> int:
+    """`threads` threads reserve at once, straight through the service, against a daily
+    budget of exactly `fits` worst cases; returns how many reservations were admitted."""
+    import threading
+    import uuid
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from billing.budget import BudgetExceeded, budget_release_runs, budget_reserve
+    from billing.services import account_for_user
+
+    user = get_user_model().objects.create_user("race")
+    account = account_for_user(user_id=user.pk)
+    account.plan = None
+    account.save()
+    run_id = uuid.uuid4()
+
+    def reserve() -> None:
+        budget_reserve(
+            account_id=account.pk,
+            user_id=user.pk,
+            run_id=run_id,
+            call_id=uuid.uuid4(),
+            model="gpt-4.1-mini",
+            prompt_tokens=1000,
+            max_output_tokens=1000,
+        )
+
+    reserve()
+    worst_case = account.reservations.get().amount_usd
+    budget_release_runs(run_ids=[run_id])
+    account.money_per_day_usd = worst_case * fits
+    account.save()
+    admitted: list[int] = []
+    start = threading.Barrier(threads)
+
+    def attempt() -> None:
+        start.wait()
+        try:
+            for _ in range(attempts):
+                try:
+                    reserve()
+                    admitted.append(1)
+                except BudgetExceeded:
+                    pass
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=attempt) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return len(admitted)
+
+
 def parent(args: argparse.Namespace) -> dict[str, Any]:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
@@ -117,6 +174,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             error_message__contains="daily budget of $"
         ).exists(),
         "refused_before_any_call": not refused.exclude(steps=0).exists(),
+        # 8 threads x 6 reservations against a budget of exactly 10 worst cases.
+        "race_admitted": race(),
         # The count is exact only if every run tried to reserve before any settled.
         "last_start": str(runs.aggregate(at=Max("started_at"))["at"]),
         "first_settle": str(ledger.aggregate(at=Min("created_at"))["at"]),

@@ -1,5 +1,6 @@
 """200 runs from 4 processes at once against a daily budget that covers only some of them,
-on SQLite and on PostgreSQL (budget_burst.py does the work in fresh databases)."""
+and 48 reservations from 8 threads against a budget of exactly 10, on SQLite and on
+PostgreSQL (budget_burst.py does the work in fresh databases)."""
 
 import json
 import math
@@ -80,6 +81,8 @@ def assert_the_budget_held(result: dict) -> None:
     if result["last_start"] < result["first_settle"]:
         # Every run tried to reserve before any settled: the arithmetic is exact.
         assert completed == math.floor(budget / worst_case)
+    # Straight through the service, from threads at once: exactly what fits, no more.
+    assert result["race_admitted"] == 10
     assert result["refused_messages_name_the_daily_budget"]
     assert result["refused_before_any_call"]
 
