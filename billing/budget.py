@@ -6,16 +6,18 @@ model's price) is reserved, atomically, against the account's daily, monthly, to
 per-run limits; when the call ends it is settled: its ledger row is written and its
 actual cost moves from "reserved" to "spent" in the same transaction. A call cut short
 (cancel, failure, deadline) is settled when its run finishes, with the usage the run
-saw; one whose process died is released with its run.
+saw. Holds left by runs that are over (a process that died, a finish that failed) are
+released before the account's next run is admitted.
 
-Atomicity: reservations of one account serialize on its row lock (SELECT … FOR UPDATE
-on PostgreSQL; SQLite transactions are IMMEDIATE, one writer at a time), so each check
-sees every earlier reservation. Settling needs no lock: it only moves money from
-reserved to spent, in one UPDATE.
+Atomicity: reservations and run admissions of one account serialize on its row lock
+(taken in its own statement on PostgreSQL; SQLite transactions are IMMEDIATE, one
+writer at a time), so each check sees every hold before it. Settling needs no lock: it
+moves money from reserved to spent in one UPDATE. The guarantee is as good as the
+prompt estimate: a provider that counts more tokens than the estimate is billed what it
+counted (the ledger is the truth), and a warning names the call.
 """
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -23,7 +25,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DecimalField, Expression, F, IntegerField, Q, Sum, Value
+from django.db.models import Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -32,7 +34,7 @@ from chat.models import Run
 from tracing.formatting import format_usd as usd
 
 from . import budget_sql as sql
-from .models import Account, BudgetReservation, DailySpend, UsageRecord
+from .models import Account, BudgetReservation, UsageRecord
 from .pricing import cost_of, price_for_model
 from .quotas import account_limits
 
@@ -44,8 +46,8 @@ HOW_TO_RAISE = "An operator can raise it in the admin (Billing → Accounts or P
 class BudgetExceeded(ApplicationError):
     """The next LLM call could cost more than what a limit leaves."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__("budget_exceeded", f"{message} {HOW_TO_RAISE}", http_status=402)
+    def __init__(self, message: str, remedy: str = HOW_TO_RAISE) -> None:
+        super().__init__("budget_exceeded", f"{message} {remedy}", http_status=402)
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,12 @@ class RunCost:
     cached_tokens: int
 
 
-def _sum(expression: Expression | F, *, filter: Q | None = None, tokens: bool = False) -> Coalesce:
-    zero = Value(0, IntegerField()) if tokens else Value(Decimal(0), DecimalField())
-    return Coalesce(Sum(expression, filter=filter), zero)
+def _sum(field: str) -> Coalesce:
+    return Coalesce(Sum(field), Value(0))
 
 
-def utc_today(now: datetime | None = None) -> date:
-    return (now or timezone.now()).astimezone(UTC).date()
+def utc_today() -> date:
+    return timezone.now().astimezone(UTC).date()
 
 
 def budget_reserve(
@@ -85,18 +86,23 @@ def budget_reserve(
     model: str,
     prompt_tokens: int,
     max_output_tokens: int,
-    now: datetime | None = None,
 ) -> BudgetReservation:
     """Hold the worst case of one LLM call, or raise `BudgetExceeded` naming the limit
     it would pass. An unpriced model reserves its tokens but no money: its cost is
     unknown, and it is flagged in the ledger when settled."""
-    day = utc_today(now)
+    day = utc_today()
     tokens = prompt_tokens + max_output_tokens
     with transaction.atomic(), connection.cursor() as cursor:
         state = sql.account_state_lock(
             cursor, account_id=account_id, run_id=run_id, day=day, model=model
         )
         price = state.price or price_for_model(model=model)
+        if price is None and _has_money_limit(state):
+            raise BudgetExceeded(
+                f"The model {model!r} has no price, so its calls cannot be held against "
+                "the account's money limits.",
+                remedy="An operator can add its price in the admin (Billing → Model prices).",
+            )
         amount = (
             cost_of(price=price, input_tokens=prompt_tokens, output_tokens=max_output_tokens)
             if price is not None
@@ -117,6 +123,11 @@ def budget_reserve(
         )
         sql.insert(cursor, reservation)
     return reservation
+
+
+def _has_money_limit(state: sql.AccountState) -> bool:
+    limits = (state.money_per_day_usd, state.money_per_month_usd, state.money_per_run_usd)
+    return any(limit is not None for limit in limits)
 
 
 def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
@@ -152,10 +163,13 @@ def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
 
 def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     """Record the call in the ledger at its actual cost and free its reservation, in one
-    transaction. False if it was already settled or released (nothing is counted twice).
-    An unpriced call is recorded with its tokens, flagged, never free."""
+    transaction. A call whose hold was already released (its run was given up for dead
+    while it still ran) is recorded all the same: what was spent is never lost. False if
+    it was recorded before (nothing is counted twice). An unpriced call is recorded with
+    its tokens, flagged, never free."""
     with transaction.atomic(), connection.cursor() as cursor:
-        if not sql.reservation_delete(cursor, reservation_id=reservation.id):
+        held = sql.reservation_delete(cursor, reservation_id=reservation.id)
+        if not held and UsageRecord.objects.filter(span_id=reservation.id).exists():
             return False
         price = sql.price_exact(cursor, model=reservation.model) or price_for_model(
             model=reservation.model
@@ -189,6 +203,7 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
         sql.daily_settle(
             cursor,
             reservation=reservation,
+            held=held,
             cost=cost or Decimal(0),
             tokens=usage.input_tokens + usage.output_tokens,
         )
@@ -211,25 +226,25 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     return True
 
 
-def _reservation_delete(reservation: BudgetReservation) -> bool:
-    """Remove the hold from the counters; False if it is already gone."""
-    deleted, _ = BudgetReservation.objects.filter(id=reservation.id).delete()
-    if deleted:
-        DailySpend.objects.filter(account_id=reservation.account_id, day=reservation.day).update(
-            reserved_usd=F("reserved_usd") - reservation.amount_usd,
-            tokens_reserved=F("tokens_reserved") - reservation.tokens,
-        )
-    return bool(deleted)
-
-
-def budget_release_runs(*, run_ids: Sequence[UUID]) -> int:
-    """Free what runs whose process died still hold. Their calls' usage was never
-    reported, so nothing is recorded; returns how many holds were freed."""
+def budget_release_stale(*, account_id: int) -> int:
+    """Free the account's holds whose run is over or was given up for dead (past its
+    wall-clock limit): a process that died mid-call, or a finish that failed to settle.
+    Their calls' usage was never reported, so nothing is recorded. Returns how many
+    holds were freed."""
+    alive = Run.objects.filter(status__in=Run.ACTIVE_STATUSES, created_at__gte=_alive_since())
+    stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
+        run_id__in=alive.values("id")
+    )
     released = 0
-    with transaction.atomic():
-        for reservation in BudgetReservation.objects.filter(run_id__in=run_ids):
-            released += _reservation_delete(reservation)
+    with transaction.atomic(), connection.cursor() as cursor:
+        for reservation in stale:
+            released += sql.reservation_release(cursor, reservation=reservation)
     return released
+
+
+def _alive_since() -> datetime:
+    # A run "active" past its wall-clock limit lost its process (chat.services expires it).
+    return timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
 
 
 def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
@@ -240,9 +255,7 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
     prompt, so it is billed the estimated prompt and the output the run saw; if it
     streamed nothing it is released. So the ledger never bills less than was shown."""
     recorded = UsageRecord.objects.filter(run_id=run_id).aggregate(
-        input=_sum(F("input_tokens"), tokens=True),
-        output=_sum(F("output_tokens"), tokens=True),
-        cached=_sum(F("cached_tokens"), tokens=True),
+        input=_sum("input_tokens"), output=_sum("output_tokens"), cached=_sum("cached_tokens")
     )
     unbilled_output = max(seen.output_tokens - recorded["output"], 0)
     held = BudgetReservation.objects.filter(run_id=run_id).order_by("-created_at")
@@ -255,8 +268,8 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
             )
             budget_settle(reservation=reservation, usage=usage)
         else:
-            with transaction.atomic():
-                _reservation_delete(reservation)
+            with transaction.atomic(), connection.cursor() as cursor:
+                sql.reservation_release(cursor, reservation=reservation)
     rows = list(UsageRecord.objects.filter(run_id=run_id))
     costs = [row.cost_usd for row in rows]
     total = None if None in costs else sum((c for c in costs if c is not None), Decimal(0))
@@ -270,19 +283,24 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
     )
 
 
+def account_lock(*, account_id: int) -> None:
+    """Lock the account for the rest of the transaction, as a reservation does: take it
+    before anything else that writes the account's counters, so lock order is the same
+    everywhere (no deadlocks)."""
+    with connection.cursor() as cursor:
+        sql.account_lock(cursor, account_id=account_id)
+
+
 def runs_admit(*, account: Account) -> None:
     """Refuse a new run when the account already has as many under way as its limit
-    allows. Call inside the transaction that creates the run: the account's row lock
-    makes two simultaneous starts count each other."""
+    allows. Call after `account_lock`, in the transaction that creates the run, so two
+    simultaneous starts count each other."""
     limit = account_limits(account=account).concurrent_runs
     if limit is None:
         return
-    list(Account.objects.select_for_update().filter(pk=account.pk).values_list("pk"))
-    # A run "active" past its wall-clock limit lost its process; it does not count.
-    alive_since = timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
     active = Run.objects.filter(
         status__in=Run.ACTIVE_STATUSES,
-        created_at__gte=alive_since,
+        created_at__gte=_alive_since(),
         conversation__owner__membership__account=account,
     ).count()
     if active >= limit:

@@ -84,6 +84,12 @@ WHERE a.id = %(account)s
 """
 
 
+def account_lock(cursor: CursorWrapper, *, account_id: int) -> None:
+    """Serialize this transaction with every other that spends from the account."""
+    if connection.vendor == "postgresql":
+        cursor.execute(f"SELECT id FROM {ACCOUNT} WHERE id = %s FOR NO KEY UPDATE", [account_id])
+
+
 def account_state_lock(
     cursor: CursorWrapper, *, account_id: int, run_id: UUID, day: date, model: str
 ) -> AccountState:
@@ -94,8 +100,7 @@ def account_state_lock(
     waited for. The lock is NO KEY UPDATE: settling inserts ledger rows that reference
     the account (a KEY SHARE lock) and must not wait for reservations. SQLite's
     IMMEDIATE transaction already holds the only write lock."""
-    if connection.vendor == "postgresql":
-        cursor.execute(f"SELECT id FROM {ACCOUNT} WHERE id = %s FOR NO KEY UPDATE", [account_id])
+    account_lock(cursor, account_id=account_id)
     cursor.execute(
         _STATE,
         {
@@ -166,10 +171,13 @@ def daily_settle(
     cursor: CursorWrapper,
     *,
     reservation: BudgetReservation,
+    held: bool,
     cost: Decimal,
     tokens: int,
 ) -> None:
-    """Move a reservation out of the day's counters and its actual use in."""
+    """Add a call's actual use to the day's counters and, if its reservation was still
+    `held`, take that out."""
+    released = reservation.amount_usd if held else Decimal(0)
     cursor.execute(
         f"""
         UPDATE {DAILY} SET
@@ -178,8 +186,8 @@ def daily_settle(
         WHERE account_id = %s AND day = %s
         """,
         [
-            _prep(DailySpend, "reserved_usd", reservation.amount_usd),
-            reservation.tokens,
+            _prep(DailySpend, "reserved_usd", released),
+            reservation.tokens if held else 0,
             _prep(DailySpend, "spent_usd", cost),
             tokens,
             reservation.account_id,
@@ -194,6 +202,14 @@ def reservation_delete(cursor: CursorWrapper, *, reservation_id: UUID) -> bool:
         [_prep(BudgetReservation, "id", reservation_id)],
     )
     return cursor.rowcount > 0
+
+
+def reservation_release(cursor: CursorWrapper, *, reservation: BudgetReservation) -> bool:
+    """Drop a reservation and its hold on the counters; False if it was already gone."""
+    if not reservation_delete(cursor, reservation_id=reservation.id):
+        return False
+    daily_settle(cursor, reservation=reservation, held=True, cost=Decimal(0), tokens=0)
+    return True
 
 
 def price_exact(cursor: CursorWrapper, *, model: str) -> ModelPrice | None:

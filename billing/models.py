@@ -199,7 +199,8 @@ class UsageRecord(models.Model):
         related_name="usage",
     )
     run_id = models.UUIDField(db_index=True)
-    # Null when the call has no span (tracing disabled): the run's totals, one row.
+    # The call's id, which is its LLM span's id (no span matches with tracing off).
+    # Null only on rows from before calls were recorded one by one.
     span_id = models.UUIDField(null=True, blank=True)
     model = models.CharField(max_length=200)
     input_tokens = models.PositiveIntegerField(default=0)

@@ -13,6 +13,7 @@ small at per-minute limits.
 """
 
 import functools
+import logging
 import math
 import time
 
@@ -29,6 +30,8 @@ from .services import account_for_user
 
 # Redis keys are "agentsite:ratelimit:rpm/<account|key>/<id>/<N>/1/minute". N is part
 # of the key, so a changed limit starts counting afresh.
+logger = logging.getLogger(__name__)
+
 KEY_PREFIX = "agentsite:ratelimit"
 NAMESPACE = "rpm"
 
@@ -80,7 +83,13 @@ def rate_limit_hit_for_user(*, user_id: int) -> None:
 def _hit(
     limiter: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...], whose: str
 ) -> None:
-    if limiter.hit(item, *identifiers):
+    try:
+        if limiter.hit(item, *identifiers):
+            return
+    except Exception:
+        # Fail open: the money is guarded by the budget in the database; a Redis outage
+        # must not also take the API and the chat down. Logged, so it is seen.
+        logger.exception("rate limiter unavailable; request let through uncounted")
         return
     # The window is full: the next request fits once its oldest entry is 60 s old.
     reset_at = limiter.get_window_stats(item, *identifiers).reset_time

@@ -122,7 +122,7 @@ def api_key_verify(*, raw_key: str) -> ApiKey:
     if not _API_KEY_RE.fullmatch(raw_key):
         raise invalid
     api_key = (
-        ApiKey.objects.select_related("created_by", "account__plan")
+        ApiKey.objects.select_related("created_by__membership", "account__plan")
         .filter(prefix=raw_key[:_API_KEY_PREFIX_LEN])
         .first()
     )
@@ -139,6 +139,15 @@ def api_key_verify(*, raw_key: str) -> ApiKey:
         )
     if not api_key.created_by.is_active:
         raise invalid
+    # A key acts as its user within its account; a user moved to another account must
+    # not carry the old account's keys into it (nor spend the new one's budget).
+    membership = getattr(api_key.created_by, "membership", None)
+    if membership is None or membership.account_id != api_key.account_id:
+        raise ApplicationError(
+            "invalid_api_key",
+            "The API key's user no longer belongs to the key's account.",
+            http_status=401,
+        )
     if api_key.last_used_at is None or now - api_key.last_used_at >= API_KEY_LAST_USED_EVERY:
         api_key.last_used_at = now
         # update(), not save(): concurrent requests must not rewrite other fields (a

@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
-from billing.budget import budget_release_runs, runs_admit
+from billing.budget import account_lock, budget_release_stale, runs_admit
 from billing.services import account_for_user
 from tracing.services import trace_close_interrupted
 
@@ -80,9 +80,12 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
     text = _clean_message(content)
     account = account_for_user(user_id=conversation.owner_id)
     with transaction.atomic():
-        # Lock the conversation so two tabs cannot start two runs at once.
+        # The account first, as every writer of its budget does (no deadlocks); then the
+        # conversation, so two tabs cannot start two runs at once.
+        account_lock(account_id=account.pk)
         conversation = Conversation.objects.select_for_update().get(id=conversation.id)
         _expire_interrupted_runs(conversation)
+        budget_release_stale(account_id=account.pk)
         if conversation.runs.filter(status__in=Run.ACTIVE_STATUSES).exists():
             raise ApplicationError(
                 "run_active",
@@ -117,7 +120,6 @@ def _expire_interrupted_runs(conversation: Conversation) -> None:
         error_message=message,
     )
     trace_close_interrupted(run_ids=run_ids, error_type="run_interrupted", error_message=message)
-    budget_release_runs(run_ids=run_ids)
 
 
 def run_start(*, run_id: UUID) -> Run | None:
@@ -192,7 +194,6 @@ def _cancel_or_close(run_id: UUID) -> None:
     # The executor stops a run it is executing; a run nobody executes (its process
     # died) is closed here so it does not stay "running" forever.
     if not get_executor().cancel(run_id):
-        budget_release_runs(run_ids=[run_id])
         run_finish(
             run_id=run_id,
             outcome=RunOutcome(

@@ -2,7 +2,7 @@
 the scaled-out deployment, where N instances share one database and only its locking
 keeps them from overspending. test_budget_burst.py runs it on SQLite and PostgreSQL.
 
-    python -m billing.tests.budget_burst --database-url URL [--runs 200] [--processes 4]
+    DATABASE_URL=… python -m billing.tests.budget_burst [--runs 200] [--processes 4]
 
 The parent migrates a fresh database, measures one run of the built-in model (its cost
 and its reserved worst case), sets the budget, and starts the child processes, which
@@ -78,7 +78,7 @@ def race(threads: int = 8, attempts: int = 6, fits: int = 10) -> int:
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from billing.budget import BudgetExceeded, budget_release_runs, budget_reserve
+    from billing.budget import BudgetExceeded, budget_release_stale, budget_reserve
     from billing.services import account_for_user
 
     user = get_user_model().objects.create_user("race")
@@ -100,7 +100,7 @@ def race(threads: int = 8, attempts: int = 6, fits: int = 10) -> int:
 
     reserve()
     worst_case = account.reservations.get().amount_usd
-    budget_release_runs(run_ids=[run_id])
+    budget_release_stale(account_id=account.pk)  # no such run: a stale hold
     account.money_per_day_usd = worst_case * fits
     account.save()
     admitted: list[int] = []
@@ -177,8 +177,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         # 8 threads x 6 reservations against a budget of exactly 10 worst cases.
         "race_admitted": race(),
         # The count is exact only if every run tried to reserve before any settled.
-        "last_start": str(runs.aggregate(at=Max("started_at"))["at"]),
-        "first_settle": str(ledger.aggregate(at=Min("created_at"))["at"]),
+        "last_start": runs.aggregate(at=Max("started_at"))["at"].timestamp(),
+        "first_settle": ledger.aggregate(at=Min("created_at"))["at"].timestamp(),
     }
 
 

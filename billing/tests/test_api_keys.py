@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
-from billing.models import ApiKey
+from billing.models import Account, ApiKey, Membership
 from billing.services import (
     account_for_user,
     api_key_create,
@@ -260,3 +260,18 @@ def test_the_admin_shows_a_new_key_once_and_revokes_keys(make_user):
     api_key.refresh_from_db()
     assert api_key.revoked_at is not None
     assert get_trace(run, raw_key).json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_key_stops_working_when_its_user_moves_to_another_account(make_user):
+    user = make_user()
+    run = make_run_with_trace(user)
+    _, raw_key = make_key(user)
+    other = Account.objects.create(name="elsewhere")
+
+    Membership.objects.filter(user=user).update(account=other)
+
+    response = get_trace(run, raw_key)
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == (
+        "The API key's user no longer belongs to the key's account."
+    )

@@ -11,7 +11,13 @@ from channels.db import database_sync_to_async
 from django.db.models import Sum
 from django.utils import timezone
 
-from billing.budget import budget_reserve
+from billing.budget import (
+    BudgetExceeded,
+    Usage,
+    budget_release_stale,
+    budget_reserve,
+    budget_settle,
+)
 from billing.models import Account, BudgetReservation, DailySpend, UsageRecord
 from billing.tests.test_services import records_of, run_message
 from chat import services
@@ -219,3 +225,61 @@ async def test_the_concurrent_runs_limit_refuses_one_more(make_user, prices, set
     for socket in (busy, other):
         await socket.disconnect()
     await wait_for_runs()
+
+
+def reserve_for(user, account, run_id, model="agentsite-offline-demo"):
+    return budget_reserve(
+        account_id=account.id,
+        user_id=user.id,
+        run_id=run_id,
+        call_id=uuid.uuid4(),
+        model=model,
+        prompt_tokens=1000,
+        max_output_tokens=1024,
+    )
+
+
+def test_a_call_finishing_after_its_hold_was_released_is_still_recorded(make_user, prices):
+    user = make_user()
+    account = account_with_limits(user, money_per_day_usd=Decimal(1))
+    reservation = reserve_for(user, account, uuid.uuid4())
+    # Its run was given up for dead while the call still ran.
+    assert budget_release_stale(account_id=account.id) == 1
+
+    assert budget_settle(reservation=reservation, usage=Usage(1000, 50))
+    assert not budget_settle(reservation=reservation, usage=Usage(1000, 50))  # once only
+
+    [record] = UsageRecord.objects.filter(account=account)
+    assert (record.input_tokens, record.output_tokens) == (1000, 50) and record.cost_usd > 0
+    assert_counters_match_ledger(account)
+
+
+def test_holds_of_runs_that_are_over_are_freed_before_the_next_run(make_user, prices):
+    user = make_user()
+    account = account_with_limits(user, money_per_day_usd=Decimal(1))
+    conversation = services.conversation_create(owner=user)
+    # A run that finished without settling its hold (its finish failed to record).
+    finished = Run.objects.create(
+        conversation=conversation, model="agentsite-offline-demo", status=Run.Status.COMPLETED
+    )
+    reserve_for(user, account, finished.id)
+    other = services.conversation_create(owner=user)
+
+    services.run_create(conversation=other, content="Hello")
+
+    assert_counters_match_ledger(account)
+
+
+def test_an_unpriced_model_cannot_spend_under_a_money_limit(make_user, prices):
+    user = make_user()
+    account = account_with_limits(user, money_per_day_usd=Decimal(1))
+
+    with pytest.raises(BudgetExceeded) as refused:
+        reserve_for(user, account, uuid.uuid4(), model="no-such-model")
+
+    assert "'no-such-model' has no price" in refused.value.message
+    assert "add its price in the admin" in refused.value.message
+    # Without money limits it is recorded unpriced instead (test_services).
+    account.money_per_day_usd = None
+    account.save()
+    reserve_for(user, account, uuid.uuid4(), model="no-such-model")

@@ -237,3 +237,15 @@ async def test_chat_messages_count_but_cancel_and_resume_never_do(make_user):
     replayed = await receive_until(socket, "run.completed")
     assert replayed == first_run
     await socket.disconnect()
+
+
+@pytest.mark.django_db
+def test_requests_go_through_uncounted_when_redis_is_down(make_user, settings, caplog):
+    # Nothing listens on port 1: every limiter call fails to connect.
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    account = account_of(make_user(), requests_per_minute_per_account=1)
+
+    for _ in range(3):
+        rate_limit_hit(account=account)
+
+    assert "rate limiter unavailable" in caplog.text

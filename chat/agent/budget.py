@@ -14,6 +14,8 @@ from billing.models import BudgetReservation
 
 from .tools import TOOLS
 
+PROMPT_CHARS_PER_TOKEN = 3.0
+
 
 def usage_of(message: AIMessage) -> Usage:
     """What the provider reported for a reply; nothing if it reported nothing."""
@@ -37,8 +39,13 @@ class RunBudget:
 
     async def reserve(self, *, call_id: UUID, prompt: Sequence[BaseMessage]) -> BudgetReservation:
         """Hold the call's worst case, or raise billing's `BudgetExceeded`."""
-        # The tools' schemas are sent with every call and billed as input.
-        prompt_tokens = count_tokens_approximately(prompt, tools=list(TOOLS))
+        # The tools' schemas are sent with every call and billed as input. Three
+        # characters a token, not the usual four: real tokenizers count code, numbers and
+        # most languages other than English denser, and a low estimate lets a call
+        # cost more than it held.
+        prompt_tokens = count_tokens_approximately(
+            prompt, tools=list(TOOLS), chars_per_token=PROMPT_CHARS_PER_TOKEN
+        )
         return await database_sync_to_async(budget_reserve)(
             account_id=self.account_id,
             user_id=self.user_id,

@@ -29,7 +29,7 @@ from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
 from tracing.formatting import format_usd
 
-from .budget import RunBudget
+from .budget import RunBudget, usage_of
 from .checkpointer import checkpointer
 from .context import Context
 from .errors import provider_error_from
@@ -241,18 +241,18 @@ async def _on_node_update(
 async def _on_model_message(
     message: AIMessage, stream: RunEventStream, outcome: RunOutcome
 ) -> None:
-    usage = message.usage_metadata
-    if usage:
+    if message.usage_metadata:
+        usage = usage_of(message)
         outcome.add_usage(
-            input_tokens=usage["input_tokens"],
-            output_tokens=usage["output_tokens"],
-            cached_tokens=(usage.get("input_token_details") or {}).get("cache_read") or 0,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
         )
         await stream.emit(
             "usage",
-            input_tokens=usage["input_tokens"],
-            output_tokens=usage["output_tokens"],
-            total_tokens=usage["total_tokens"],
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.input_tokens + usage.output_tokens,
         )
     for call in message.tool_calls:
         outcome.add_tool_call(tool_call_id=call["id"] or "", name=call["name"], args=call["args"])
