@@ -19,7 +19,7 @@ counted (the ledger is the truth), and a warning names the call.
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
@@ -37,6 +37,7 @@ from . import budget_sql as sql
 from .models import Account, BudgetReservation, UsageRecord
 from .pricing import cost_of, price_for_model
 from .quotas import account_limits
+from .selectors import utc_today
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,6 @@ class RunCost:
 
 def _sum(field: str) -> Coalesce:
     return Coalesce(Sum(field), Value(0))
-
-
-def utc_today() -> date:
-    return timezone.now().astimezone(UTC).date()
 
 
 def budget_reserve(

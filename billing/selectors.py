@@ -58,6 +58,11 @@ class DayUsage:
     unpriced_calls: int
 
 
+def utc_today() -> date:
+    """The UTC date: the day budgets are counted on."""
+    return _utc(None).date()
+
+
 def utc_day_bounds(*, now: datetime | None = None) -> tuple[datetime, datetime]:
     """The start of the UTC day `now` is in and the start of the next."""
     start = datetime.combine(_utc(now).date(), time.min, tzinfo=UTC)

@@ -8,7 +8,6 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
-from django.utils import timezone
 
 from billing.admin import spend_chart
 from billing.models import (
@@ -20,12 +19,8 @@ from billing.models import (
     Plan,
     UsageRecord,
 )
-from billing.selectors import DayUsage
+from billing.selectors import DayUsage, utc_today
 from billing.services import account_for_user
-
-
-def utc_today() -> date:
-    return timezone.now().astimezone(UTC).date()
 
 
 def ledger(account, *, day, cost, model="agentsite-offline-demo", **tokens):

@@ -7,7 +7,7 @@ from django.test import Client
 from django.utils import timezone
 
 from billing.models import DailySpend, Plan, UsageRecord
-from billing.selectors import daily_usage, usage_summary
+from billing.selectors import daily_usage, usage_summary, utc_today
 from billing.services import account_for_user, api_key_create
 
 pytestmark = pytest.mark.django_db
@@ -49,10 +49,6 @@ def ledger(account, at, cost, *, input_tokens=100, output_tokens=20, model="m"):
 
 def noon(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-
-
-def utc_today() -> date:
-    return timezone.now().astimezone(UTC).date()
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 from django.apps import apps
 from django.urls import reverse
 
-from billing.budget import utc_today
 from billing.models import DailySpend
+from billing.selectors import utc_today
 from chat import services
 from chat.models import Conversation, Message, Run
 from conftest import account_with_limits
