@@ -1,7 +1,7 @@
 import pytest
 from django.test import AsyncClient
 
-from chat.tests.test_events import REDIS_URL, redis_available
+from tests.servers import REDIS_URL, redis_available
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

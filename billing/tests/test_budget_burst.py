@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from chat.tests.test_checkpointer import POSTGRES, postgres_available
+from tests.servers import POSTGRES, postgres_available
 
 ROOT = Path(__file__).resolve().parents[2]
 CENT_FRACTION = Decimal("0.00000001")  # the ledger's precision

@@ -5,7 +5,6 @@ import threading
 import uuid
 
 import pytest
-import redis
 from channels.db import database_sync_to_async
 from django.test import Client
 
@@ -14,16 +13,9 @@ from billing.ratelimit import RateLimitExceeded, limiter_build, rate_limit_hit
 from billing.services import account_for_user, api_key_create
 from chat import services as chat_services
 from conftest import open_socket, receive_until
+from tests.servers import REDIS_URL, redis_available
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 HEADER = "X-API-Key"
-
-
-def redis_available() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
-    except redis.RedisError:
-        return False
 
 
 STORAGES = [

@@ -4,7 +4,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
@@ -12,17 +11,7 @@ from chat.agent.checkpointer import open_saver
 from chat.agent.context import Context
 from chat.agent.graph import build_graph
 from chat.tests.test_graph import ScriptedModel
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def postgres_available() -> bool:
-    try:
-        psycopg.connect(POSTGRES, connect_timeout=2).close()
-    except psycopg.OperationalError:
-        return False
-    return True
-
+from tests.servers import POSTGRES, postgres_available
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),

@@ -6,16 +6,7 @@ import pytest
 import redis
 
 from chat.events import MemoryEventLog, RedisEventLog
-
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-def redis_available() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
-    except redis.RedisError:
-        return False
-
+from tests.servers import REDIS_URL, redis_available
 
 LOGS = [
     pytest.param(lambda: MemoryEventLog(ttl=60), id="memory"),

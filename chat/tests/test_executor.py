@@ -11,8 +11,8 @@ from channels.layers import get_channel_layer
 from chat import services
 from chat.agent.executor import InProcessExecutor
 from chat.models import Run
-from chat.tests.test_events import REDIS_URL, redis_available
 from conftest import open_socket, receive_until
+from tests.servers import REDIS_URL, redis_available
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
