@@ -33,6 +33,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.sent_seq: dict[str, int] = {}
+        # The run under way at connect: followed only once the client resumes it.
+        self.awaiting_resume: set[str] = set()
         user = self.scope["user"]
         # Accept first: a close before accept becomes a bare HTTP 403 and the client
         # would never learn the reason code.
@@ -54,6 +56,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         active = await database_sync_to_async(selectors.run_get_active)(
             conversation=self.conversation
         )
+        if active is not None:
+            self.awaiting_resume.add(str(active.id))
         await self.send_json(
             {
                 "type": "session",
@@ -103,9 +107,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def run_event(self, message: dict[str, Any]) -> None:
         """A live event from the channel layer (handler for type "run.event")."""
         event: Event = message["event"]
-        if event["run"] not in self.sent_seq and event["seq"] > 1:
-            # A run already under way when this socket connected: the client resumes it
-            # from the last seq it saw (the session frame named it), so wait for that.
+        if event["run"] in self.awaiting_resume and event["run"] not in self.sent_seq:
+            # Under way when this socket connected: the client resumes it from the last
+            # seq it saw (the session frame named it), so wait for that.
             return
         sent = self.sent_seq.get(event["run"], 0)
         if event["seq"] <= sent:

@@ -1,3 +1,4 @@
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -5,6 +6,7 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from chat import services
+from chat.events import RunEventStream, event_log
 from chat.models import Message, Run
 from conftest import open_socket, receive_until, wait_for_runs
 from tracing.models import Trace
@@ -178,6 +180,49 @@ async def test_a_run_outlives_its_socket_and_a_new_socket_catches_up(make_user, 
     await again.disconnect()
     answer = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
     assert "remember me" in answer.content
+
+
+async def test_a_run_whose_first_event_was_lost_in_transit_is_replayed_from_the_log(
+    make_user,
+):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    run_id = uuid.uuid4()
+    stream = RunEventStream(run_id, conversation.id)
+    # Its first two events reach the log but not this socket (a dropped delivery)...
+    await event_log().append(run_id, {"type": "run.started", "run": str(run_id), "seq": 1})
+    await event_log().append(run_id, {"type": "token", "run": str(run_id), "seq": 2, "text": "Hi"})
+    stream.seq = 2
+
+    # ...so the next live one brings them along, in order.
+    await stream.emit("token", text=" there")
+
+    frames = [await socket.receive_json_from() for _ in range(3)]
+    assert [(f["seq"], f["type"]) for f in frames] == [
+        (1, "run.started"),
+        (2, "token"),
+        (3, "token"),
+    ]
+    await socket.disconnect()
+
+
+async def test_a_run_under_way_at_connect_waits_for_resume(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    user = await database_sync_to_async(make_user)()
+    conversation, first = await start(user)
+    await first.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    await receive_until(first, "token")
+
+    late = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    session = await late.receive_json_from()
+    # Live events of that run are held back: the client decides where to resume from.
+    assert await late.receive_nothing(timeout=0.2)
+    await late.send_json_to({"type": "resume", "run": session["active_run"], "after_seq": 0})
+    frames = await receive_until(late, "run.completed")
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    for socket in (first, late):
+        await socket.disconnect()
+    await wait_for_runs()
 
 
 async def test_a_finished_run_can_be_replayed_from_the_start(make_user):
