@@ -19,15 +19,12 @@ counted (the ledger is the truth), and a warning names the call.
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Sum, Value
 from django.db.models.functions import Coalesce
-from django.utils import timezone
 
 from agentsite.errors import ApplicationError
 from chat.models import Run
@@ -228,9 +225,8 @@ def budget_release_stale(*, account_id: int) -> int:
     wall-clock limit): a process that died mid-call, or a finish that failed to settle.
     Their calls' usage was never reported, so nothing is recorded. Returns how many
     holds were freed."""
-    alive = Run.objects.filter(status__in=Run.ACTIVE_STATUSES, created_at__gte=_alive_since())
     stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
-        run_id__in=alive.values("id")
+        run_id__in=Run.objects.alive().values("id")
     )
     released = 0
     with transaction.atomic(), connection.cursor() as cursor:
@@ -239,13 +235,8 @@ def budget_release_stale(*, account_id: int) -> int:
     return released
 
 
-def _alive_since() -> datetime:
-    # A run "active" past its wall-clock limit lost its process (chat.services expires it).
-    return timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
-
-
 def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
-    """Settle what a finishing run still holds and store its cost.
+    """Settle what a finishing run still holds; return what it cost, by the ledger.
 
     `seen` is the usage the run showed the user. A call cut short (cancel, failure,
     deadline) is still reserved: if it streamed output, the provider processed its
@@ -270,7 +261,6 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
     rows = list(UsageRecord.objects.filter(run_id=run_id))
     costs = [row.cost_usd for row in rows]
     total = None if None in costs else sum((c for c in costs if c is not None), Decimal(0))
-    Run.objects.filter(id=run_id).update(cost_usd=total)
     return RunCost(
         total_usd=total,
         span_costs={row.span_id: row.cost_usd for row in rows if row.span_id is not None},
@@ -295,11 +285,7 @@ def runs_admit(*, account: Account) -> None:
     limit = account_limits(account=account).concurrent_runs
     if limit is None:
         return
-    active = Run.objects.filter(
-        status__in=Run.ACTIVE_STATUSES,
-        created_at__gte=_alive_since(),
-        conversation__owner__membership__account=account,
-    ).count()
+    active = Run.objects.alive().filter(conversation__owner__membership__account=account).count()
     if active >= limit:
         raise ApplicationError(
             "concurrent_runs_limit",

@@ -1,7 +1,9 @@
 import uuid
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Conversation(models.Model):
@@ -19,6 +21,22 @@ class Conversation(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+def run_lost_before() -> datetime:
+    """Runs created before this and still "active" lost their process: no run outlives
+    AGENT_RUN_TIMEOUT, so past it (and a minute's grace) nobody is executing them."""
+    return timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
+
+
+class RunQuerySet(models.QuerySet["Run"]):
+    def alive(self) -> "RunQuerySet":
+        """Active runs some process may still be executing."""
+        return self.filter(status__in=Run.ACTIVE_STATUSES, created_at__gte=run_lost_before())
+
+    def lost(self) -> "RunQuerySet":
+        """Active runs whose process died (see `run_lost_before`)."""
+        return self.filter(status__in=Run.ACTIVE_STATUSES, created_at__lt=run_lost_before())
 
 
 class Run(models.Model):
@@ -46,11 +64,13 @@ class Run(models.Model):
     steps = models.PositiveIntegerField(default=0)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
-    # What its LLM calls cost, summed from the usage ledger at finish (billing); null
-    # when a call was unpriced (or the run predates pricing).
+    # What its LLM calls cost, summed from the usage ledger when it finishes; null when
+    # a call was unpriced (or the run predates pricing).
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+
+    objects = RunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]

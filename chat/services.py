@@ -1,7 +1,6 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
-from datetime import timedelta
 from uuid import UUID
 
 from django.conf import settings
@@ -107,9 +106,7 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
 def _expire_interrupted_runs(conversation: Conversation) -> None:
     """A run still 'active' long after its wall-clock limit lost its executor (the process
     died); close it so the conversation is usable again."""
-    cutoff = timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
-    stale = conversation.runs.filter(status__in=Run.ACTIVE_STATUSES, created_at__lt=cutoff)
-    run_ids = list(stale.values_list("id", flat=True))
+    run_ids = list(conversation.runs.lost().values_list("id", flat=True))
     if not run_ids:
         return
     message = "The server running this answer stopped before it finished."
@@ -144,6 +141,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome) -> list[Message]:
         run.steps = outcome.steps
         run.input_tokens = outcome.input_tokens
         run.output_tokens = outcome.output_tokens
+        run.cost_usd = outcome.cost_usd
         run.error_code = outcome.error_code
         run.error_message = outcome.error_message
         run.save(
@@ -153,6 +151,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome) -> list[Message]:
                 "steps",
                 "input_tokens",
                 "output_tokens",
+                "cost_usd",
                 "error_code",
                 "error_message",
             ]
@@ -186,14 +185,17 @@ def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) 
         raise ApplicationError(
             "no_active_run", "There is no answer in progress to stop.", http_status=409
         )
-    transaction.on_commit(lambda: _cancel_or_close(run.id))
+    lost = Run.objects.lost().filter(id=run.id).exists()
+    transaction.on_commit(lambda: _cancel_or_close(run.id, lost=lost))
     return run
 
 
-def _cancel_or_close(run_id: UUID) -> None:
+def _cancel_or_close(run_id: UUID, *, lost: bool) -> None:
     # The executor stops a run it is executing; a run nobody executes (its process
-    # died) is closed here so it does not stay "running" forever.
-    if not get_executor().cancel(run_id):
+    # died: it is past its wall-clock limit, or no executor here has it) is closed here
+    # so it does not stay "running" forever. With a Redis layer the executor cannot
+    # tell whether another instance has the run, so only `lost` says it is gone.
+    if lost or not get_executor().cancel(run_id):
         run_finish(
             run_id=run_id,
             outcome=RunOutcome(
