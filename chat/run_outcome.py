@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from .models import Run
@@ -15,6 +16,8 @@ class RunOutcome:
     output_tokens: int = 0
     # Part of input_tokens served from the provider's prompt cache (billed cheaper).
     cached_tokens: int = 0
+    # What the ledger says its calls cost; None: unpriced, or not recorded.
+    cost_usd: Decimal | None = None
     error_code: str = ""
     error_message: str = ""
     # Chunks streamed by a model call that has not reported its usage yet; if the run

@@ -1,11 +1,14 @@
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from agentsite.errors import ApplicationError
+from billing.display import BudgetDisplay, budget_display_for_user
 
+from .agent.models import model_info
 from .models import Conversation, Message, Run
 
 
@@ -43,3 +46,11 @@ def run_get(*, conversation: Conversation, run_id: UUID | str) -> Run:
         raise ApplicationError(
             "run_not_found", "There is no such run in this conversation.", http_status=404
         ) from error
+
+
+def budget_line(*, user_id: int) -> BudgetDisplay | None:
+    """What is left of the user's account budget, as the chat page shows it, for
+    answers by the configured model."""
+    return budget_display_for_user(
+        user_id=user_id, model=model_info().name, max_output_tokens=settings.AGENT_MAX_TOKENS
+    )

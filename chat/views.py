@@ -13,10 +13,8 @@ from django.views.decorators.http import require_POST
 
 from agentsite.errors import ApplicationError
 from agentsite.http import AuthenticatedHttpRequest
-from billing.display import budget_display_for_user
 
 from . import selectors, services
-from .agent.models import model_info
 from .models import Conversation, Message
 from .rendering import render_markdown
 
@@ -61,11 +59,7 @@ def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: UUID
             "active_run": active,
             "max_message_chars": settings.AGENT_MAX_MESSAGE_CHARS,
             "tracing_enabled": settings.TRACING_ENABLED,
-            "budget": budget_display_for_user(
-                user_id=request.user.pk,
-                model=model_info().name,
-                max_output_tokens=settings.AGENT_MAX_TOKENS,
-            ),
+            "budget": selectors.budget_line(user_id=request.user.pk),
         },
     )
 

@@ -38,11 +38,13 @@ def make_model_node(
         prompt = [SystemMessage(SYSTEM_PROMPT.format(now=now)), *history]
         # The call's id is its LLM span's id: the ledger row and the trace share it.
         call_id = uuid.uuid4()
-        reservation = await budget.reserve(call_id=call_id, prompt=prompt) if budget else None
-        # Cut short here (cancel, failure, deadline), the call stays reserved: the run's
-        # finish settles it with what it streamed.
-        response = await model.ainvoke(prompt, {"run_id": call_id})
-        if budget is not None and reservation is not None:
+        if budget is None:
+            response = await model.ainvoke(prompt, {"run_id": call_id})
+        else:
+            reservation = await budget.reserve(call_id=call_id, prompt=prompt)
+            # Cut short here (cancel, failure, deadline), the call stays reserved: the
+            # run's finish settles it with what it streamed.
+            response = await model.ainvoke(prompt, {"run_id": call_id})
             await budget.settle(reservation, response)
         return {"messages": [response], "steps": state.get("steps", 0) + 1}
 

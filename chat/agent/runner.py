@@ -19,9 +19,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from agentsite import metrics
 from agentsite.logging import run_id_var
 from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
-from billing.display import budget_display_for_user
 from billing.services import account_for_user
-from chat import services
+from chat import selectors, services
 from chat.events import RunEventStream
 from chat.models import Run
 from chat.rendering import render_markdown
@@ -75,6 +74,7 @@ async def execute_run(run_id: UUID) -> None:
             if user_message
             else None,
         )
+        logger.info("run %s started", run_id)
         async with deadline:
             await _drive_graph(
                 run, user_message.content if user_message else "", stream, outcome, tracer
@@ -293,6 +293,7 @@ async def _finish(
         final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
     # After the ledger: what is left now, for the page's budget line. None: unknown.
     final["budget"] = await _budget_after(run_id, user_id)
+    logger.info("run %s finished: %s", run_id, outcome.status.value)
     await stream.emit(FINAL_EVENTS[outcome.status], **final)
     return cost
 
@@ -313,6 +314,7 @@ async def _close_usage(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
     outcome.input_tokens = cost.input_tokens
     outcome.output_tokens = cost.output_tokens
     outcome.cached_tokens = cost.cached_tokens
+    outcome.cost_usd = cost.total_usd
     return cost
 
 
@@ -322,9 +324,7 @@ async def _budget_after(run_id: UUID, user_id: int | None) -> dict[str, Any] | N
     if user_id is None:
         return None
     try:
-        shown = await database_sync_to_async(budget_display_for_user)(
-            user_id=user_id, model=model_info().name, max_output_tokens=settings.AGENT_MAX_TOKENS
-        )
+        shown = await database_sync_to_async(selectors.budget_line)(user_id=user_id)
     except Exception:
         logger.exception("run %s: could not work out the budget left", run_id)
         return None

@@ -8,7 +8,7 @@ from channels.db import database_sync_to_async
 
 from chat import services
 from chat.tests.provider_helpers import Chat
-from conftest import open_socket, wait_for_runs
+from conftest import account_with_limits, open_socket, wait_for_runs
 
 
 @pytest.fixture
@@ -16,6 +16,8 @@ async def chat(make_user, llm, settings):
     """A conversation and an open WebSocket to it, for a test module whose `llm` fixture
     runs a fake provider server (see `tests/fakes`) and points the settings at it."""
     user = await database_sync_to_async(make_user)()
+    # The fake provider's model has no price: no money limit may stand in its way.
+    await database_sync_to_async(account_with_limits)(user)
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
     socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
     assert (await socket.receive_json_from())["type"] == "session"
