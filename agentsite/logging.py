@@ -16,8 +16,10 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 run_id_var: ContextVar[str | None] = ContextVar("run_id", default=None)
 span_id_var: ContextVar[str | None] = ContextVar("span_id", default=None)
 
-# Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_IDS = ("request_id", "run_id", "span_id")
+# Attributes every LogRecord has, and the ids (written above the rest, and only when
+# set); anything else was passed with `extra=` and is kept.
+_SKIP = {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", *_IDS}
 
 
 class ContextFilter(logging.Filter):
@@ -38,21 +40,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "run_id", "span_id"):
+        for key in _IDS:
             value = getattr(record, key, None)
             if value:
                 entry[key] = value
         for key, value in vars(record).items():
-            if (
-                key not in _STANDARD
-                and key not in entry
-                and key
-                not in (
-                    "request_id",
-                    "run_id",
-                    "span_id",
-                )
-            ):
+            if key not in _SKIP and key not in entry:
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -4,7 +4,6 @@ The endpoint is unauthenticated (scrapers rarely carry sessions); it exposes cou
 timings only, never ids or content. Restrict it at the proxy in a public deployment.
 """
 
-from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -33,16 +32,6 @@ LLM_LATENCY = Histogram(
 TOKENS = Counter("agentsite_llm_tokens", "LLM tokens, by direction.", ["direction", "model"])
 ACTIVE_RUNS = Gauge("agentsite_active_runs", "Runs executing in this process.")
 OPEN_WEBSOCKETS = Gauge("agentsite_open_websockets", "Chat WebSockets open on this process.")
-
-
-def observe_llm_calls(calls: Iterable[tuple[str, float, int, int, int]]) -> None:
-    """(model, seconds, input tokens, output tokens, cached tokens) per LLM call."""
-    for model, seconds, input_tokens, output_tokens, cached_tokens in calls:
-        LLM_LATENCY.labels(model=model).observe(seconds)
-        TOKENS.labels(direction="input", model=model).inc(input_tokens)
-        TOKENS.labels(direction="output", model=model).inc(output_tokens)
-        if cached_tokens:
-            TOKENS.labels(direction="cached", model=model).inc(cached_tokens)
 
 
 def metrics_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:

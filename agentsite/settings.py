@@ -232,6 +232,7 @@ TRACING_ENABLED = env.bool("TRACING_ENABLED", default=True)
 TRACING_MAX_PAYLOAD_CHARS = env.int("TRACING_MAX_PAYLOAD_CHARS", default=4000)
 # Spans buffered in memory before they are written in one batch.
 TRACING_FLUSH_BATCH = env.int("TRACING_FLUSH_BATCH", default=200)
+TRACING_RUNNING_VISIBLE_AFTER = env.float("TRACING_RUNNING_VISIBLE_AFTER", default=0.5)
 # `manage.py prune_traces` deletes traces older than this many days.
 TRACING_RETENTION_DAYS = env.int("TRACING_RETENTION_DAYS", default=30)
 # When set (e.g. http://127.0.0.1:4318), spans are also exported over OTLP/HTTP.

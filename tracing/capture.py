@@ -28,7 +28,7 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 
 from agentsite.logging import span_id_var
 
-from . import services
+from . import export, metrics, services
 from .models import Span, Trace
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ TOOL = Span.Kind.TOOL.value
 OK = Span.Status.OK.value
 ERROR = Span.Status.ERROR.value
 CANCELLED = Span.Status.CANCELLED.value
-
-# Seconds after which a still-running run's trace row is written, so it is listed.
-RUNNING_VISIBLE_AFTER = 0.5
 
 _STOPPED_MESSAGE = "Stopped before it finished."
 
@@ -119,6 +116,9 @@ class RunTracer(BaseCallbackHandler):
         self.provider = provider
         self.batch_size = batch_size or settings.TRACING_FLUSH_BATCH
         self.max_payload_chars = max_payload_chars or settings.TRACING_MAX_PAYLOAD_CHARS
+        # A run still going after this many seconds gets its trace row written, so it
+        # is listed while it runs; shorter runs write it with their spans at the end.
+        self.visible_after = settings.TRACING_RUNNING_VISIBLE_AFTER
         self.root = SpanRecord(uuid4(), None, RUN, "run", time.time())
         # LangChain run id -> the span that stands for it (itself, or for a skipped
         # wrapper the nearest recorded ancestor).
@@ -131,8 +131,6 @@ class RunTracer(BaseCallbackHandler):
         self._flushes: list[asyncio.Task[None]] = []
         # Rows already built (and written), kept for the totals and the export.
         self._rows: list[Span] = []
-        # Every LLM call's record, open or closed, in order: what billing prices.
-        self._llm: list[SpanRecord] = []
         self._finished = False
         self._started: asyncio.Future[Trace] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,7 +140,7 @@ class RunTracer(BaseCallbackHandler):
 
     def start(self) -> None:
         """Arrange for the Trace row to exist while the run is going, so a running run is
-        listed. Most runs of a fast model end sooner than RUNNING_VISIBLE_AFTER, and
+        listed. Most runs of a fast model end sooner than `visible_after`, and
         for them the row is written with the spans at `finish` instead: one write, none
         on the request path. The run never waits for this insert; span writes do.
 
@@ -150,7 +148,7 @@ class RunTracer(BaseCallbackHandler):
         run's own log lines carry it."""
         span_id_var.set(str(self.root.id))
         self._loop = asyncio.get_running_loop()
-        self._start_timer = self._loop.call_later(RUNNING_VISIBLE_AFTER, self._write_start)
+        self._start_timer = self._loop.call_later(self.visible_after, self._write_start)
 
     def _write_start(self) -> None:
         if self._started is None and not self._finished:
@@ -237,8 +235,6 @@ class RunTracer(BaseCallbackHandler):
             span_costs=span_costs or {},
             cost_usd=cost_usd,
         )
-        from . import export, metrics
-
         metrics.observe_llm_spans(rows)
         if export.enabled():
             export.schedule(trace_id=self.run_id, spans=rows)
@@ -355,15 +351,13 @@ class RunTracer(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = (metadata or {}).get("ls_model_name") or self.model or "llm"
-        self._llm.append(
-            self._open_span(
-                run_id,
-                parent_run_id,
-                LLM,
-                name,
-                inputs=messages,
-                meta=(metadata, kwargs.get("invocation_params")),
-            )
+        self._open_span(
+            run_id,
+            parent_run_id,
+            LLM,
+            name,
+            inputs=messages,
+            meta=(metadata, kwargs.get("invocation_params")),
         )
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:

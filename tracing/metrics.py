@@ -5,20 +5,18 @@ metrics, fed by the runner, do not depend on tracing)."""
 
 from collections.abc import Sequence
 
-from agentsite import metrics
+from agentsite.metrics import LLM_LATENCY, TOKENS
 
 from .models import Span
 
 
 def observe_llm_spans(spans: Sequence[Span]) -> None:
-    metrics.observe_llm_calls(
-        (
-            str(span.attributes.get("model") or span.name),
-            span.duration_ms / 1000,
-            span.input_tokens,
-            span.output_tokens,
-            span.cached_tokens,
-        )
-        for span in spans
-        if span.kind == Span.Kind.LLM
-    )
+    for span in spans:
+        if span.kind != Span.Kind.LLM:
+            continue
+        model = str(span.attributes.get("model") or span.name)
+        LLM_LATENCY.labels(model=model).observe(span.duration_ms / 1000)
+        TOKENS.labels(direction="input", model=model).inc(span.input_tokens)
+        TOKENS.labels(direction="output", model=model).inc(span.output_tokens)
+        if span.cached_tokens:
+            TOKENS.labels(direction="cached", model=model).inc(span.cached_tokens)

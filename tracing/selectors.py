@@ -2,17 +2,26 @@
 helpers) gets the same answer about who may see what."""
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from agentsite.errors import ApplicationError
+from chat.models import Run
 
 from .models import Span, Trace
+
+# A run's trace row is written just after its last event, so a chat answer can link to
+# a trace that does not exist yet. For this long after a run ends, a missing trace is
+# taken to be on its way; after that, it is not coming.
+TRACE_PENDING_GRACE = timedelta(seconds=60)
 
 
 @dataclass
@@ -22,6 +31,18 @@ class SpanNode:
     depth: int = 0
     # Milliseconds from the trace start to this span's start: where its waterfall bar begins.
     offset_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TraceAbsence:
+    """Why a run the user may see has no trace."""
+
+    run: Run
+    # pending: still running or just finished (the trace is being written); disabled:
+    # TRACING_ENABLED is off; absent: finished long ago and never traced.
+    reason: Literal["pending", "disabled", "absent"]
+    # Only for the conversation's owner: staff may see a run, not its conversation.
+    conversation_id: UUID | None
 
 
 def trace_list(
@@ -60,16 +81,53 @@ def trace_get(
 ) -> Trace:
     """The trace of a run, if `user` may see it. Another user's trace is reported as
     not found (not forbidden), so run ids cannot be probed for existence."""
-    not_found = ApplicationError("not_found", "There is no such trace.", http_status=404)
+    not_found = _trace_not_found()
     if not user.is_authenticated:
         raise not_found
     try:
-        trace = Trace.objects.select_related("user").get(run_id=run_id)
+        trace = Trace.objects.select_related("user", "run").get(run_id=run_id)
     except (Trace.DoesNotExist, ValidationError, ValueError) as error:
         raise not_found from error
-    if trace.user_id != user.pk and not (allow_staff and getattr(user, "is_staff", False)):
+    if not _may_see(user=user, owner_id=trace.user_id, allow_staff=allow_staff):
         raise not_found
     return trace
+
+
+def trace_absence(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> TraceAbsence:
+    """Why a run has no trace `user` may see, for a trace link followed before (or
+    without) its trace. A run `user` may not see is not found, exactly like its trace,
+    so run ids cannot be probed."""
+    not_found = _trace_not_found()
+    if not user.is_authenticated:
+        raise not_found
+    try:
+        run = Run.objects.select_related("conversation").get(id=run_id)
+    except (Run.DoesNotExist, ValidationError, ValueError) as error:
+        raise not_found from error
+    owner_id = run.conversation.owner_id
+    if not _may_see(user=user, owner_id=owner_id):
+        raise not_found
+    reason: Literal["pending", "disabled", "absent"]
+    if not settings.TRACING_ENABLED:
+        reason = "disabled"
+    elif run.finished_at is None or timezone.now() - run.finished_at < TRACE_PENDING_GRACE:
+        reason = "pending"
+    else:
+        # Finished long ago and never traced (before tracing existed, or a failed write).
+        reason = "absent"
+    return TraceAbsence(
+        run=run,
+        reason=reason,
+        conversation_id=run.conversation_id if owner_id == user.pk else None,
+    )
+
+
+def span_get(*, trace: Trace, span_id: UUID | str) -> Span:
+    """One span of a trace the caller has already been allowed to see (`trace_get`)."""
+    try:
+        return Span.objects.get(trace=trace, id=span_id)
+    except (Span.DoesNotExist, ValidationError, ValueError) as error:
+        raise ApplicationError("not_found", "There is no such span.", http_status=404) from error
 
 
 def trace_tree(*, trace: Trace, with_attributes: bool = True) -> list[SpanNode]:
@@ -109,3 +167,14 @@ def trace_flatten(*, roots: list[SpanNode]) -> list[SpanNode]:
         flat.append(node)
         stack.extend(reversed(node.children))
     return flat
+
+
+def _trace_not_found() -> ApplicationError:
+    return ApplicationError("not_found", "There is no such trace.", http_status=404)
+
+
+def _may_see(
+    *, user: AbstractBaseUser | AnonymousUser, owner_id: int, allow_staff: bool = True
+) -> bool:
+    """The owner sees their own; staff see everyone's."""
+    return owner_id == user.pk or (allow_staff and getattr(user, "is_staff", False))

@@ -89,7 +89,7 @@ def trace_finish(
             )
         else:
             Trace.objects.filter(run_id=run_id).update(**totals)
-        Span.objects.bulk_create(spans, batch_size=500)
+        span_bulk_create(spans=spans)
         # Spans of earlier batches: a run has few LLM calls, so one UPDATE each is fine.
         for span_id, cost in costs.items():
             if cost is not None:

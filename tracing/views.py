@@ -2,11 +2,9 @@
 the details of one span (fetched when it is selected). Thin: validate, call a selector,
 shape rows for the template."""
 
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
@@ -16,7 +14,6 @@ from django.views.decorators.http import require_GET
 
 from agentsite.errors import ApplicationError
 from agentsite.http import AuthenticatedHttpRequest
-from chat.models import Run
 
 from . import selectors
 from .formatting import format_compact, format_duration, format_payload, format_usd
@@ -25,16 +22,14 @@ from .models import Span, Trace
 
 TRACES_PER_PAGE = 50
 
-# Attribute keys shown as a span's inputs and outputs, in this order; whatever else a
-# span carries is shown below them, so nothing captured is hidden from the person.
-INPUT_KEYS = ("inputs", "input", "prompt", "messages", "arguments", "args")
-OUTPUT_KEYS = ("outputs", "output", "completion", "response", "result")
+# Attribute keys shown as a span's inputs and outputs (as capture writes them: an LLM
+# call's prompt and completion, a tool's arguments and result); whatever else a span
+# carries is shown below them, so nothing captured is hidden from the person.
+INPUT_KEYS = ("prompt", "arguments")
+OUTPUT_KEYS = ("completion", "result")
 # A scalar attribute longer than this reads better as a block than in the facts table.
 SHORT_VALUE_CHARS = 80
-# A run's trace row is written just after its last event, so a chat answer can link to
-# a trace that does not exist yet. For this long after a run ends, a missing trace is
-# taken to be on its way (the page refreshes itself); after that, it is not coming.
-TRACE_PENDING_GRACE = timedelta(seconds=60)
+# How often the page of a trace still being written reloads itself.
 PENDING_REFRESH_SECONDS = 1
 
 
@@ -69,8 +64,8 @@ def trace_list_view(request: AuthenticatedHttpRequest) -> HttpResponse:
 def trace_detail_view(request: AuthenticatedHttpRequest, run_id: UUID) -> HttpResponse:
     try:
         trace = selectors.trace_get(user=request.user, run_id=run_id)
-    except ApplicationError as error:
-        return _trace_missing(request, run_id, error)
+    except ApplicationError:
+        return _trace_missing(request, run_id)
     # The tree and the waterfall only: a span's inputs and outputs (a whole prompt per
     # LLM call) are fetched when the span is selected, or a long trace weighs megabytes.
     nodes = selectors.trace_flatten(roots=selectors.trace_tree(trace=trace, with_attributes=False))
@@ -106,12 +101,9 @@ def span_detail_view(
     span is selected. Same visibility as the trace page."""
     try:
         trace = selectors.trace_get(user=request.user, run_id=run_id)
+        span = selectors.span_get(trace=trace, span_id=span_id)
     except ApplicationError as error:
         raise Http404(error.message) from error
-    try:
-        span = Span.objects.get(trace=trace, id=span_id)
-    except Span.DoesNotExist as error:
-        raise Http404("There is no such span.") from error
     offset_ms = (span.started_at - trace.started_at).total_seconds() * 1000
     response = render(request, "tracing/_span_detail.html", {"span": _span_detail(span, offset_ms)})
     # Spans are written once and never change, but they are private: no shared caches.
@@ -119,36 +111,23 @@ def span_detail_view(
     return response
 
 
-def _trace_missing(
-    request: AuthenticatedHttpRequest, run_id: UUID, error: ApplicationError
-) -> HttpResponse:
-    """No visible trace. If the run is the user's, say why (its trace is still being
-    written, or tracing is off) rather than a bare 404; anyone else's run stays a 404,
-    so run ids cannot be probed."""
-    run = Run.objects.select_related("conversation").filter(id=run_id).first()
-    if run is None or (run.conversation.owner_id != request.user.pk and not request.user.is_staff):
-        raise Http404(error.message)
-    if not settings.TRACING_ENABLED:
-        reason, status = "disabled", 200
-    elif run.status in Run.ACTIVE_STATUSES or (
-        run.finished_at is None or timezone.now() - run.finished_at < TRACE_PENDING_GRACE
-    ):
-        reason, status = "pending", 200
-    else:
-        # Finished long ago and never traced (before tracing existed, or a failed write).
-        reason, status = "absent", 404
+def _trace_missing(request: AuthenticatedHttpRequest, run_id: UUID) -> HttpResponse:
+    """No visible trace. If the user may see the run, say why (its trace is still being
+    written, or tracing is off) rather than a bare 404; anyone else's run stays a 404."""
+    try:
+        absence = selectors.trace_absence(user=request.user, run_id=run_id)
+    except ApplicationError as error:
+        raise Http404(error.message) from error
     return render(
         request,
         "tracing/trace_pending.html",
         {
-            "run": run,
-            "reason": reason,
+            "run": absence.run,
+            "reason": absence.reason,
             "refresh_seconds": PENDING_REFRESH_SECONDS,
-            "conversation_id": run.conversation_id
-            if run.conversation.owner_id == request.user.pk
-            else None,
+            "conversation_id": absence.conversation_id,
         },
-        status=status,
+        status=404 if absence.reason == "absent" else 200,
     )
 
 

@@ -7,7 +7,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from channels.db import database_sync_to_async
-from django.test import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -147,23 +146,3 @@ async def test_message_content_is_exported_when_enabled(make_user, settings, col
         "4*5",
     ]
     assert {a["gen_ai.tool.call.result"] for a in tool} == {"6", "20"}
-
-
-async def test_metrics_expose_runs_tokens_and_sockets(make_user):
-    user = await database_sync_to_async(make_user)()
-    await run_message(user, "What is 2*3?")
-    body = (await database_sync_to_async(Client().get)("/metrics")).content.decode()
-    for name in (
-        'agentsite_runs_total{status="completed"}',
-        "agentsite_run_duration_seconds_bucket",
-        "agentsite_llm_call_duration_seconds_bucket",
-        'agentsite_llm_tokens_total{direction="input"',
-        "agentsite_active_runs",
-        "agentsite_open_websockets",
-    ):
-        assert name in body, name
-
-
-def test_metrics_can_be_switched_off(settings, db):
-    settings.METRICS_ENABLED = False
-    assert Client().get("/metrics").status_code == 404
