@@ -23,10 +23,11 @@ from uuid import UUID, uuid4
 from channels.db import database_sync_to_async
 from django.conf import settings
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from agentsite.logging import span_id_var
+from chat.agent.budget import usage_of
 
 from . import export, metrics, services
 from .models import Span, Trace
@@ -551,11 +552,10 @@ def _generated_message(response: Any) -> BaseMessage | None:
 
 def _usage(response: Any) -> tuple[int, int, int]:
     message = _generated_message(response)
-    usage = getattr(message, "usage_metadata", None) if message is not None else None
-    if not usage:
+    if not isinstance(message, AIMessage):
         return 0, 0, 0
-    cached = (usage.get("input_token_details") or {}).get("cache_read") or 0
-    return usage.get("input_tokens", 0), usage.get("output_tokens", 0), cached
+    usage = usage_of(message)
+    return usage.input_tokens, usage.output_tokens, usage.cached_tokens
 
 
 def _error(error: BaseException | tuple[str, str] | None) -> tuple[str, str]:
