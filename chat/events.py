@@ -85,7 +85,8 @@ class RedisEventLog:
 
     async def after(self, run_id: UUID, seq: int) -> list[Event]:
         entries = await self._client().xrange(self._key(run_id), min=f"0-{seq + 1}", max="+")
-        return [json.loads(fields[b"e"]) for _, fields in entries]
+        # redis-py types the reply as optional throughout; XRANGE always gives a list.
+        return [json.loads(fields[b"e"]) for _, fields in entries or [] if fields]
 
 
 _log: EventLog | None = None
