@@ -116,7 +116,11 @@ def _start_trace(run: Run) -> RunTracer | None:
         return None
     info = model_info()
     tracer = RunTracer(
-        run_id=run.id, user_id=run.conversation.owner_id, model=info.name, provider=info.provider
+        run_id=run.id,
+        user_id=run.conversation.owner_id,
+        conversation_id=run.conversation_id,
+        model=info.name,
+        provider=info.provider,
     )
     tracer.start()
     return tracer
@@ -133,6 +137,7 @@ async def _finish_trace(tracer: RunTracer, outcome: RunOutcome, cost: RunCost | 
                 error_type=outcome.error_code,
                 error_message=outcome.error_message,
                 span_costs=cost.span_costs if cost else None,
+                span_usage=cost.span_usage if cost else None,
                 cost_usd=cost.total_usd if cost else None,
             )
         )
