@@ -107,6 +107,10 @@ async def execute_run(run_id: UUID) -> None:
             metrics.ACTIVE_RUNS.dec()
             metrics.RUNS.labels(status=outcome.status.value).inc()
             metrics.RUN_DURATION.observe(time.monotonic() - started)
+            if outcome.error_code and outcome.status != Run.Status.CANCELLED:
+                metrics.RUN_ERRORS.labels(code=outcome.error_code).inc()
+            if cost is not None:
+                metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
         if tracer is not None:
             await _finish_trace(tracer, outcome, cost)
 
@@ -226,6 +230,7 @@ async def _on_node_update(
         for message in messages:
             if isinstance(message, ToolMessage):
                 is_error = message.status == "error"
+                metrics.tool_call_observe(tool=message.name or "", is_error=is_error)
                 outcome.add_tool_result(
                     tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
                 )

@@ -153,8 +153,9 @@ def test_the_schema_checks_refuse_langchains_shape():
 
 
 async def test_spans_are_exported_over_otlp_with_genai_attributes(make_user, collector):
-    await ModelPrice.objects.acreate(
-        model=MODEL, input_per_mtok=Decimal("2"), output_per_mtok=Decimal("8")
+    await ModelPrice.objects.aupdate_or_create(
+        model=MODEL,
+        defaults={"input_per_mtok": Decimal("2"), "output_per_mtok": Decimal("8")},
     )
     user = await database_sync_to_async(make_user)()
     run, _, _ = await run_message(user, "What is 2*3 and 4*5?")
