@@ -9,6 +9,7 @@ from billing.models import ModelPrice, UsageRecord
 from chat import services
 from chat.models import Run
 from conftest import open_socket, receive_until, wait_for_runs
+from tracing.export import otel_span_id
 from tracing.models import Span, Trace
 from tracing.selectors import trace_flatten, trace_tree
 
@@ -132,8 +133,9 @@ async def test_a_cancelled_call_has_the_tokens_the_ledger_billed(make_user, sett
 
 
 async def test_spans_written_early_get_the_ledger_cost_and_tokens(make_user, settings):
-    await ModelPrice.objects.acreate(
-        model="agentsite-offline-demo", input_per_mtok=Decimal("2"), output_per_mtok=Decimal("8")
+    await ModelPrice.objects.aupdate_or_create(
+        model="agentsite-offline-demo",
+        defaults={"input_per_mtok": Decimal("2"), "output_per_mtok": Decimal("8")},
     )
     settings.TRACING_FLUSH_BATCH = 1  # each LLM span is written as soon as it ends
     settings.TRACING_RUNNING_VISIBLE_AFTER = 0.0
@@ -240,17 +242,20 @@ async def test_a_run_stopped_at_the_step_limit_leaves_a_consistent_tree(make_use
     assert trace.span_count == await Span.objects.filter(trace=trace).acount() == 4
 
 
-async def test_the_run_logs_with_its_root_span_id(make_user, caplog):
+async def test_the_run_logs_with_its_trace_and_root_span_ids(make_user, caplog):
     caplog.set_level(logging.INFO, logger="chat.agent.runner")
     caplog.handler.addFilter(ContextFilter())
     user = await database_sync_to_async(make_user)()
     run, _, _ = await run_message(user, "What is 2*3?")
     root = await Span.objects.aget(trace_id=run.id, kind="run")
-    # Before the graph starts and after it ends: run-level lines carry the root span.
+    # Before the graph starts and after it ends: run-level lines carry the root span,
+    # with the ids the OTLP export gives the trace and the span, as OpenTelemetry
+    # writes them.
     lines = {
-        record.getMessage(): (record.run_id, record.span_id)
+        record.getMessage(): (record.run_id, record.trace_id, record.span_id)
         for record in caplog.records
         if record.name == "chat.agent.runner"
     }
-    assert lines[f"run {run.id} started"] == (str(run.id), str(root.id))
-    assert lines[f"run {run.id} finished: completed"] == (str(run.id), str(root.id))
+    ids = (str(run.id), f"{run.id.int:032x}", f"{otel_span_id(root.id):016x}")
+    assert lines[f"run {run.id} started"] == ids
+    assert lines[f"run {run.id} finished: completed"] == ids
