@@ -59,17 +59,13 @@ ACTIVE_RUNS = Gauge("agentsite_active_runs", "Runs executing in this process.")
 OPEN_WEBSOCKETS = Gauge("agentsite_open_websockets", "Chat WebSockets open on this process.")
 
 
-_known_tools: set[str] = set()
-
-
 def metrics_preinitialise(
     *, run_statuses: Iterable[str], tools: Iterable[str], models: Iterable[str]
 ) -> None:
     """Create the series of every label value known in advance, at 0."""
     for status in run_statuses:
         RUNS.labels(status=status)
-    _known_tools.update(tools)
-    for tool in (*_known_tools, OTHER_TOOL):
+    for tool in (*tools, OTHER_TOOL):
         for outcome in TOOL_OUTCOMES:
             TOOL_CALLS.labels(tool=tool, outcome=outcome)
     for model in models:
@@ -77,11 +73,6 @@ def metrics_preinitialise(
         LLM_COST.labels(model=model)
         for direction in TOKEN_DIRECTIONS:
             TOKENS.labels(direction=direction, model=model)
-
-
-def tool_call_observe(*, tool: str, is_error: bool) -> None:
-    name = tool if tool in _known_tools else OTHER_TOOL
-    TOOL_CALLS.labels(tool=name, outcome="error" if is_error else "ok").inc()
 
 
 def llm_cost_observe(*, model: str, costs: Iterable[Decimal | None]) -> None:

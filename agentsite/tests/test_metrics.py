@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.models import ModelPrice
 from chat import services
+from chat.metrics import tool_call_observe
 from chat.models import Run
 from conftest import open_socket, receive_until, wait_for_runs
 from tracing.tests.test_capture import run_message
@@ -124,3 +125,16 @@ def test_metrics_are_served_in_the_prometheus_format(client, db):
 def test_metrics_can_be_switched_off(client, settings, db):
     settings.METRICS_ENABLED = False
     assert client.get("/metrics").status_code == 404
+
+
+def test_a_tool_name_the_model_made_up_is_counted_as_other():
+    # A made-up name must not become a series of its own: names are unbounded.
+    before = sample("agentsite_tool_calls_total", tool="other", outcome="error")
+    tool_call_observe(tool="rm_rf_everything", is_error=True)
+    assert sample("agentsite_tool_calls_total", tool="other", outcome="error") == before + 1
+    assert (
+        REGISTRY.get_sample_value(
+            "agentsite_tool_calls_total", {"tool": "rm_rf_everything", "outcome": "error"}
+        )
+        is None
+    )

@@ -22,6 +22,7 @@ from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
 from billing.services import account_for_user
 from chat import selectors, services
 from chat.events import RunEventStream
+from chat.metrics import tool_call_observe
 from chat.models import Run
 from chat.rendering import render_markdown
 from chat.run_outcome import RunOutcome
@@ -230,7 +231,7 @@ async def _on_node_update(
         for message in messages:
             if isinstance(message, ToolMessage):
                 is_error = message.status == "error"
-                metrics.tool_call_observe(tool=message.name or "", is_error=is_error)
+                tool_call_observe(tool=message.name or "", is_error=is_error)
                 outcome.add_tool_result(
                     tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
                 )

@@ -59,7 +59,7 @@ def schema_errors(value: str, *, output: bool) -> list[str]:
         if output and message.get("finish_reason") not in FINISH_REASONS:
             errors.append(f"{where}: finish_reason {message.get('finish_reason')!r}")
         parts = message.get("parts")
-        if not isinstance(parts, list) or not parts:
+        if not isinstance(parts, list):
             errors.append(f"{where}: no parts")
             continue
         for j, part in enumerate(parts):
