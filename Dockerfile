@@ -9,4 +9,5 @@ COPY . .
 RUN useradd --system agentsite && mkdir -p /app/var /srv/static && chown agentsite /app/var /srv/static
 USER agentsite
 EXPOSE 8000
-CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "--proxy-headers", "agentsite.asgi:application"]
+# Daphne through agentsite.serve: the same options, its access log in LOG_FORMAT (JSON).
+CMD ["python", "-m", "agentsite.serve", "--bind", "0.0.0.0", "--port", "8000", "--proxy-headers", "agentsite.asgi:application"]

@@ -1,5 +1,7 @@
-"""Structured logs: one JSON object per line when DEBUG is off, carrying the request id,
-run id and span id of whatever the line was logged for.
+"""Structured logs: one JSON object per line when DEBUG is off, carrying the request id
+and run id of whatever the line was logged for and, while a span of the run's trace is
+current, its `trace_id` and `span_id` as OpenTelemetry writes them (32 and 16 hex
+digits), so a line leads to its span in any OpenTelemetry viewer the trace went to.
 
 A plain `logging.Formatter` subclass rather than structlog: every library in the process
 (Django, Channels, LangChain, httpx) logs through stdlib logging, and this is all it
@@ -12,11 +14,14 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from .otel import otel_hex_ids
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 run_id_var: ContextVar[str | None] = ContextVar("run_id", default=None)
+# The UUID of the current span of the run's trace (tracing sets it).
 span_id_var: ContextVar[str | None] = ContextVar("span_id", default=None)
 
-_IDS = ("request_id", "run_id", "span_id")
+_IDS = ("request_id", "run_id", "trace_id", "span_id")
 # Attributes every LogRecord has, and the ids (written above the rest, and only when
 # set); anything else was passed with `extra=` and is kept.
 _SKIP = {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", *_IDS}
@@ -27,8 +32,12 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
-        record.run_id = run_id_var.get()
-        record.span_id = span_id_var.get()
+        record.run_id = run_id = run_id_var.get()
+        record.trace_id = record.span_id = None
+        span_id = span_id_var.get()
+        if run_id and span_id:
+            # Worked out here, for the lines actually logged, not whenever a span starts.
+            record.trace_id, record.span_id = otel_hex_ids(run_id=run_id, span_id=span_id)
         return True
 
 

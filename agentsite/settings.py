@@ -173,7 +173,8 @@ if env.bool("USE_X_FORWARDED_PROTO", default=not DEBUG):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # JSON lines in production (LOG_FORMAT=json, the default when DEBUG is off), readable
-# text on a developer's machine; both carry request_id, run_id and span_id.
+# text on a developer's machine; both carry request_id, run_id and the OpenTelemetry
+# span_id (JSON adds trace_id). `python -m agentsite.serve` logs Daphne's access log alike.
 LOG_FORMAT = env.str("LOG_FORMAT", default="text" if DEBUG else "json")
 LOGGING = {
     "version": 1,

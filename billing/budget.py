@@ -58,10 +58,12 @@ class Usage:
 @dataclass(frozen=True)
 class RunCost:
     """A run's calls according to the ledger: the total cost (None if any call is
-    unpriced), each call's cost by span id (for the trace), and the token totals."""
+    unpriced), each call's cost and tokens by span id (for the trace), and the token
+    totals."""
 
     total_usd: Decimal | None
     span_costs: dict[UUID, Decimal | None]
+    span_usage: dict[UUID, Usage]
     input_tokens: int
     output_tokens: int
     cached_tokens: int
@@ -264,6 +266,11 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
     return RunCost(
         total_usd=total,
         span_costs={row.span_id: row.cost_usd for row in rows if row.span_id is not None},
+        span_usage={
+            row.span_id: Usage(row.input_tokens, row.output_tokens, row.cached_tokens)
+            for row in rows
+            if row.span_id is not None
+        },
         input_tokens=sum(row.input_tokens for row in rows),
         output_tokens=sum(row.output_tokens for row in rows),
         cached_tokens=sum(row.cached_tokens for row in rows),

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 from channels.db import database_sync_to_async
@@ -46,6 +46,17 @@ _STOPPED_MESSAGE = "Stopped before it finished."
 
 # LangGraph marks its plumbing (channel writes, branch routing) with this tag.
 _HIDDEN_TAG = "langsmith:hidden"
+
+
+class CallUsage(Protocol):
+    """The tokens the ledger recorded for one LLM call (billing's `Usage` is one)."""
+
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
 
 
 class SpanRecord:
@@ -106,6 +117,7 @@ class RunTracer(BaseCallbackHandler):
         *,
         run_id: UUID,
         user_id: int,
+        conversation_id: UUID | None = None,
         model: str = "",
         provider: str = "",
         batch_size: int | None = None,
@@ -113,6 +125,7 @@ class RunTracer(BaseCallbackHandler):
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
+        self.conversation_id = conversation_id
         self.model = model
         self.provider = provider
         self.batch_size = batch_size or settings.TRACING_FLUSH_BATCH
@@ -169,6 +182,7 @@ class RunTracer(BaseCallbackHandler):
         error_type: str = "",
         error_message: str = "",
         span_costs: Mapping[UUID, Decimal | None] | None = None,
+        span_usage: Mapping[UUID, CallUsage] | None = None,
         cost_usd: Decimal | None = None,
     ) -> None:
         """Close what is still open, write every remaining span and finalize the Trace.
@@ -179,8 +193,10 @@ class RunTracer(BaseCallbackHandler):
         stopped by its deadline or a limit, a failure that cancelled its siblings). In a
         run that succeeded, a step the graph itself cancelled stays `cancelled`.
 
-        `span_costs` (LLM span id → USD, None if unpriced) and `cost_usd` (the run's
-        total) come from whoever priced the calls (billing); tracing only stores them."""
+        `span_costs` (LLM span id → USD, None if unpriced), `span_usage` (LLM span id →
+        tokens) and `cost_usd` (the run's total) come from the ledger (billing); tracing
+        only stores them. The ledger is the one truth about a call's tokens: a call cut
+        short reports no usage to the callbacks, yet is billed for what it streamed."""
         if self._finished:
             return
         self._finished = True
@@ -215,6 +231,11 @@ class RunTracer(BaseCallbackHandler):
             await asyncio.gather(*self._flushes, return_exceptions=True)
         batch, self._done = self._done, []
         new_rows = await asyncio.to_thread(self._build_rows, batch)
+        costs, usage = span_costs or {}, span_usage or {}
+        # Spans of earlier batches are written already: those the ledger corrects are
+        # updated, the new ones written with the ledger's numbers.
+        corrected = _apply_ledger(self._rows, costs, usage)
+        _apply_ledger(new_rows, costs, usage)
         self._rows += new_rows
         rows = self._rows
         await database_sync_to_async(services.trace_finish)(
@@ -224,6 +245,7 @@ class RunTracer(BaseCallbackHandler):
             started_at=_dt(root.start),
             run_id=self.run_id,
             spans=new_rows,
+            corrected_spans=corrected,
             status=status,
             ended_at=_dt(root.end),
             duration_ms=(root.end - root.start) * 1000,
@@ -233,12 +255,17 @@ class RunTracer(BaseCallbackHandler):
             cached_tokens=sum(r.cached_tokens for r in rows),
             error_type=error_type,
             error_message=error_message,
-            span_costs=span_costs or {},
             cost_usd=cost_usd,
         )
         metrics.observe_llm_spans(rows)
         if export.enabled():
-            export.schedule(trace_id=self.run_id, spans=rows)
+            export.schedule(
+                trace_id=self.run_id,
+                spans=rows,
+                conversation_id=self.conversation_id,
+                user_id=self.user_id,
+                cost_usd=cost_usd,
+            )
 
     # --- Buffering ------------------------------------------------------------------
 
@@ -556,6 +583,24 @@ def _usage(response: Any) -> tuple[int, int, int]:
         return 0, 0, 0
     usage = usage_of(message)
     return usage.input_tokens, usage.output_tokens, usage.cached_tokens
+
+
+def _apply_ledger(
+    rows: list[Span], costs: Mapping[UUID, Decimal | None], usage: Mapping[UUID, CallUsage]
+) -> list[Span]:
+    """Give each LLM span its call's cost and tokens from the ledger; the rows changed."""
+    changed = []
+    for row in rows:
+        if row.id in costs:
+            row.cost_usd = costs[row.id]
+        counts = usage.get(row.id)
+        if counts is not None:
+            row.input_tokens = counts.input_tokens
+            row.output_tokens = counts.output_tokens
+            row.cached_tokens = counts.cached_tokens
+        if row.id in costs or counts is not None:
+            changed.append(row)
+    return changed
 
 
 def _error(error: BaseException | tuple[str, str] | None) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Writes of traces. The capture buffers spans and hands them over here in batches."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
@@ -45,6 +45,7 @@ def trace_finish(
     *,
     run_id: UUID,
     spans: Sequence[Span],
+    corrected_spans: Sequence[Span] = (),
     status: str,
     create: bool = False,
     user_id: int | None = None,
@@ -58,17 +59,12 @@ def trace_finish(
     cached_tokens: int,
     error_type: str = "",
     error_message: str = "",
-    span_costs: Mapping[UUID, Decimal | None] | None = None,
     cost_usd: Decimal | None = None,
 ) -> None:
     """Write the last spans and the trace's totals together, so a finished trace is
     never seen with half its spans. `create`: the trace row was not written at the start
-    (a short run), so it is written here, in the same transaction. `span_costs`: the
-    priced LLM spans, including any already flushed in an earlier batch."""
-    costs = dict(span_costs or {})
-    for span in spans:
-        if span.id in costs:
-            span.cost_usd = costs.pop(span.id)
+    (a short run), so it is written here, in the same transaction. `corrected_spans`:
+    spans written in an earlier batch whose cost and tokens the ledger has since given."""
     totals = {
         "status": status,
         "ended_at": ended_at,
@@ -90,10 +86,10 @@ def trace_finish(
         else:
             Trace.objects.filter(run_id=run_id).update(**totals)
         span_bulk_create(spans=spans)
-        # Spans of earlier batches: a run has few LLM calls, so one UPDATE each is fine.
-        for span_id, cost in costs.items():
-            if cost is not None:
-                Span.objects.filter(id=span_id).update(cost_usd=cost)
+        if corrected_spans:
+            Span.objects.bulk_update(
+                corrected_spans, ["cost_usd", "input_tokens", "output_tokens", "cached_tokens"]
+            )
 
 
 def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:

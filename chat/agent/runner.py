@@ -22,6 +22,7 @@ from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
 from billing.services import account_for_user
 from chat import selectors, services
 from chat.events import RunEventStream
+from chat.metrics import tool_call_observe
 from chat.models import Run
 from chat.rendering import render_markdown
 from chat.run_outcome import RunOutcome
@@ -107,6 +108,10 @@ async def execute_run(run_id: UUID) -> None:
             metrics.ACTIVE_RUNS.dec()
             metrics.RUNS.labels(status=outcome.status.value).inc()
             metrics.RUN_DURATION.observe(time.monotonic() - started)
+            if outcome.error_code and outcome.status != Run.Status.CANCELLED:
+                metrics.RUN_ERRORS.labels(code=outcome.error_code).inc()
+            if cost is not None:
+                metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
         if tracer is not None:
             await _finish_trace(tracer, outcome, cost)
 
@@ -116,7 +121,11 @@ def _start_trace(run: Run) -> RunTracer | None:
         return None
     info = model_info()
     tracer = RunTracer(
-        run_id=run.id, user_id=run.conversation.owner_id, model=info.name, provider=info.provider
+        run_id=run.id,
+        user_id=run.conversation.owner_id,
+        conversation_id=run.conversation_id,
+        model=info.name,
+        provider=info.provider,
     )
     tracer.start()
     return tracer
@@ -133,6 +142,7 @@ async def _finish_trace(tracer: RunTracer, outcome: RunOutcome, cost: RunCost | 
                 error_type=outcome.error_code,
                 error_message=outcome.error_message,
                 span_costs=cost.span_costs if cost else None,
+                span_usage=cost.span_usage if cost else None,
                 cost_usd=cost.total_usd if cost else None,
             )
         )
@@ -221,6 +231,7 @@ async def _on_node_update(
         for message in messages:
             if isinstance(message, ToolMessage):
                 is_error = message.status == "error"
+                tool_call_observe(tool=message.name or "", is_error=is_error)
                 outcome.add_tool_result(
                     tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
                 )

@@ -1,12 +1,15 @@
 import logging
+from decimal import Decimal
 
 import pytest
 from channels.db import database_sync_to_async
 
 from agentsite.logging import ContextFilter
+from billing.models import ModelPrice, UsageRecord
 from chat import services
 from chat.models import Run
 from conftest import open_socket, receive_until, wait_for_runs
+from tracing.export import otel_span_id
 from tracing.models import Span, Trace
 from tracing.selectors import trace_flatten, trace_tree
 
@@ -103,6 +106,53 @@ async def test_a_cancelled_run_closes_its_open_spans_as_cancelled(make_user, set
     assert not await Span.objects.filter(trace=trace, ended_at__isnull=True).aexists()
 
 
+async def test_a_cancelled_call_has_the_tokens_the_ledger_billed(make_user, settings):
+    # The provider never reports usage for a call cut short; the ledger bills what was
+    # streamed. The span, the trace (the trace page, /traces/) and the run all say so.
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
+    await receive_until(socket, "token")
+    await socket.send_json_to({"type": "cancel"})
+    await receive_until(socket, "run.cancelled")
+    await socket.disconnect()
+    await wait_for_runs()
+
+    run = await Run.objects.aget(conversation=conversation)
+    trace = await Trace.objects.aget(run=run)
+    [billed] = [row async for row in UsageRecord.objects.filter(run_id=run.id)]
+    span = await Span.objects.aget(trace=trace, kind="llm")
+    assert span.id == billed.span_id and span.status == "cancelled"
+    assert (span.input_tokens, span.output_tokens) == (billed.input_tokens, billed.output_tokens)
+    assert billed.input_tokens > 0 and billed.output_tokens > 0
+    assert (trace.input_tokens, trace.output_tokens) == (run.input_tokens, run.output_tokens)
+    assert (run.input_tokens, run.output_tokens) == (billed.input_tokens, billed.output_tokens)
+
+
+async def test_spans_written_early_get_the_ledger_cost_and_tokens(make_user, settings):
+    await ModelPrice.objects.aupdate_or_create(
+        model="agentsite-offline-demo",
+        defaults={"input_per_mtok": Decimal("2"), "output_per_mtok": Decimal("8")},
+    )
+    settings.TRACING_FLUSH_BATCH = 1  # each LLM span is written as soon as it ends
+    settings.TRACING_RUNNING_VISIBLE_AFTER = 0.0
+    user = await database_sync_to_async(make_user)()
+    run, _, _ = await run_message(user, "What is 2*3?")
+    ledger = {
+        row.span_id: (row.input_tokens, row.output_tokens, row.cost_usd)
+        async for row in UsageRecord.objects.filter(run_id=run.id)
+    }
+    spans = {
+        span.id: (span.input_tokens, span.output_tokens, span.cost_usd)
+        async for span in Span.objects.filter(trace_id=run.id, kind="llm")
+    }
+    assert len(ledger) == 2 and spans == ledger
+    assert all(cost > 0 for _, _, cost in ledger.values())
+
+
 async def test_a_failed_run_records_the_error_on_the_llm_span(make_user, settings):
     settings.AGENT_MODEL = "openai"
     settings.AGENT_OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens there
@@ -192,17 +242,20 @@ async def test_a_run_stopped_at_the_step_limit_leaves_a_consistent_tree(make_use
     assert trace.span_count == await Span.objects.filter(trace=trace).acount() == 4
 
 
-async def test_the_run_logs_with_its_root_span_id(make_user, caplog):
+async def test_the_run_logs_with_its_trace_and_root_span_ids(make_user, caplog):
     caplog.set_level(logging.INFO, logger="chat.agent.runner")
     caplog.handler.addFilter(ContextFilter())
     user = await database_sync_to_async(make_user)()
     run, _, _ = await run_message(user, "What is 2*3?")
     root = await Span.objects.aget(trace_id=run.id, kind="run")
-    # Before the graph starts and after it ends: run-level lines carry the root span.
+    # Before the graph starts and after it ends: run-level lines carry the root span,
+    # with the ids the OTLP export gives the trace and the span, as OpenTelemetry
+    # writes them.
     lines = {
-        record.getMessage(): (record.run_id, record.span_id)
+        record.getMessage(): (record.run_id, record.trace_id, record.span_id)
         for record in caplog.records
         if record.name == "chat.agent.runner"
     }
-    assert lines[f"run {run.id} started"] == (str(run.id), str(root.id))
-    assert lines[f"run {run.id} finished: completed"] == (str(run.id), str(root.id))
+    ids = (str(run.id), f"{run.id.int:032x}", f"{otel_span_id(root.id):016x}")
+    assert lines[f"run {run.id} started"] == ids
+    assert lines[f"run {run.id} finished: completed"] == ids

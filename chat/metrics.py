@@ -1,0 +1,28 @@
+"""The metrics' label values that chat knows: for the series to start at 0, and to keep
+the tool label to the tools there are."""
+
+from agentsite import metrics
+
+from .agent.models import model_info
+from .agent.tools import TOOLS
+from .models import Run
+
+TOOL_NAMES = frozenset(tool.name for tool in TOOLS)
+
+
+def chat_metrics_preinitialise() -> None:
+    """Every final run status (whatever statuses Run has: a new one appears by itself),
+    every tool and the configured model. Called where a serving process starts (asgi.py;
+    a worker process's entry point calls it too)."""
+    metrics.metrics_preinitialise(
+        run_statuses=[s for s in Run.Status.values if s not in Run.ACTIVE_STATUSES],
+        tools=sorted(TOOL_NAMES),
+        models=[model_info().name],
+    )
+
+
+def tool_call_observe(*, tool: str, is_error: bool) -> None:
+    metrics.TOOL_CALLS.labels(
+        tool=tool if tool in TOOL_NAMES else metrics.OTHER_TOOL,
+        outcome="error" if is_error else "ok",
+    ).inc()
