@@ -31,6 +31,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     conversation: Conversation
     group: str
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Counted around the whole connection, not in connect/disconnect: a consumer that
+        # crashes, or is cancelled by the server, never reaches disconnect().
+        with OPEN_WEBSOCKETS.track_inprogress():
+            await super().__call__(scope, receive, send)
+
     async def connect(self) -> None:
         self.sent_seq: dict[str, int] = {}
         # The run under way at connect: followed only once the client resumes it.
@@ -39,7 +45,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Accept first: a close before accept becomes a bare HTTP 403 and the client
         # would never learn the reason code.
         await self.accept()
-        OPEN_WEBSOCKETS.inc()
         if not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
@@ -67,7 +72,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
-        OPEN_WEBSOCKETS.dec()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
