@@ -23,7 +23,7 @@ from .frames import ClientFrame, parse_client_frame
 from .models import Conversation
 
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
+# Also for another user's conversation: a stranger cannot tell it from a missing one.
 CLOSE_NOT_FOUND = 4404
 
 
@@ -52,9 +52,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.conversation = await database_sync_to_async(selectors.conversation_get)(
                 user=user, conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"]
             )
-        except ApplicationError as error:
-            code = CLOSE_FORBIDDEN if error.code == "forbidden" else CLOSE_NOT_FOUND
-            await self.close(code=code)
+        except ApplicationError:
+            await self.close(code=CLOSE_NOT_FOUND)
             return
         self.group = conversation_group(self.conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
