@@ -1,4 +1,4 @@
-"""The WebSocket edge: which pages may open a socket."""
+"""The WebSocket edge: which pages may open a socket, and how the server ends a bad one."""
 
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,3 +66,28 @@ def _is_secure(scope: dict[str, Any], headers: dict[bytes, str]) -> bool:
         if name in headers:
             return headers[name].split(",", 1)[0].strip() == secure_value
     return bool(scope.get("scheme") == "wss")
+
+
+def daphne_fail_with_close_frames() -> None:
+    """Make Daphne end a socket it must fail with a close frame that says why, instead
+    of dropping the TCP connection: 1009 for a message over its size limit
+    (`--websocket-max-message-size`, `DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE`; 1 MiB by
+    default), 1007 for a text frame that is not UTF-8, 1002 for a protocol error.
+
+    Such a frame never reaches the application, so no error frame can answer it; RFC 6455
+    (7.1.7) says the server SHOULD send a close frame then. Autobahn, Daphne's WebSocket
+    engine, drops the connection instead unless its `failByDrop` option is off, and
+    Daphne offers no setting for it, so every factory Daphne builds gets it off here.
+    Called before the server starts (agentsite.asgi is imported first)."""
+    from daphne.ws_protocol import WebSocketFactory
+
+    reset = WebSocketFactory.resetProtocolOptions
+    if getattr(reset, "fails_with_close_frames", False):
+        return
+
+    def reset_protocol_options(factory: WebSocketFactory) -> None:
+        reset(factory)
+        factory.failByDrop = False
+
+    reset_protocol_options.fails_with_close_frames = True  # type: ignore[attr-defined]
+    WebSocketFactory.resetProtocolOptions = reset_protocol_options  # type: ignore[method-assign]
