@@ -242,3 +242,23 @@ def test_a_page_on_another_port_cannot_open_a_socket(server):
             await still_usable(socket)
 
     asyncio.run(drive())
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+def test_a_session_cookie_with_a_nul_is_no_session_not_a_500(server):
+    """Django unquotes `"\\000"` in a quoted cookie; PostgreSQL refused the lookup."""
+    cookie = 'sessionid="abcdefgh\\000ijklmnop"'
+    request = urllib.request.Request(server.url + "/login/", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+    async def drive() -> int | None:
+        async with connect(
+            server.url.replace("http://", "ws://") + f"/ws/chat/{server.conversation}/",
+            origin=server.origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": cookie},
+            proxy=None,
+        ) as socket:
+            return await closed_with(socket)
+
+    assert asyncio.run(drive()) == 4401  # not logged in
