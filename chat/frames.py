@@ -19,9 +19,9 @@ class ClientFrame:
 
 
 FRAME_TYPES = ("message", "cancel", "resume")
-# The largest `after_seq` a resume may name: seqs are stored as signed 64-bit integers
-# (PostgreSQL's and SQLite's largest), and the Redis event log asks for `0-<after_seq + 1>`,
-# which must fit a stream id's unsigned 64 bits.
+# The largest `after_seq` a resume may name: the largest integer PostgreSQL and SQLite
+# store (signed 64 bits), so that `0-<after_seq + 1>`, what the Redis event log asks for,
+# still fits a stream id's unsigned 64 bits (2**64 made Redis refuse the XRANGE).
 MAX_SEQ = 2**63 - 1
 
 
