@@ -70,9 +70,9 @@ def _is_secure(scope: dict[str, Any], headers: dict[bytes, str]) -> bool:
 
 def daphne_fail_with_close_frames() -> None:
     """Make Daphne end a socket it must fail with a close frame that says why, instead
-    of dropping the TCP connection: 1009 for a message over its size limit
-    (`--websocket-max-message-size`, `DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE`; 1 MiB by
-    default), 1007 for a text frame that is not UTF-8, 1002 for a protocol error.
+    of dropping the TCP connection: 1009 for a message over its size limit (1 MiB
+    unless `--websocket-max-message-size` says otherwise), 1007 for a text frame that is
+    not UTF-8, 1002 for a protocol error.
 
     Such a frame never reaches the application, so no error frame can answer it; RFC 6455
     (7.1.7) says the server SHOULD send a close frame then. Autobahn, Daphne's WebSocket
