@@ -1,6 +1,7 @@
-"""Hostile input against a real Daphne server (the one `make run` starts), on SQLite and
-on PostgreSQL: what only the real server does (its frame size limit, UTF-8 checks and
-origin handshake) and what only PostgreSQL refuses (NUL in text)."""
+"""Hostile input against a real Daphne server (the one `make run` starts) on PostgreSQL:
+what only the real server does (its frame size limit, UTF-8 checks and origin handshake)
+and what only PostgreSQL refuses (NUL in text). One server for the module: on SQLite, with
+the PostgreSQL-only tests skipped loudly, when PostgreSQL is down."""
 
 import asyncio
 import http.cookiejar
@@ -34,10 +35,12 @@ from tests.servers import POSTGRES, postgres_available
 
 # Daphne's default limit on one incoming WebSocket message (--websocket-max-message-size).
 DAPHNE_MAX_MESSAGE_BYTES = 1024 * 1024
+BACKEND = "postgresql" if postgres_available() else "sqlite"
 
 
 @dataclass
 class Server:
+    backend: str
     url: str
     log: Path
     opener: urllib.request.OpenerDirector
@@ -121,17 +124,15 @@ def log_in(url: str, log: Path) -> Server:
         # The login lands on the user's newest conversation.
         conversation = re.search(r"/c/([0-9a-f-]{36})/", response.url)
     assert conversation is not None, response.url
-    return Server(url, log, opener, cookies, conversation[1])
+    return Server(BACKEND, url, log, opener, cookies, conversation[1])
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp(f"websocket-{request.param}")
-    if request.param == "sqlite":
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp(f"websocket-{BACKEND}")
+    if BACKEND == "sqlite":
         yield from start_server(workdir, f"sqlite:///{workdir / 'db.sqlite3'}")
         return
-    if not postgres_available():
-        pytest.skip("PostgreSQL is NOT reachable on 127.0.0.1:5432: NUL-in-text checks untested")
     name = f"agentsite_frames_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
@@ -140,6 +141,11 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     finally:
         with psycopg.connect(POSTGRES, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def require_postgres(server: Server) -> None:
+    if server.backend != "postgresql":
+        pytest.skip("PostgreSQL is NOT reachable on 127.0.0.1:5432: NUL-in-text check untested")
 
 
 @pytest.fixture
@@ -199,6 +205,7 @@ def test_unstorable_or_oversized_messages_get_an_error_frame(server, content, co
 
 @pytest.mark.usefixtures("no_tracebacks")
 def test_a_nul_in_a_title_is_refused_with_a_message_not_a_500(server):
+    require_postgres(server)
     status, page = server.post(f"/c/{server.conversation}/rename/", {"title": "a\u0000b"})
     assert status == 200, page[-2000:]  # the redirect back to the conversation, followed
     assert "cannot be stored" in page
@@ -247,6 +254,7 @@ def test_a_page_on_another_port_cannot_open_a_socket(server):
 @pytest.mark.usefixtures("no_tracebacks")
 def test_a_session_cookie_with_a_nul_is_no_session_not_a_500(server):
     """Django unquotes `"\\000"` in a quoted cookie; PostgreSQL refused the lookup."""
+    require_postgres(server)
     cookie = 'sessionid="abcdefgh\\000ijklmnop"'
     request = urllib.request.Request(server.url + "/login/", headers={"Cookie": cookie})
     with urllib.request.urlopen(request, timeout=30) as response:
