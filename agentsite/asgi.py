@@ -10,17 +10,16 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from agentsite.websocket import SameOriginValidator, daphne_fail_with_close_frames  # noqa: E402
 from chat.metrics import chat_metrics_preinitialise  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
+daphne_fail_with_close_frames()
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 

@@ -148,6 +148,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:index"
 LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
+# Database sessions that ignore a cookie Django could not have issued (see the module).
+SESSION_ENGINE = "agentsite.sessions"
 # The request header programs send their API key in (billing.auth.ApiKeyAuth).
 AGENT_API_KEY_HEADER = env.str("AGENT_API_KEY_HEADER", default="X-API-Key")
 # Requests per minute per account when its plan sets none (0: no limit); counted in

@@ -23,13 +23,19 @@ from .frames import ClientFrame, parse_client_frame
 from .models import Conversation
 
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
+# Also for another user's conversation: a stranger cannot tell it from a missing one.
 CLOSE_NOT_FOUND = 4404
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     conversation: Conversation
     group: str
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Counted around the whole connection, not in connect/disconnect: a consumer that
+        # crashes, or is cancelled by the server, never reaches disconnect().
+        with OPEN_WEBSOCKETS.track_inprogress():
+            await super().__call__(scope, receive, send)
 
     async def connect(self) -> None:
         self.sent_seq: dict[str, int] = {}
@@ -39,7 +45,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Accept first: a close before accept becomes a bare HTTP 403 and the client
         # would never learn the reason code.
         await self.accept()
-        OPEN_WEBSOCKETS.inc()
         if not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
@@ -47,9 +52,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.conversation = await database_sync_to_async(selectors.conversation_get)(
                 user=user, conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"]
             )
-        except ApplicationError as error:
-            code = CLOSE_FORBIDDEN if error.code == "forbidden" else CLOSE_NOT_FOUND
-            await self.close(code=code)
+        except ApplicationError:
+            await self.close(code=CLOSE_NOT_FOUND)
             return
         self.group = conversation_group(self.conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -67,7 +71,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
-        OPEN_WEBSOCKETS.dec()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 

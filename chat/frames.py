@@ -19,6 +19,10 @@ class ClientFrame:
 
 
 FRAME_TYPES = ("message", "cancel", "resume")
+# The largest `after_seq` a resume may name: the largest integer PostgreSQL and SQLite
+# store (signed 64 bits), so that `0-<after_seq + 1>`, what the Redis event log asks for,
+# still fits a stream id's unsigned 64 bits (2**64 made Redis refuse the XRANGE).
+MAX_SEQ = 2**63 - 1
 
 
 def max_frame_chars() -> int:
@@ -36,7 +40,13 @@ def parse_client_frame(text: str | None) -> ClientFrame:
             f"to {settings.AGENT_MAX_MESSAGE_CHARS} characters.",
         )
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError as error:
+        # The decoder recurses once per level; a frame is a flat object, so anything this
+        # deep is hostile and must not take the socket down.
+        raise ApplicationError(
+            "invalid_json", "The frame is nested too deeply; a frame is a flat JSON object."
+        ) from error
     except ValueError as error:
         raise ApplicationError("invalid_json", f"The frame is not valid JSON: {error}.") from error
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
@@ -55,18 +65,27 @@ def parse_client_frame(text: str | None) -> ClientFrame:
     if frame_type == "cancel":
         return ClientFrame(type="cancel", run=run)
     after_seq = data.get("after_seq", 0)
-    if run is None or type(after_seq) is not int or after_seq < 0:
+    if run is None or type(after_seq) is not int or not 0 <= after_seq <= MAX_SEQ:
         raise ApplicationError(
             "invalid_frame",
-            'resume needs "run" (a run id) and "after_seq" (the last seq seen, 0 or more).',
+            'resume needs "run" (a run id) and "after_seq" (the last seq seen, from 0 to '
+            f"{MAX_SEQ}).",
         )
     return ClientFrame(type="resume", run=run, after_seq=after_seq)
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's decoder accepts NaN and Infinity, which JSON (RFC 8259) does not have.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _optional_uuid(value: Any) -> UUID | None:
     if value is None:
         return None
+    # Only strings are looked at: str() of a deeply nested list would recurse.
+    if not isinstance(value, str):
+        raise ApplicationError("invalid_frame", '"run" must be a run id (a string).')
     try:
-        return UUID(str(value))
+        return UUID(value)
     except ValueError as error:
-        raise ApplicationError("invalid_frame", f"{str(value)[:40]!r} is not a run id.") from error
+        raise ApplicationError("invalid_frame", f"{value[:40]!r} is not a run id.") from error

@@ -17,18 +17,14 @@ def conversation_list(*, owner: User) -> QuerySet[Conversation]:
 
 
 def conversation_get(*, user: User | AnonymousUser, conversation_id: UUID | str) -> Conversation:
-    """The conversation, if `user` may see it; otherwise an ApplicationError saying why."""
+    """The conversation, if `user` may see it. Another user's conversation is not found
+    (not forbidden), exactly like a missing one, so ids cannot be probed for existence."""
     try:
-        conversation = Conversation.objects.get(id=conversation_id)
+        return Conversation.objects.get(id=conversation_id, owner_id=user.pk)
     except (Conversation.DoesNotExist, ValidationError, ValueError) as error:
         raise ApplicationError(
             "not_found", "There is no such conversation.", http_status=404
         ) from error
-    if conversation.owner_id != user.pk:
-        raise ApplicationError(
-            "forbidden", "This conversation belongs to another user.", http_status=403
-        )
-    return conversation
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:

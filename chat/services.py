@@ -1,6 +1,7 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
+import re
 from uuid import UUID
 
 from django.conf import settings
@@ -21,6 +22,9 @@ from .run_outcome import RunOutcome
 
 TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
+# Characters no database here can store: PostgreSQL text refuses NUL, and no UTF-8
+# database takes a lone surrogate (JSON can carry one escaped, as "\ud800").
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def conversation_create(*, owner: User, title: str = "") -> Conversation:
@@ -51,6 +55,8 @@ def _clean_title(title: str) -> str:
     title = " ".join(title.split())
     if not title:
         raise ApplicationError("invalid_title", "A conversation title cannot be empty.")
+    if _UNSTORABLE.search(title):
+        raise ApplicationError("invalid_title", _unstorable_message("title"))
     if len(title) > TITLE_MAX_CHARS:
         raise ApplicationError(
             "invalid_title", f"A conversation title is at most {TITLE_MAX_CHARS} characters."
@@ -71,7 +77,16 @@ def _clean_message(content: object) -> str:
             f"The message has {len(content)} characters; the limit is {limit}. "
             "Shorten it or split it into several messages.",
         )
+    if _UNSTORABLE.search(content):
+        raise ApplicationError("invalid_message", _unstorable_message("message"))
     return content
+
+
+def _unstorable_message(what: str) -> str:
+    return (
+        f"The {what} contains a character that cannot be stored (a NUL character or an "
+        "unpaired UTF-16 surrogate); remove it and try again."
+    )
 
 
 def run_create(*, conversation: Conversation, content: object) -> Run:

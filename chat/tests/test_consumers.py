@@ -59,12 +59,13 @@ async def test_refuses_a_visitor_who_is_not_logged_in(make_user):
     assert await socket.receive_output() == {"type": "websocket.close", "code": 4401}
 
 
-async def test_refuses_another_users_conversation(make_user):
+async def test_refuses_another_users_conversation_as_if_it_did_not_exist(make_user):
     alice = await database_sync_to_async(make_user)("alice")
     mallory = await database_sync_to_async(make_user)("mallory")
     conversation = await database_sync_to_async(services.conversation_create)(owner=alice)
     socket = await open_socket(f"/ws/chat/{conversation.id}/", mallory)
-    assert await socket.receive_output() == {"type": "websocket.close", "code": 4403}
+    # 4404, as for a missing id: a stranger must not learn that the id exists.
+    assert await socket.receive_output() == {"type": "websocket.close", "code": 4404}
 
 
 @pytest.mark.parametrize("path", ["00000000-0000-0000-0000-000000000000", "not-a-uuid"])

@@ -323,7 +323,7 @@
         window.location.href = "/login/?next=" + encodeURIComponent(window.location.pathname);
         return;
       }
-      if (closed.code === 4403 || closed.code === 4404) {
+      if (closed.code === 4404) {
         showNotice("This conversation is not available.");
         return;
       }

@@ -1,0 +1,19 @@
+"""Django's database sessions, refusing a cookie that cannot be a session key."""
+
+from django.contrib.sessions.backends.base import VALID_KEY_CHARS
+from django.contrib.sessions.backends.db import SessionStore as DatabaseSessionStore
+
+
+class SessionStore(DatabaseSessionStore):
+    """Django looks up any session cookie of 8 characters or more. A quoted cookie may
+    carry a NUL (`sessionid="abcdefgh\\000"`), which PostgreSQL refuses in a query, so
+    every page and WebSocket handshake answered 500, even to a visitor who never logged
+    in. A key Django could not have made is no session: the visitor is not logged in."""
+
+    def _validate_session_key(self, key: str | None) -> bool:
+        # Django's own rule first (django-stubs does not know this private method).
+        valid = super()._validate_session_key(key)  # type: ignore[misc]
+        return bool(valid) and set(key or "") <= _KEY_CHARS
+
+
+_KEY_CHARS = set(VALID_KEY_CHARS)
