@@ -249,6 +249,18 @@ class RunTracer(BaseCallbackHandler):
             # Callbacks of sync steps arrive on a worker thread: hand over to the loop.
             self._loop.call_soon_threadsafe(self._schedule_flush, batch)
 
+    def flush(self) -> None:
+        """Write the spans finished so far (and the trace row), so a process that dies
+        loses only the spans since the last call: the run's lease keeper calls it on
+        every renewal. Call it on the run's event loop."""
+        if self._finished or self._loop is None:
+            return
+        batch, self._done = self._done, []
+        if batch:
+            self._schedule_flush(batch)
+        else:
+            self._write_start()
+
     def _schedule_flush(self, batch: list[SpanRecord]) -> None:
         self._write_start()  # spans need their trace row
         self._flushes.append(asyncio.ensure_future(self._flush(batch)))

@@ -6,6 +6,8 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.db import transaction
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .models import Span, Trace
@@ -26,15 +28,40 @@ def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime)
 
 
 def trace_close_interrupted(
-    *, run_ids: Sequence[UUID], error_type: str, error_message: str
+    *,
+    run_ids: Sequence[UUID],
+    error_type: str,
+    error_message: str,
+    span_costs: Mapping[UUID, Decimal | None] | None = None,
+    cost_usd: Decimal | None = None,
 ) -> None:
-    """Close the traces of runs whose process died: their tracer will never finish them."""
-    Trace.objects.filter(run_id__in=run_ids, status=Trace.Status.RUNNING).update(
-        status=Trace.Status.ERROR,
-        ended_at=timezone.now(),
-        error_type=error_type,
-        error_message=error_message,
-    )
+    """Close the traces of runs whose process died: their tracer will never finish them.
+    What their tracer wrote before it died (it flushes on every lease renewal) stays, and
+    the totals are those spans'. `span_costs` / `cost_usd`: what billing settled."""
+    now = timezone.now()
+    for trace in Trace.objects.filter(run_id__in=run_ids, status=Trace.Status.RUNNING):
+        spans = trace.spans.aggregate(
+            count=Count("id"),
+            input=Coalesce(Sum("input_tokens"), 0),
+            output=Coalesce(Sum("output_tokens"), 0),
+            cached=Coalesce(Sum("cached_tokens"), 0),
+        )
+        with transaction.atomic():
+            Trace.objects.filter(run_id=trace.run_id, status=Trace.Status.RUNNING).update(
+                status=Trace.Status.ERROR,
+                ended_at=now,
+                duration_ms=(now - trace.started_at).total_seconds() * 1000,
+                span_count=spans["count"],
+                input_tokens=spans["input"],
+                output_tokens=spans["output"],
+                cached_tokens=spans["cached"],
+                cost_usd=cost_usd,
+                error_type=error_type[:200],
+                error_message=error_message,
+            )
+            for span_id, cost in (span_costs or {}).items():
+                if cost is not None:
+                    Span.objects.filter(id=span_id, trace_id=trace.run_id).update(cost_usd=cost)
 
 
 def span_bulk_create(*, spans: Sequence[Span]) -> None:

@@ -11,6 +11,8 @@ from uuid import UUID
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from chat.lifecycle import lease_keeper
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +62,11 @@ class InProcessExecutor:
         )
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._forget(run_id))
+        # The run was created under this process's lease (it is queued until the task
+        # runs): renewed from now on, and the task stopped if another process closes it.
+        keeper = lease_keeper()
+        keeper.hold(run_id, on_lost=task.cancel)
+        keeper.ensure_started()
 
     async def _execute(self, run_id: UUID) -> None:
         from .runner import execute_run  # the runner needs the services, which need us
@@ -110,6 +117,7 @@ class InProcessExecutor:
         return True
 
     def _forget(self, run_id: UUID) -> None:
+        lease_keeper().release(run_id)
         self._tasks.pop(run_id, None)
         self._cancelled.discard(run_id)
 

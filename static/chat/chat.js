@@ -158,6 +158,7 @@
     failed: "Failed",
     limit_reached: "Limit reached",
     budget_exceeded: "Budget reached",
+    interrupted: "Interrupted",
   };
 
   function drawRunEnd(turn, event) {
@@ -222,6 +223,7 @@
 
   const FINAL = [
     "run.completed", "run.failed", "run.cancelled", "run.limit_reached", "run.budget_exceeded",
+    "run.interrupted",
   ];
 
   // What is left of the account's limits, as the server worded it after this answer.
