@@ -74,27 +74,37 @@ class InProcessExecutor:
         if self._single_instance():
             await execute_run(run_id)
             return
-        layer = get_channel_layer()
-        assert layer is not None
-        channel = await layer.new_channel()
-        await layer.group_add(run_control_group(run_id), channel)
-        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
+        listener = asyncio.create_task(self._listen_for_cancel(run_id))
         try:
             await execute_run(run_id)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-            await layer.group_discard(run_control_group(run_id), channel)
 
-    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
+    async def _listen_for_cancel(self, run_id: UUID) -> None:
+        """Cancels broadcast by any instance, until the run ends. The run never waits
+        for this: when Redis is down or restarts (forgetting the group), the run goes on
+        and this subscribes again."""
         layer = get_channel_layer()
         assert layer is not None
-        while True:
-            message = await layer.receive(channel)
-            if message.get("type") == "run.cancel":
-                await self._cancel_local(run_id)
-                return
+        group = run_control_group(run_id)
+        channel = await layer.new_channel()
+        try:
+            while True:
+                try:
+                    await layer.group_add(group, channel)
+                    while True:
+                        message = await layer.receive(channel)
+                        if message.get("type") == "run.cancel":
+                            await self._cancel_local(run_id)
+                            return
+                except Exception as error:
+                    logger.warning("run %s: cancel listener lost Redis: %r", run_id, error)
+                    await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
 
     async def _cancel(self, run_id: UUID) -> bool:
         if await self._cancel_local(run_id):
