@@ -330,8 +330,11 @@
         return;
       }
       showNotice("Connection lost; reconnecting…");
-      setTimeout(connect, retryDelay);
-      retryDelay = Math.min(retryDelay * 2, 10000);
+      // Jittered, so a restarted server is not met by every browser at once; capped
+      // low, so the chat is back (and shows how the run it was drawing ended, resumed
+      // on "session") within seconds of the server.
+      setTimeout(connect, retryDelay * (0.5 + Math.random() / 2));
+      retryDelay = Math.min(retryDelay * 2, 5000);
     });
   }
 
