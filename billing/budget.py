@@ -221,12 +221,12 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
 
 
 def budget_release_stale(*, account_id: int) -> int:
-    """Free the account's holds whose run is over or was given up for dead (past its
-    wall-clock limit): a process that died mid-call, or a finish that failed to settle.
-    Their calls' usage was never reported, so nothing is recorded. Returns how many
-    holds were freed."""
+    """Free the account's holds whose run is over: a finish that failed to settle them.
+    Their calls' usage was never reported, so nothing is recorded. (A run whose process
+    died keeps its hold until the reaper closes it and settles it for what it streamed.)
+    Returns how many holds were freed."""
     stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
-        run_id__in=Run.objects.alive().values("id")
+        run_id__in=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values("id")
     )
     released = 0
     with transaction.atomic(), connection.cursor() as cursor:

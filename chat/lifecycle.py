@@ -40,6 +40,7 @@ from django.utils import timezone
 
 from agentsite import metrics
 from billing.budget import Usage, usage_close_run
+from tracing.capture import trace_status_for
 from tracing.formatting import format_usd
 from tracing.services import trace_close_interrupted
 
@@ -235,7 +236,7 @@ def run_close(
     )
     if not claimed:
         return None
-    run = Run.objects.get(id=run_id)
+    run = Run.objects.select_related("conversation").get(id=run_id)
     span_costs: dict[UUID, Decimal | None] = {}
     try:
         cost = usage_close_run(
@@ -249,13 +250,18 @@ def run_close(
         run.cost_usd = cost.total_usd
         span_costs = cost.span_costs
         run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
-    trace_close_interrupted(
-        run_ids=[run_id],
-        error_type=error_code,
-        error_message=error_message,
-        span_costs=span_costs,
-        cost_usd=run.cost_usd,
-    )
+    if settings.TRACING_ENABLED:
+        trace_close_interrupted(
+            run_id=run_id,
+            user_id=run.conversation.owner_id,
+            model=run.model,
+            started_at=run.started_at or run.created_at,
+            error_type=error_code,
+            error_message=error_message,
+            status=trace_status_for(status),
+            span_costs=span_costs,
+            cost_usd=run.cost_usd,
+        )
     return ClosedRun(conversation_id=run.conversation_id, final=_final_event(run, []))
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -120,7 +120,9 @@ class RunTracer(BaseCallbackHandler):
         # A run still going after this many seconds gets its trace row written, so it
         # is listed while it runs; shorter runs write it with their spans at the end.
         self.visible_after = settings.TRACING_RUNNING_VISIBLE_AFTER
-        self.root = SpanRecord(uuid4(), None, RUN, "run", time.time())
+        # The root span's id is the run's: whoever closes a trace this tracer never
+        # finished (its process died) can write the root the flushed spans hang from.
+        self.root = SpanRecord(run_id, None, RUN, "run", time.time())
         # LangChain run id -> the span that stands for it (itself, or for a skipped
         # wrapper the nearest recorded ancestor).
         self._alias: dict[UUID, UUID] = {}

@@ -64,6 +64,7 @@ def with_hold_and_trace(run: Run, user) -> None:
     trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
     Span.objects.create(
         trace=trace,
+        parent_id=run.id,  # the root span's id is the run's
         kind=Span.Kind.TOOL,
         name="calculator",
         started_at=run.started_at,
@@ -98,7 +99,12 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
     assert run.cost_usd == record.cost_usd and final["cost_usd"] == str(record.cost_usd)
     trace = await Trace.objects.aget(run_id=run.id)
     assert trace.status == Trace.Status.ERROR and trace.error_type == "run_interrupted"
-    assert trace.span_count == 1 and trace.ended_at is not None
+    assert trace.ended_at is not None
+    # The span it flushed, under the root span its tracer never wrote.
+    root = await Span.objects.aget(id=run.id)
+    assert root.kind == Span.Kind.RUN and root.status == Span.Status.ERROR
+    assert trace.span_count == 2
+    assert await Span.objects.filter(trace_id=run.id, parent_id=run.id).acount() == 1
     # Its log has the final event for any socket that resumes later.
     assert [e["type"] for e in await event_log().after(run.id, 0)] == ["run.interrupted"]
     # The conversation is usable again.
@@ -160,6 +166,8 @@ async def test_a_socket_that_connects_reaps_the_lost_run_and_resumes_its_end(mak
     assert session["active_run"] is None
     frame = await socket.receive_json_from()
     assert frame["type"] == "run.interrupted" and frame["seq"] > 57
+    # It died before its trace row was written: it gets a closed one.
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.ERROR
     await socket.disconnect()
 
 
