@@ -272,11 +272,12 @@ def run_final_event_rebuilt(*, run: Run) -> Event:
 
 
 def _final_event(run: Run, answers: Sequence[Message]) -> Event:
+    status = Run.Status(run.status)
     event: Event = {
-        "type": FINAL_EVENTS[Run.Status(run.status)],
+        "type": FINAL_EVENTS[status],
         "run": str(run.id),
         "seq": run.event_seq,
-        "status": run.status,
+        "status": status.value,
         "messages": [message_out(m.id, m.content) for m in answers],
         "usage": {
             "input_tokens": run.input_tokens,
