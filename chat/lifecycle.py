@@ -155,7 +155,12 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
     `final_seq`), ready to publish. None if the run was already closed (interrupted by
     another process, or deleted with its conversation): it is left as it is."""
     with transaction.atomic():
-        run = Run.objects.select_for_update().filter(id=run_id).first()
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .select_related("conversation")
+            .filter(id=run_id)
+            .first()
+        )
         if run is None or not run.is_active:
             return None
         run.status = outcome.status
@@ -299,10 +304,7 @@ def _final_event(run: Run, answers: Sequence[Message]) -> Event:
 def _budget_after(run: Run) -> dict[str, Any] | None:
     """A failure here is logged and loses the line, never the final event."""
     try:
-        owner_id = Conversation.objects.values_list("owner_id", flat=True).get(
-            id=run.conversation_id
-        )
-        shown = selectors.budget_line(user_id=owner_id)
+        shown = selectors.budget_line(user_id=run.conversation.owner_id)
     except Exception:
         logger.exception("run %s: could not work out the budget left", run.id)
         return None

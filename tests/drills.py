@@ -60,19 +60,34 @@ class DrillServer:
         self.log = workdir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def prepare(self) -> Login:
-        prepared = subprocess.run(
+    def prepare_and_start(self) -> Login:
+        """Migrate, make the drill's user, session and conversation, and start the
+        server meanwhile (it touches the database only once asked, after both)."""
+        preparing = subprocess.Popen(
             [sys.executable, "manage.py", "shell", "--no-imports", "-c", _PREPARE],
             cwd=ROOT,
             env=self.env,
-            capture_output=True,
-            timeout=120,
-            check=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        data = json.loads(prepared.stdout.decode().strip().splitlines()[-1])
+        try:
+            self._launch()
+            out, err = preparing.communicate(timeout=120)
+        finally:
+            preparing.kill()
+        if preparing.returncode != 0:
+            raise RuntimeError(f"Preparing the database failed:\n{err.decode()[-3000:]}")
+        assert self.process is not None
+        _wait_until_up(self.url, self.process, self.log)
+        data = json.loads(out.decode().strip().splitlines()[-1])
         return Login(session=data["session"], conversation=data["conversation"])
 
     def start(self) -> None:
+        self._launch()
+        assert self.process is not None
+        _wait_until_up(self.url, self.process, self.log)
+
+    def _launch(self) -> None:
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
@@ -81,7 +96,6 @@ class DrillServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        _wait_until_up(self.url, self.process, self.log)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind, as a crash or the OOM killer."""

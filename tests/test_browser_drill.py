@@ -20,8 +20,7 @@ def test_the_chat_shows_the_end_of_a_run_whose_server_died_and_goes_on(
 ) -> None:
     server = DrillServer(tmp_path, AGENT_RUN_LEASE_SECONDS="3", AGENT_OFFLINE_TOKEN_DELAY="0.15")
     try:
-        login = server.prepare()
-        server.start()
+        login = server.prepare_and_start()
         context = browser.new_context(base_url=server.url)
         context.add_cookies([{"name": "sessionid", "value": login.session, "url": server.url}])
         page = context.new_page()

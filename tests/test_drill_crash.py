@@ -22,8 +22,7 @@ async def test_a_run_whose_server_was_killed_is_interrupted_and_the_conversation
         tmp_path, AGENT_RUN_LEASE_SECONDS=LEASE_SECONDS, AGENT_OFFLINE_TOKEN_DELAY="0.15"
     )
     try:
-        login = server.prepare()
-        server.start()
+        login = server.prepare_and_start()
         async with server.socket(login) as socket:
             assert (await receive(socket))["type"] == "session"
             await socket.send('{"type": "message", "content": "Tell me about yourself"}')

@@ -72,8 +72,7 @@ async def test_a_client_learns_how_a_run_ended_across_a_redis_restart(tmp_path: 
     redis.start()
     server = DrillServer(tmp_path, AGENT_REDIS_URL=redis.url, AGENT_OFFLINE_TOKEN_DELAY="0.15")
     try:
-        login = server.prepare()
-        server.start()
+        login = server.prepare_and_start()
         seen: list[dict[str, Any]] = []
         async with server.socket(login) as socket:
             assert (await receive(socket))["type"] == "session"

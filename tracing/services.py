@@ -138,8 +138,8 @@ def trace_finish(
             Trace.objects.create(
                 run_id=run_id, user_id=user_id, model=model, started_at=started_at, **totals
             )
-        else:
-            Trace.objects.filter(run_id=run_id).update(**totals)
+        elif not Trace.objects.filter(run_id=run_id, status=Trace.Status.RUNNING).update(**totals):
+            return  # closed meanwhile as interrupted (its process stalled past its lease)
         span_bulk_create(spans=spans)
         # Spans of earlier batches: a run has few LLM calls, so one UPDATE each is fine.
         for span_id, cost in costs.items():

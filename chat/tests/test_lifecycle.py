@@ -299,3 +299,25 @@ async def test_a_writer_reserves_more_seqs_before_passing_its_ceiling(make_user)
         await stream.emit("token", text="x")
 
     assert (await Run.objects.aget(id=run.id)).event_seq == 2 + lifecycle.SEQ_BLOCK
+
+
+async def test_a_run_taken_over_while_its_process_stalled_is_stopped_there(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    _, socket = await connected(user)
+    await socket.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    run_id = (await receive_until(socket, "token"))[-1]["run"]
+    await receive_until(socket, "token")  # its trace row is written by now
+
+    # Another process found its lease lapsed (this one was stalled) and closed it.
+    assert await lifecycle.run_close_and_publish(run_id=uuid.UUID(run_id), lapsed_only=False)
+    await lifecycle.lease_keeper().tick()  # this process's next renewal finds it gone
+    await wait_for_runs()
+
+    frames = await receive_until(socket, "run.interrupted")
+    assert not [f for f in frames if f["type"] in lifecycle.FINAL_EVENTS.values()][:-1]
+    assert await socket.receive_nothing(timeout=0.5)  # no second ending
+    assert (await Run.objects.aget(id=run_id)).status == Run.Status.INTERRUPTED
+    trace = await Trace.objects.aget(run_id=run_id)
+    assert trace.status == Trace.Status.ERROR and trace.error_type == "run_interrupted"
+    await socket.disconnect()
