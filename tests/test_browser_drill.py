@@ -41,7 +41,7 @@ def test_the_chat_shows_the_end_of_a_run_whose_server_died_and_goes_on(
         expect(footer.locator(".run-error")).to_contain_text("stopped before it finished")
         expect(page.locator("#stop")).to_be_hidden()
         expect(page.locator("#notice")).to_be_hidden()
-        page.locator("#input").fill("Are you back?")
+        page.locator("#input").fill("What is 2 + 2?")
         page.locator("#input").press("Enter")
         expect(page.locator(".run-footer.completed")).to_be_visible(timeout=60_000)
         assert errors == [], f"JavaScript errors on the page: {errors}"

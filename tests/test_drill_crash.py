@@ -53,7 +53,7 @@ async def test_a_run_whose_server_was_killed_is_interrupted_and_the_conversation
             await socket.send(f'{{"type": "resume", "run": "{run}", "after_seq": {last_seq}}}')
             final = (await receive_until(socket, "run.interrupted", wait=60))[-1]
             interrupted_after = time.monotonic() - back
-            await socket.send('{"type": "message", "content": "Are you back?"}')
+            await socket.send('{"type": "message", "content": "What is 2 + 2?"}')
             started = (await receive_until(socket, "run.started", wait=60))[-1]
             usable_after = time.monotonic() - back
             completed = (await receive_until(socket, "run.completed", wait=60))[-1]
