@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import ROOT, _free_port, _server_env, _wait_until_up
@@ -160,8 +161,6 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        import redis
-
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
