@@ -321,3 +321,18 @@ async def test_a_run_taken_over_while_its_process_stalled_is_stopped_there(make_
     trace = await Trace.objects.aget(run_id=run_id)
     assert trace.status == Trace.Status.ERROR and trace.error_type == "run_interrupted"
     await socket.disconnect()
+
+
+def test_the_page_shows_an_interrupted_run_as_such(client, make_user):
+    user = make_user()
+    conversation = services.conversation_create(owner=user)
+    run = orphan(conversation)
+    conversation.messages.create(run=run, role="user", content="Tell me about yourself")
+    lifecycle.run_close(run_id=run.id)
+    client.force_login(user)
+
+    page = client.get(f"/c/{conversation.id}/").content.decode()
+
+    assert '<span class="run-status">Interrupted</span>' in page
+    assert "stopped before it finished" in page
+    assert 'data-active-run=""' in page
