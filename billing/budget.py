@@ -6,8 +6,9 @@ model's price) is reserved, atomically, against the account's daily, monthly, to
 per-run limits; when the call ends it is settled: its ledger row is written and its
 actual cost moves from "reserved" to "spent" in the same transaction. A call cut short
 (cancel, failure, deadline) is settled when its run finishes, with the usage the run
-saw. Holds left by runs that are over (a process that died, a finish that failed) are
-released before the account's next run is admitted.
+saw; a run whose process died, when it is closed for dead, with the usage it had
+recorded. Holds left by runs that are over (a finish that failed) are released before
+the account's next run is admitted.
 
 Atomicity: reservations and run admissions of one account serialize on its row lock
 (taken in its own statement on PostgreSQL; SQLite transactions are IMMEDIATE, one
@@ -223,12 +224,12 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
 
 
 def budget_release_stale(*, account_id: int) -> int:
-    """Free the account's holds whose run is over or was given up for dead (past its
-    wall-clock limit): a process that died mid-call, or a finish that failed to settle.
-    Their calls' usage was never reported, so nothing is recorded. Returns how many
-    holds were freed."""
+    """Free the account's holds whose run is over: a finish that failed to settle them.
+    Their calls' usage was never reported, so nothing is recorded. (A run whose process
+    died keeps its hold until the reaper closes it and settles it for what it streamed.)
+    Returns how many holds were freed."""
     stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
-        run_id__in=Run.objects.alive().values("id")
+        run_id__in=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values("id")
     )
     released = 0
     with transaction.atomic(), connection.cursor() as cursor:

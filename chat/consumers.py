@@ -7,6 +7,7 @@ Runs that start while the socket is open are followed from their first event; a 
 already under way at connect is followed once the client resumes it.
 """
 
+import logging
 from typing import Any
 from uuid import UUID
 
@@ -17,10 +18,13 @@ from agentsite.errors import ApplicationError
 from agentsite.metrics import OPEN_WEBSOCKETS
 from billing.ratelimit import rate_limit_hit_for_user
 
-from . import selectors, services
+from . import lifecycle, selectors, services
 from .events import Event, conversation_group, event_log
 from .frames import ClientFrame, parse_client_frame
+from .lifecycle import lease_keeper
 from .models import Conversation
+
+logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 # Also for another user's conversation: a stranger cannot tell it from a missing one.
@@ -57,6 +61,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.group = conversation_group(self.conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        # A run whose process died is closed now, not at the next reaper tick: its
+        # final event reaches this socket when the client resumes it.
+        lease_keeper().ensure_started()
+        await lifecycle.runs_reap(conversation_id=self.conversation.id)
         active = await database_sync_to_async(selectors.run_get_active)(
             conversation=self.conversation
         )
@@ -105,7 +113,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         key = str(run.id)
         self.sent_seq[key] = max(self.sent_seq.get(key, 0), after_seq)
-        await self._send_events(await event_log().after(run.id, self.sent_seq[key]))
+        events = await self._log_after(run.id, self.sent_seq[key])
+        # A finished run whose log is gone (Redis restarted) still yields its final event.
+        final = await database_sync_to_async(lifecycle.final_event_missing)(
+            run=run, events=events, after_seq=self.sent_seq[key]
+        )
+        await self._send_events([*events, final] if final else events)
 
     async def run_event(self, message: dict[str, Any]) -> None:
         """A live event from the channel layer (handler for type "run.event")."""
@@ -118,9 +131,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if event["seq"] <= sent:
             return
         if event["seq"] > sent + 1:
-            await self._send_events(await event_log().after(UUID(event["run"]), sent))
+            await self._send_events([*await self._log_after(UUID(event["run"]), sent), event])
         else:
             await self._send_events([event])
+
+    async def _log_after(self, run_id: UUID, seq: int) -> list[Event]:
+        try:
+            return await event_log().after(run_id, seq)
+        except Exception as error:  # Redis is down: what the database knows still comes
+            logger.warning("run %s: event log unreadable: %r", run_id, error)
+            return []
 
     async def _send_events(self, events: list[Event]) -> None:
         for event in events:

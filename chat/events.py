@@ -8,14 +8,18 @@ AGENT_REDIS_URL is set, so that every instance sees every run.
 
 import asyncio
 import json
+import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from uuid import UUID
 
 import redis.asyncio as aioredis
 from channels.layers import get_channel_layer
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
@@ -102,19 +106,70 @@ def event_log() -> EventLog:
     return _log
 
 
-class RunEventStream:
-    """The single writer of one run's events."""
+async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool = True) -> bool:
+    """Append a run's event to its log and send it to the conversation's sockets. A
+    failure of either (Redis restarting, say) is logged and returns False, never raises:
+    the run goes on, and its outcome still reaches clients, rebuilt from the database
+    when they resume (`chat.lifecycle.final_event_missing`)."""
+    delivered = True
+    try:
+        await event_log().append(UUID(event["run"]), event)
+    except Exception as error:
+        delivered = False
+        if warn:
+            logger.warning("run %s: event %s not logged: %r", event["run"], event["seq"], error)
+    channel_layer = get_channel_layer()
+    assert channel_layer is not None
+    try:
+        await channel_layer.group_send(
+            conversation_group(conversation_id), {"type": "run.event", "event": event}
+        )
+    except Exception as error:
+        delivered = False
+        if warn:
+            logger.warning("run %s: event %s not sent: %r", event["run"], event["seq"], error)
+    return delivered
 
-    def __init__(self, run_id: UUID, conversation_id: UUID) -> None:
+
+class RunEventStream:
+    """The single writer of one run's events.
+
+    `ceiling`: the highest seq the run may use before `reserve(seq)` raises it (see
+    `Run.event_seq`); 0 for no ceiling. While events cannot be published (Redis is
+    down) the run goes on; that is logged once, not per token."""
+
+    def __init__(
+        self,
+        run_id: UUID,
+        conversation_id: UUID,
+        *,
+        ceiling: int = 0,
+        reserve: Callable[[int], Awaitable[int]] | None = None,
+    ) -> None:
         self.run_id = run_id
-        self.group = conversation_group(conversation_id)
+        self.conversation_id = conversation_id
         self.seq = 0
+        self.ceiling = ceiling
+        self._reserve = reserve
+        self._failing = False
 
     async def emit(self, event_type: str, **data: Any) -> Event:
+        if self.ceiling and self.seq + 1 > self.ceiling and self._reserve is not None:
+            self.ceiling = await self._reserve(self.seq)
         self.seq += 1
         event: Event = {"type": event_type, "run": str(self.run_id), "seq": self.seq, **data}
-        await event_log().append(self.run_id, event)
-        channel_layer = get_channel_layer()
-        assert channel_layer is not None
-        await channel_layer.group_send(self.group, {"type": "run.event", "event": event})
+        await self._publish(event)
         return event
+
+    async def publish(self, event: Event) -> None:
+        """Publish an event numbered elsewhere (the final one, numbered when it was
+        recorded); later events follow it."""
+        self.seq = event["seq"]
+        await self._publish(event)
+
+    async def _publish(self, event: Event) -> None:
+        # Quiet while an outage lasts: one warning for it, not one per token.
+        delivered = await event_publish(self.conversation_id, event, warn=not self._failing)
+        if delivered and self._failing:
+            logger.warning("run %s: events published again from seq %d", self.run_id, self.seq)
+        self._failing = not delivered

@@ -1,8 +1,8 @@
 import uuid
-from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 
 
@@ -23,20 +23,20 @@ class Conversation(models.Model):
         return self.title
 
 
-def run_lost_before() -> datetime:
-    """Runs created before this and still "active" lost their process: no run outlives
-    AGENT_RUN_TIMEOUT, so past it (and a minute's grace) nobody is executing them."""
-    return timezone.now() - timedelta(seconds=settings.AGENT_RUN_TIMEOUT + 60)
-
-
 class RunQuerySet(models.QuerySet["Run"]):
+    """Which runs somebody is executing, by their lease (see `chat.lifecycle`)."""
+
     def alive(self) -> "RunQuerySet":
-        """Active runs some process may still be executing."""
-        return self.filter(status__in=Run.ACTIVE_STATUSES, created_at__gte=run_lost_before())
+        """Active runs a process is executing or a queue holds: their lease is current,
+        or they have none because they wait in a queue."""
+        return self.filter(
+            Q(lease_expires_at__isnull=True) | Q(lease_expires_at__gte=timezone.now()),
+            status__in=Run.ACTIVE_STATUSES,
+        )
 
     def lost(self) -> "RunQuerySet":
-        """Active runs whose process died (see `run_lost_before`)."""
-        return self.filter(status__in=Run.ACTIVE_STATUSES, created_at__lt=run_lost_before())
+        """Active runs whose lease lapsed: the process executing them stopped renewing it."""
+        return self.filter(status__in=Run.ACTIVE_STATUSES, lease_expires_at__lt=timezone.now())
 
 
 class Run(models.Model):
@@ -51,6 +51,8 @@ class Run(models.Model):
         CANCELLED = "cancelled"
         LIMIT_REACHED = "limit_reached"
         BUDGET_EXCEEDED = "budget_exceeded"
+        # Its process stopped (crash, kill, hang) and its lease lapsed.
+        INTERRUPTED = "interrupted"
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
 
@@ -69,12 +71,23 @@ class Run(models.Model):
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    # The lease (chat.lifecycle): which process holds the run and until when. Kept once
+    # the run is over: for an interrupted run it says whose process stopped, and when.
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # No event of the run has a higher seq: while it executes, a ceiling its writer
+    # reserves ahead; once it is over, the seq of its final event. So whoever closes a
+    # run, or rebuilds its final event, numbers it after anything a client saw.
+    event_seq = models.PositiveBigIntegerField(default=0)
 
     objects = RunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["conversation", "status"])]
+        indexes = [
+            models.Index(fields=["conversation", "status"]),
+            models.Index(fields=["status", "lease_expires_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"Run {self.id} ({self.status})"

@@ -2,23 +2,23 @@
 forgetting agent memory) happen on commit."""
 
 import re
+from functools import partial
 from uuid import UUID
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.utils import timezone
 
 from agentsite.errors import ApplicationError
 from billing.budget import account_lock, budget_release_stale, runs_admit
 from billing.services import account_for_user
-from tracing.services import trace_close_interrupted
 
+from . import lifecycle
 from .agent.checkpointer import delete_thread
 from .agent.executor import get_executor
 from .agent.models import model_info
 from .models import Conversation, Message, Run
-from .run_outcome import RunOutcome
 
 TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
@@ -98,9 +98,14 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
         # conversation, so two tabs cannot start two runs at once.
         account_lock(account_id=account.pk)
         conversation = Conversation.objects.select_for_update().get(id=conversation.id)
-        _expire_interrupted_runs(conversation)
+        # A run whose process died blocks nothing, and is closed now rather than by the
+        # next reaper tick: before its hold could be taken for stale below.
+        for lost in conversation.runs.lost():
+            closed = lifecycle.run_close(run_id=lost.id)
+            if closed is not None:
+                transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
         budget_release_stale(account_id=account.pk)
-        if conversation.runs.filter(status__in=Run.ACTIVE_STATUSES).exists():
+        if conversation.runs.alive().exists():
             raise ApplicationError(
                 "run_active",
                 "The agent is still answering the previous message; wait or press stop.",
@@ -110,85 +115,14 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
         if conversation.title == DEFAULT_TITLE:
             conversation.title = _clean_title(text[:60])
         conversation.save(update_fields=["title", "updated_at"])
-        run = Run.objects.create(conversation=conversation, model=model_info().name)
+        run = Run.objects.create(
+            conversation=conversation, model=model_info().name, **lifecycle.run_queued_lease()
+        )
         Message.objects.create(
             conversation=conversation, run=run, role=Message.Role.USER, content=text
         )
         transaction.on_commit(lambda: get_executor().submit(run.id))
     return run
-
-
-def _expire_interrupted_runs(conversation: Conversation) -> None:
-    """A run still 'active' long after its wall-clock limit lost its executor (the process
-    died); close it so the conversation is usable again."""
-    run_ids = list(conversation.runs.lost().values_list("id", flat=True))
-    if not run_ids:
-        return
-    message = "The server running this answer stopped before it finished."
-    Run.objects.filter(id__in=run_ids).update(
-        status=Run.Status.FAILED,
-        finished_at=timezone.now(),
-        error_code="run_interrupted",
-        error_message=message,
-    )
-    trace_close_interrupted(run_ids=run_ids, error_type="run_interrupted", error_message=message)
-
-
-def run_start(*, run_id: UUID) -> Run | None:
-    """Mark a queued run running; None if it is no longer queued (cancelled meanwhile)."""
-    started = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
-        status=Run.Status.RUNNING, started_at=timezone.now()
-    )
-    if not started:
-        return None
-    return Run.objects.select_related("conversation").get(id=run_id)
-
-
-def run_finish(*, run_id: UUID, outcome: RunOutcome) -> list[Message]:
-    """Store what the run produced and close it. Idempotent: a run that is already
-    closed (or deleted with its conversation) is left as it is."""
-    with transaction.atomic():
-        run = Run.objects.select_for_update().filter(id=run_id).first()
-        if run is None or not run.is_active:
-            return []
-        run.status = outcome.status
-        run.finished_at = timezone.now()
-        run.steps = outcome.steps
-        run.input_tokens = outcome.input_tokens
-        run.output_tokens = outcome.output_tokens
-        run.cost_usd = outcome.cost_usd
-        run.error_code = outcome.error_code
-        run.error_message = outcome.error_message
-        run.save(
-            update_fields=[
-                "status",
-                "finished_at",
-                "steps",
-                "input_tokens",
-                "output_tokens",
-                "cost_usd",
-                "error_code",
-                "error_message",
-            ]
-        )
-        messages = [_message_from_part(run, part) for part in outcome.parts]
-        created = Message.objects.bulk_create([m for m in messages if m is not None])
-        Conversation.objects.filter(id=run.conversation_id).update(updated_at=timezone.now())
-    return created
-
-
-def _message_from_part(run: Run, part: dict) -> Message | None:
-    if part["kind"] == "text":
-        if not part["text"].strip():
-            return None
-        return Message(
-            conversation_id=run.conversation_id,
-            run=run,
-            role=Message.Role.ASSISTANT,
-            content=part["text"],
-        )
-    tool = {key: part[key] for key in ("tool_call_id", "name", "args", "result", "is_error")}
-    return Message(conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool)
 
 
 def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) -> Run:
@@ -201,21 +135,23 @@ def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) 
             "no_active_run", "There is no answer in progress to stop.", http_status=409
         )
     lost = Run.objects.lost().filter(id=run.id).exists()
-    transaction.on_commit(lambda: _cancel_or_close(run.id, lost=lost))
+    transaction.on_commit(lambda: _close_lost(run.id) if lost else _cancel_or_close(run.id))
     return run
 
 
-def _cancel_or_close(run_id: UUID, *, lost: bool) -> None:
-    # The executor stops a run it is executing; a run nobody executes (its process
-    # died: it is past its wall-clock limit, or no executor here has it) is closed here
-    # so it does not stay "running" forever. With a Redis layer the executor cannot
-    # tell whether another instance has the run, so only `lost` says it is gone.
-    if lost or not get_executor().cancel(run_id):
-        run_finish(
+def _close_lost(run_id: UUID) -> None:
+    # Its process died: closed as interrupted (the truth), with its final event.
+    async_to_sync(lifecycle.run_close_and_publish)(run_id=run_id)
+
+
+def _cancel_or_close(run_id: UUID) -> None:
+    # The executor stops a run it is executing (here, or in another instance); a run no
+    # executor here has, with a single instance, is closed here with its final event.
+    if not get_executor().cancel(run_id):
+        async_to_sync(lifecycle.run_close_and_publish)(
             run_id=run_id,
-            outcome=RunOutcome(
-                status=Run.Status.CANCELLED,
-                error_code="cancelled",
-                error_message="Stopped by the user.",
-            ),
+            status=Run.Status.CANCELLED,
+            error_code="cancelled",
+            error_message="Stopped by the user.",
+            lapsed_only=False,
         )

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -133,7 +133,9 @@ class RunTracer(BaseCallbackHandler):
         # A run still going after this many seconds gets its trace row written, so it
         # is listed while it runs; shorter runs write it with their spans at the end.
         self.visible_after = settings.TRACING_RUNNING_VISIBLE_AFTER
-        self.root = SpanRecord(uuid4(), None, RUN, "run", time.time())
+        # The root span's id is the run's: whoever closes a trace this tracer never
+        # finished (its process died) can write the root the flushed spans hang from.
+        self.root = SpanRecord(run_id, None, RUN, "run", time.time())
         # LangChain run id -> the span that stands for it (itself, or for a skipped
         # wrapper the nearest recorded ancestor).
         self._alias: dict[UUID, UUID] = {}
@@ -275,6 +277,18 @@ class RunTracer(BaseCallbackHandler):
             batch, self._done = self._done, []
             # Callbacks of sync steps arrive on a worker thread: hand over to the loop.
             self._loop.call_soon_threadsafe(self._schedule_flush, batch)
+
+    def flush(self) -> None:
+        """Write the spans finished so far (and the trace row), so a process that dies
+        loses only the spans since the last call: the run's lease keeper calls it on
+        every renewal. Call it on the run's event loop."""
+        if self._finished or self._loop is None:
+            return
+        batch, self._done = self._done, []
+        if batch:
+            self._schedule_flush(batch)
+        else:
+            self._write_start()
 
     def _schedule_flush(self, batch: list[SpanRecord]) -> None:
         self._write_start()  # spans need their trace row

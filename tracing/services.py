@@ -1,11 +1,13 @@
 """Writes of traces. The capture buffers spans and hands them over here in batches."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
 from django.db import transaction
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .models import Span, Trace
@@ -26,15 +28,64 @@ def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime)
 
 
 def trace_close_interrupted(
-    *, run_ids: Sequence[UUID], error_type: str, error_message: str
+    *,
+    run_id: UUID,
+    user_id: int,
+    model: str,
+    started_at: datetime,
+    error_type: str,
+    error_message: str,
+    status: str = Trace.Status.ERROR,
+    span_costs: Mapping[UUID, Decimal | None] | None = None,
+    cost_usd: Decimal | None = None,
 ) -> None:
-    """Close the traces of runs whose process died: their tracer will never finish them."""
-    Trace.objects.filter(run_id__in=run_ids, status=Trace.Status.RUNNING).update(
-        status=Trace.Status.ERROR,
-        ended_at=timezone.now(),
-        error_type=error_type,
-        error_message=error_message,
-    )
+    """Close the trace of a run whose process died: its tracer will never finish it.
+    What the tracer wrote before it died (it flushes on every lease renewal) stays, under
+    a root span written here, and the totals are those spans'. A run that died before
+    its trace row was written gets one. `span_costs` / `cost_usd`: what billing settled."""
+    now = timezone.now()
+    with transaction.atomic():
+        trace, _ = Trace.objects.select_for_update().get_or_create(
+            run_id=run_id, defaults={"user_id": user_id, "model": model, "started_at": started_at}
+        )
+        if trace.status != Trace.Status.RUNNING:
+            return
+        for span_id, cost in (span_costs or {}).items():
+            if cost is not None:
+                Span.objects.filter(id=span_id, trace_id=run_id).update(cost_usd=cost)
+        Span.objects.get_or_create(
+            id=run_id,
+            defaults={
+                "trace_id": run_id,
+                "kind": Span.Kind.RUN,
+                "name": "run",
+                "status": status,
+                "started_at": trace.started_at,
+                "ended_at": now,
+                "duration_ms": (now - trace.started_at).total_seconds() * 1000,
+                "error_type": error_type[:200],
+                "error_message": error_message,
+                "attributes": {"model": model} if model else {},
+            },
+        )
+        spans = Span.objects.filter(trace_id=run_id).aggregate(
+            count=Count("id"),
+            input=Coalesce(Sum("input_tokens"), 0),
+            output=Coalesce(Sum("output_tokens"), 0),
+            cached=Coalesce(Sum("cached_tokens"), 0),
+        )
+        Trace.objects.filter(run_id=run_id).update(
+            status=status,
+            ended_at=now,
+            duration_ms=(now - trace.started_at).total_seconds() * 1000,
+            span_count=spans["count"],
+            input_tokens=spans["input"],
+            output_tokens=spans["output"],
+            cached_tokens=spans["cached"],
+            cost_usd=cost_usd,
+            error_type=error_type[:200],
+            error_message=error_message,
+        )
 
 
 def span_bulk_create(*, spans: Sequence[Span]) -> None:
@@ -83,8 +134,8 @@ def trace_finish(
             Trace.objects.create(
                 run_id=run_id, user_id=user_id, model=model, started_at=started_at, **totals
             )
-        else:
-            Trace.objects.filter(run_id=run_id).update(**totals)
+        elif not Trace.objects.filter(run_id=run_id, status=Trace.Status.RUNNING).update(**totals):
+            return  # closed meanwhile as interrupted (its process stalled past its lease)
         span_bulk_create(spans=spans)
         if corrected_spans:
             Span.objects.bulk_update(

@@ -171,14 +171,18 @@ async def test_a_cancelled_call_is_billed_its_prompt_and_what_it_streamed(
     await database_sync_to_async(assert_counters_match_ledger)(account)
 
 
-def test_a_crashed_runs_reservation_is_released_with_it(make_user, prices):
+def test_a_crashed_runs_reservation_is_settled_with_it(make_user, prices):
     user = make_user()
     account = account_with_limits(user, money_per_day_usd=Decimal("0.01"))
     conversation = services.conversation_create(owner=user)
+    # Its process died mid-call, after its last lease renewal recorded 7 streamed tokens.
     crashed = Run.objects.create(
-        conversation=conversation, model="agentsite-offline-demo", status=Run.Status.RUNNING
+        conversation=conversation,
+        model="agentsite-offline-demo",
+        status=Run.Status.RUNNING,
+        lease_expires_at=timezone.now() - timedelta(seconds=1),
+        output_tokens=7,
     )
-    Run.objects.filter(id=crashed.id).update(created_at=timezone.now() - timedelta(hours=1))
     budget_reserve(
         account_id=account.id,
         user_id=user.id,
@@ -190,11 +194,16 @@ def test_a_crashed_runs_reservation_is_released_with_it(make_user, prices):
     )
     assert DailySpend.objects.get(account=account).reserved_usd > 0
 
-    # The next message finds the run's process gone: the run closes, its hold goes.
+    # The next message finds the run's lease lapsed: the run closes, its hold is settled
+    # for the prompt and what it streamed, as a cancelled call's is.
     services.run_create(conversation=conversation, content="Hello")
 
     crashed.refresh_from_db()
+    assert crashed.status == Run.Status.INTERRUPTED
     assert crashed.error_code == "run_interrupted"
+    [record] = UsageRecord.objects.filter(run_id=crashed.id)
+    assert (record.input_tokens, record.output_tokens) == (1000, 7)
+    assert crashed.cost_usd == record.cost_usd > 0
     assert_counters_match_ledger(account)
 
 

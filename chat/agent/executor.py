@@ -11,6 +11,8 @@ from uuid import UUID
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from chat.lifecycle import lease_keeper
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +62,11 @@ class InProcessExecutor:
         )
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._forget(run_id))
+        # The run was created under this process's lease (it is queued until the task
+        # runs): renewed from now on, and the task stopped if another process closes it.
+        keeper = lease_keeper()
+        keeper.hold(run_id, on_lost=task.cancel)
+        keeper.ensure_started()
 
     async def _execute(self, run_id: UUID) -> None:
         from .runner import execute_run  # the runner needs the services, which need us
@@ -67,27 +74,37 @@ class InProcessExecutor:
         if self._single_instance():
             await execute_run(run_id)
             return
-        layer = get_channel_layer()
-        assert layer is not None
-        channel = await layer.new_channel()
-        await layer.group_add(run_control_group(run_id), channel)
-        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
+        listener = asyncio.create_task(self._listen_for_cancel(run_id))
         try:
             await execute_run(run_id)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-            await layer.group_discard(run_control_group(run_id), channel)
 
-    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
+    async def _listen_for_cancel(self, run_id: UUID) -> None:
+        """Cancels broadcast by any instance, until the run ends. The run never waits
+        for this: when Redis is down or restarts (forgetting the group), the run goes on
+        and this subscribes again."""
         layer = get_channel_layer()
         assert layer is not None
-        while True:
-            message = await layer.receive(channel)
-            if message.get("type") == "run.cancel":
-                await self._cancel_local(run_id)
-                return
+        group = run_control_group(run_id)
+        channel = await layer.new_channel()
+        try:
+            while True:
+                try:
+                    await layer.group_add(group, channel)
+                    while True:
+                        message = await layer.receive(channel)
+                        if message.get("type") == "run.cancel":
+                            await self._cancel_local(run_id)
+                            return
+                except Exception as error:
+                    logger.warning("run %s: cancel listener lost Redis: %r", run_id, error)
+                    await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
 
     async def _cancel(self, run_id: UUID) -> bool:
         if await self._cancel_local(run_id):
@@ -110,6 +127,7 @@ class InProcessExecutor:
         return True
 
     def _forget(self, run_id: UUID) -> None:
+        lease_keeper().release(run_id)
         self._tasks.pop(run_id, None)
         self._cancelled.discard(run_id)
 

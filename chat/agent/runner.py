@@ -7,8 +7,7 @@ its status, its partial output and its token usage recorded, and with one final 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from decimal import Decimal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from uuid import UUID
 
@@ -20,14 +19,12 @@ from agentsite import metrics
 from agentsite.logging import run_id_var
 from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
 from billing.services import account_for_user
-from chat import selectors, services
+from chat import lifecycle
 from chat.events import RunEventStream
 from chat.metrics import tool_call_observe
 from chat.models import Run
-from chat.rendering import render_markdown
 from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
-from tracing.formatting import format_usd
 
 from .budget import RunBudget, usage_of
 from .checkpointer import checkpointer
@@ -38,14 +35,6 @@ from .models import model_info
 from .state import State
 
 logger = logging.getLogger(__name__)
-
-FINAL_EVENTS = {
-    Run.Status.COMPLETED: "run.completed",
-    Run.Status.FAILED: "run.failed",
-    Run.Status.CANCELLED: "run.cancelled",
-    Run.Status.LIMIT_REACHED: "run.limit_reached",
-    Run.Status.BUDGET_EXCEEDED: "run.budget_exceeded",
-}
 
 
 async def execute_run(run_id: UUID) -> None:
@@ -58,20 +47,23 @@ async def execute_run(run_id: UUID) -> None:
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     run_id_var.set(str(run_id))
     try:
-        run = await database_sync_to_async(services.run_start)(run_id=run_id)
+        run = await database_sync_to_async(lifecycle.run_start)(run_id=run_id)
         if run is None:
             return
         started = time.monotonic()
         user_id = run.conversation.owner_id
         metrics.ACTIVE_RUNS.inc()
         tracer = _start_trace(run)
-        stream = RunEventStream(run.id, run.conversation_id)
+        lifecycle.lease_keeper().attach(run_id, outcome=outcome, tracer=tracer)
+        stream = RunEventStream(
+            run.id, run.conversation_id, ceiling=run.event_seq, reserve=_seq_reserver(run_id)
+        )
         user_message = await run.messages.filter(role="user").afirst()
         await stream.emit(
             "run.started",
             model=model_info().label,
             conversation_title=run.conversation.title,
-            user_message=_message_out(user_message.id, user_message.content)
+            user_message=lifecycle.message_out(user_message.id, user_message.content)
             if user_message
             else None,
         )
@@ -114,6 +106,13 @@ async def execute_run(run_id: UUID) -> None:
                 metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
         if tracer is not None:
             await _finish_trace(tracer, outcome, cost)
+
+
+def _seq_reserver(run_id: UUID) -> Callable[[int], Awaitable[int]]:
+    async def reserve(seq: int) -> int:
+        return await database_sync_to_async(lifecycle.run_seq_reserve)(run_id=run_id, seq=seq)
+
+    return reserve
 
 
 def _start_trace(run: Run) -> RunTracer | None:
@@ -281,31 +280,15 @@ async def _finish(
     # The ledger first: the run's totals become the ledger's, so the footer, the run
     # and the ledger agree.
     cost = await _close_usage(run_id, outcome) if user_id is not None else None
-    messages = await database_sync_to_async(services.run_finish)(run_id=run_id, outcome=outcome)
-    if stream is None:
+    final = await database_sync_to_async(lifecycle.run_finish)(
+        run_id=run_id, outcome=outcome, final_seq=(stream.seq if stream else 0) + 1
+    )
+    # Its lease is over: renewing it would find the run closed.
+    lifecycle.lease_keeper().release(run_id)
+    if stream is None or final is None:  # not started, or closed by another process
         return cost
-    answers = [_message_out(m.id, m.content) for m in messages if m.role == "assistant"]
-    final: dict[str, Any] = {
-        "status": outcome.status.value,
-        "messages": answers,
-        "usage": {
-            "input_tokens": outcome.input_tokens,
-            "output_tokens": outcome.output_tokens,
-            "total_tokens": outcome.input_tokens + outcome.output_tokens,
-        },
-        # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
-        "cost_usd": _usd(cost.total_usd) if cost else None,
-        # Formatted here so the live footer reads exactly like the reloaded page.
-        "cost_display": "price unknown",
-    }
-    if cost is not None and cost.total_usd is not None:
-        final["cost_display"] = format_usd(cost.total_usd)
-    if outcome.error_code:
-        final["error"] = {"code": outcome.error_code, "message": outcome.error_message}
-    # After the ledger: what is left now, for the page's budget line. None: unknown.
-    final["budget"] = await _budget_after(run_id, user_id)
     logger.info("run %s finished: %s", run_id, outcome.status.value)
-    await stream.emit(FINAL_EVENTS[outcome.status], **final)
+    await stream.publish(final)
     return cost
 
 
@@ -327,27 +310,3 @@ async def _close_usage(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
     outcome.cached_tokens = cost.cached_tokens
     outcome.cost_usd = cost.total_usd
     return cost
-
-
-async def _budget_after(run_id: UUID, user_id: int | None) -> dict[str, Any] | None:
-    """The account's budget line once the run is in the ledger. A failure here is logged
-    and loses the line, never the final event."""
-    if user_id is None:
-        return None
-    try:
-        shown = await database_sync_to_async(selectors.budget_line)(user_id=user_id)
-    except Exception:
-        logger.exception("run %s: could not work out the budget left", run_id)
-        return None
-    if shown is None:  # the account has no limits
-        return {"display": None, "exhausted": False}
-    return {"display": shown.text, "exhausted": shown.exhausted}
-
-
-def _usd(amount: Decimal | None) -> str | None:
-    # Fixed-point: str() would send tiny amounts as "1E-7".
-    return None if amount is None else format(amount, "f")
-
-
-def _message_out(message_id: int, content: str) -> dict[str, Any]:
-    return {"id": message_id, "content": content, "html": render_markdown(content)}

@@ -158,6 +158,7 @@
     failed: "Failed",
     limit_reached: "Limit reached",
     budget_exceeded: "Budget reached",
+    interrupted: "Interrupted",
   };
 
   function drawRunEnd(turn, event) {
@@ -222,6 +223,7 @@
 
   const FINAL = [
     "run.completed", "run.failed", "run.cancelled", "run.limit_reached", "run.budget_exceeded",
+    "run.interrupted",
   ];
 
   // What is left of the account's limits, as the server worded it after this answer.
@@ -328,8 +330,11 @@
         return;
       }
       showNotice("Connection lost; reconnecting…");
-      setTimeout(connect, retryDelay);
-      retryDelay = Math.min(retryDelay * 2, 10000);
+      // Jittered, so a restarted server is not met by every browser at once; capped
+      // low, so the chat is back (and shows how the run it was drawing ended, resumed
+      // on "session") within seconds of the server.
+      setTimeout(connect, retryDelay * (0.5 + Math.random() / 2));
+      retryDelay = Math.min(retryDelay * 2, 5000);
     });
   }
 

@@ -1,0 +1,449 @@
+"""The run's life, in one place: both executors start, heartbeat and finish runs here, and
+every process reaps here the runs whose process died.
+
+The lease. The process executing a run holds its lease: `Run.lease_owner` (the
+process's id) and `Run.lease_expires_at`, renewed every AGENT_RUN_LEASE_SECONDS / 3 by
+the process's `LeaseKeeper`, in one UPDATE for all the runs it holds. A run whose lease
+lapsed has nobody executing it. Every process's keeper looks for such runs on every tick
+and claims each with one conditional UPDATE (so exactly one process closes it); today
+it closes them as `interrupted`: the hold of its cut call settled for what it streamed
+up to its last renewal, its trace closed with the spans flushed so far, and a final
+event appended to its log after any seq a client saw. A later executor resumes such
+runs from their checkpoint instead, from the same claim (`runs_lapsed`, `run_close`).
+
+A queued run's lease is held by whoever will start it. The in-process executor takes it
+at creation (it starts the run within milliseconds, in the same process, and renews it
+until then), so a crash in between is reaped like any other. A queue executor leaves it
+empty: the queue holds the run, which is never lost while it waits, and the worker
+takes the lease when it starts it.
+"""
+
+import asyncio
+import contextvars
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, F, PositiveIntegerField, Value, When
+from django.utils import timezone
+
+from agentsite import metrics
+from billing.budget import Usage, usage_close_run
+from tracing.capture import trace_status_for
+from tracing.formatting import format_usd
+from tracing.services import trace_close_interrupted
+
+from . import selectors
+from .events import Event, event_publish
+from .models import Conversation, Message, Run
+from .rendering import render_markdown
+from .run_outcome import RunOutcome
+
+logger = logging.getLogger(__name__)
+
+# Unique per process, and readable in the admin: which host and pid held a run.
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+FINAL_EVENTS = {
+    Run.Status.COMPLETED: "run.completed",
+    Run.Status.FAILED: "run.failed",
+    Run.Status.CANCELLED: "run.cancelled",
+    Run.Status.LIMIT_REACHED: "run.limit_reached",
+    Run.Status.BUDGET_EXCEEDED: "run.budget_exceeded",
+    Run.Status.INTERRUPTED: "run.interrupted",
+}
+
+# Seqs a run's writer reserves at a time (see `Run.event_seq`): one UPDATE per this many
+# events, none for nearly every run.
+SEQ_BLOCK = 10_000
+
+INTERRUPTED_CODE = "run_interrupted"
+INTERRUPTED_MESSAGE = (
+    "The server running this answer stopped before it finished; what it wrote after "
+    "its last save is lost. Send your message again."
+)
+
+
+def _lease_expiry() -> datetime:
+    return timezone.now() + timedelta(seconds=settings.AGENT_RUN_LEASE_SECONDS)
+
+
+def renew_interval() -> float:
+    # Two renewals may be missed (a busy database, a long pause) before the lease lapses.
+    return settings.AGENT_RUN_LEASE_SECONDS / 3
+
+
+# --- Transitions (services: sync, each in its own transaction) ---------------------------
+
+
+def run_queued_lease() -> dict[str, Any]:
+    """The lease a new run is created with: the in-process executor's (see above)."""
+    return {"lease_owner": PROCESS_ID, "lease_expires_at": _lease_expiry()}
+
+
+def run_start(*, run_id: UUID) -> Run | None:
+    """Mark a queued run running under this process's lease; None if it is no longer
+    queued (cancelled meanwhile)."""
+    started = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
+        status=Run.Status.RUNNING,
+        started_at=timezone.now(),
+        lease_owner=PROCESS_ID,
+        lease_expires_at=_lease_expiry(),
+        event_seq=SEQ_BLOCK,
+    )
+    if not started:
+        return None
+    return Run.objects.select_related("conversation").get(id=run_id)
+
+
+def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
+    """Raise the run's seq ceiling past `seq` before its writer goes beyond it."""
+    ceiling = seq + SEQ_BLOCK
+    Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES).update(event_seq=ceiling)
+    return ceiling
+
+
+def runs_renew(*, progress: dict[UUID, tuple[int, int]]) -> set[UUID]:
+    """Renew this process's leases on these runs and record how far each got (input and
+    output tokens seen so far, for settling its hold if it is interrupted). Returns the
+    runs another process closed as interrupted: their executor must stop them."""
+    if not progress:
+        return set()
+    ids = list(progress)
+    held = Run.objects.filter(id__in=ids, lease_owner=PROCESS_ID, status__in=Run.ACTIVE_STATUSES)
+    renewed = held.update(
+        lease_expires_at=_lease_expiry(),
+        input_tokens=Case(
+            *[When(id=run_id, then=Value(seen[0])) for run_id, seen in progress.items()],
+            default=F("input_tokens"),
+            output_field=PositiveIntegerField(),
+        ),
+        output_tokens=Case(
+            *[When(id=run_id, then=Value(seen[1])) for run_id, seen in progress.items()],
+            default=F("output_tokens"),
+            output_field=PositiveIntegerField(),
+        ),
+    )
+    if renewed == len(ids):
+        return set()
+    # Rare: a run just finished by its own executor is not lost, only an interrupted one.
+    return set(
+        Run.objects.filter(id__in=ids, status=Run.Status.INTERRUPTED).values_list("id", flat=True)
+    )
+
+
+def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> list[UUID]:
+    runs = Run.objects.lost()
+    if conversation_id is not None:
+        runs = runs.filter(conversation_id=conversation_id)
+    return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
+
+
+def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | None:
+    """Store what the run produced, close it and return its final event (numbered
+    `final_seq`), ready to publish. None if the run was already closed (interrupted by
+    another process, or deleted with its conversation): it is left as it is."""
+    with transaction.atomic():
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .select_related("conversation")
+            .filter(id=run_id)
+            .first()
+        )
+        if run is None or not run.is_active:
+            return None
+        run.status = outcome.status
+        run.finished_at = timezone.now()
+        run.steps = outcome.steps
+        run.input_tokens = outcome.input_tokens
+        run.output_tokens = outcome.output_tokens
+        run.cost_usd = outcome.cost_usd
+        run.error_code = outcome.error_code
+        run.error_message = outcome.error_message
+        run.event_seq = final_seq
+        run.save(
+            update_fields=[
+                "status",
+                "finished_at",
+                "steps",
+                "input_tokens",
+                "output_tokens",
+                "cost_usd",
+                "error_code",
+                "error_message",
+                "event_seq",
+            ]
+        )
+        messages = [_message_from_part(run, part) for part in outcome.parts]
+        created = Message.objects.bulk_create([m for m in messages if m is not None])
+        Conversation.objects.filter(id=run.conversation_id).update(updated_at=timezone.now())
+    return _final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT])
+
+
+def _message_from_part(run: Run, part: dict) -> Message | None:
+    if part["kind"] == "text":
+        if not part["text"].strip():
+            return None
+        return Message(
+            conversation_id=run.conversation_id,
+            run=run,
+            role=Message.Role.ASSISTANT,
+            content=part["text"],
+        )
+    tool = {key: part[key] for key in ("tool_call_id", "name", "args", "result", "is_error")}
+    return Message(conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool)
+
+
+@dataclass(frozen=True)
+class ClosedRun:
+    conversation_id: UUID
+    final: Event
+
+
+def run_close(
+    *,
+    run_id: UUID,
+    status: Run.Status = Run.Status.INTERRUPTED,
+    error_code: str = INTERRUPTED_CODE,
+    error_message: str = INTERRUPTED_MESSAGE,
+    lapsed_only: bool = True,
+) -> ClosedRun | None:
+    """Close a run nobody executes: claim it (only if its lease lapsed, unless
+    `lapsed_only` is off), settle its hold, close its trace. Returns its final event, to
+    publish; None if it was not ours to close (renewed, or closed by someone else).
+
+    The hold of the call it was making when its process stopped is billed the prompt
+    estimate and the output it had streamed by its last renewal, as a cancel is (the
+    provider processed that much); a call that had streamed nothing is released. Calls
+    that had finished were settled when they finished."""
+    now = timezone.now()
+    runs = Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES)
+    if lapsed_only:
+        runs = runs.filter(lease_expires_at__lt=now)
+    # The claim: one conditional UPDATE, so of two reapers exactly one closes the run.
+    claimed = runs.update(
+        status=status,
+        finished_at=now,
+        error_code=error_code,
+        error_message=error_message,
+        event_seq=F("event_seq") + 1,
+    )
+    if not claimed:
+        return None
+    run = Run.objects.select_related("conversation").get(id=run_id)
+    span_costs: dict[UUID, Decimal | None] = {}
+    try:
+        cost = usage_close_run(
+            run_id=run_id,
+            seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
+        )
+    except Exception:
+        logger.exception("run %s: could not settle its usage", run_id)
+    else:
+        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
+        run.cost_usd = cost.total_usd
+        span_costs = cost.span_costs
+        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    if settings.TRACING_ENABLED:
+        trace_close_interrupted(
+            run_id=run_id,
+            user_id=run.conversation.owner_id,
+            model=run.model,
+            started_at=run.started_at or run.created_at,
+            error_type=error_code,
+            error_message=error_message,
+            status=trace_status_for(status),
+            span_costs=span_costs,
+            cost_usd=run.cost_usd,
+        )
+    return ClosedRun(conversation_id=run.conversation_id, final=_final_event(run, []))
+
+
+def run_final_event_rebuilt(*, run: Run) -> Event:
+    """The final event of a finished run, rebuilt from the database (its log is gone)."""
+    answers = list(run.messages.filter(role=Message.Role.ASSISTANT))
+    return _final_event(run, answers)
+
+
+def _final_event(run: Run, answers: Sequence[Message]) -> Event:
+    status = Run.Status(run.status)
+    event: Event = {
+        "type": FINAL_EVENTS[status],
+        "run": str(run.id),
+        "seq": run.event_seq,
+        "status": status.value,
+        "messages": [message_out(m.id, m.content) for m in answers],
+        "usage": {
+            "input_tokens": run.input_tokens,
+            "output_tokens": run.output_tokens,
+            "total_tokens": run.input_tokens + run.output_tokens,
+        },
+        # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
+        "cost_usd": None if run.cost_usd is None else format(run.cost_usd, "f"),
+        # Formatted here so the live footer reads exactly like the reloaded page.
+        "cost_display": "price unknown" if run.cost_usd is None else format_usd(run.cost_usd),
+    }
+    if run.error_code:
+        event["error"] = {"code": run.error_code, "message": run.error_message}
+    # After the ledger: what is left now, for the page's budget line. None: unknown.
+    event["budget"] = _budget_after(run)
+    return event
+
+
+def _budget_after(run: Run) -> dict[str, Any] | None:
+    """A failure here is logged and loses the line, never the final event."""
+    try:
+        shown = selectors.budget_line(user_id=run.conversation.owner_id)
+    except Exception:
+        logger.exception("run %s: could not work out the budget left", run.id)
+        return None
+    if shown is None:  # the account has no limits
+        return {"display": None, "exhausted": False}
+    return {"display": shown.text, "exhausted": shown.exhausted}
+
+
+def message_out(message_id: int, content: str) -> dict[str, Any]:
+    return {"id": message_id, "content": content, "html": render_markdown(content)}
+
+
+# --- Closing runs nobody executes (async: they publish their final event) --------------
+
+
+async def run_close_and_publish(**close: Any) -> bool:
+    """`run_close`, then its final event to the log and the conversation's sockets."""
+    closed = await database_sync_to_async(run_close)(**close)
+    if closed is None:
+        return False
+    await run_closed_publish(closed)
+    return True
+
+
+async def run_closed_publish(closed: ClosedRun) -> None:
+    logger.warning(
+        "run %s closed as %s (%s)",
+        closed.final["run"],
+        closed.final["status"],
+        closed.final.get("error", {}).get("code", ""),
+    )
+    metrics.RUNS.labels(status=closed.final["status"]).inc()
+    await event_publish(closed.conversation_id, closed.final)
+
+
+async def runs_reap(*, conversation_id: UUID | None = None) -> int:
+    """Close every run whose lease lapsed (of one conversation, or all); how many."""
+    lapsed = await database_sync_to_async(runs_lapsed)(conversation_id=conversation_id)
+    closed = 0
+    for run_id in lapsed:
+        closed += await run_close_and_publish(run_id=run_id)
+    return closed
+
+
+def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Event | None:
+    """The final event a client asking for events after `after_seq` is owed but the log
+    no longer has (Redis restarted, the event expired, or publishing it failed): rebuilt
+    from the database. None while the run is active, or when the log has it."""
+    if run.is_active or after_seq >= run.event_seq:
+        return None
+    if any(event["seq"] == run.event_seq for event in events):
+        return None
+    return run_final_event_rebuilt(run=run)
+
+
+# --- The keeper: heartbeat and reaper of one process ------------------------------------
+
+
+@dataclass
+class _Lease:
+    on_lost: Callable[[], Any]
+    outcome: RunOutcome | None = None
+    # Anything with a `flush()`: the run's tracer, flushed on every renewal.
+    tracer: Any = None
+
+
+class LeaseKeeper:
+    """Renews the leases this process holds, flushes their traces, and reaps runs whose
+    lease lapsed, every `renew_interval()` seconds, as a task on the serving loop."""
+
+    def __init__(self) -> None:
+        self._held: dict[UUID, _Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
+        """Renew the run's lease until `release`; `on_lost` stops it if another process
+        closes it meanwhile (this process stalled past its lease)."""
+        self._held[run_id] = _Lease(on_lost=on_lost)
+
+    def attach(self, run_id: UUID, *, outcome: RunOutcome, tracer: Any = None) -> None:
+        """What the run has produced so far (recorded on renewal) and its tracer."""
+        lease = self._held.get(run_id)
+        if lease is not None:
+            lease.outcome, lease.tracer = outcome, tracer
+
+    def release(self, run_id: UUID) -> None:
+        self._held.pop(run_id, None)
+
+    def ensure_started(self) -> None:
+        """Start on the running loop, unless running there already (call it from it)."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
+        self._task = loop.create_task(
+            self._keep(), name="run-lease-keeper", context=contextvars.Context()
+        )
+
+    async def _keep(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # the database is down, say: try again next time
+                logger.exception("run lease keeper: tick failed")
+            await asyncio.sleep(renew_interval())
+
+    async def tick(self) -> None:
+        progress = {run_id: _progress(lease.outcome) for run_id, lease in list(self._held.items())}
+        lost = await database_sync_to_async(runs_renew)(progress=progress)
+        for run_id in lost:
+            lease = self._held.pop(run_id, None)
+            if lease is not None:
+                logger.warning("run %s: its lease was taken over; stopping it", run_id)
+                lease.on_lost()
+        for lease in list(self._held.values()):
+            if lease.tracer is not None:
+                lease.tracer.flush()
+        await runs_reap()
+
+
+def _progress(outcome: RunOutcome | None) -> tuple[int, int]:
+    if outcome is None:
+        return 0, 0
+    return outcome.input_tokens, outcome.output_tokens + outcome.unreported_output_tokens
+
+
+_keeper = LeaseKeeper()
+
+
+def lease_keeper() -> LeaseKeeper:
+    return _keeper
+
+
+def lease_keeper_start_with_server() -> None:
+    """Start the keeper when the server's loop starts, before any request: so a process
+    that restarts after a crash reaps the crashed runs without waiting for a user.
+
+    Daphne has no ASGI lifespan events, but serves on Twisted's asyncio reactor, which
+    runs what `callLater` schedules once it is running. Under another server (or none:
+    the tests) the keeper starts on first use instead (`ensure_started`)."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is not None and type(reactor).__name__ == "AsyncioSelectorReactor":
+        reactor.callLater(0, _keeper.ensure_started)  # type: ignore[attr-defined]

@@ -1,0 +1,338 @@
+"""The run's life: leases renewed by the process executing a run, runs whose process
+died reaped as `interrupted` (hold settled, trace closed, final event published), and
+final events rebuilt from the database when the event log lost them."""
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from channels.db import database_sync_to_async
+from django.utils import timezone
+
+from billing.budget import budget_reserve
+from billing.models import BudgetReservation, UsageRecord
+from billing.tests.conftest import prices  # noqa: F401 (a fixture)
+from chat import events, lifecycle, services
+from chat.events import MemoryEventLog, RunEventStream, event_log
+from chat.models import Run
+from chat.run_outcome import RunOutcome
+from conftest import account_with_limits, open_socket, receive_until, wait_for_runs
+from tracing.models import Span, Trace
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = "agentsite-offline-demo"
+
+
+async def connected(user):
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    assert (await socket.receive_json_from())["type"] == "session"
+    return conversation, socket
+
+
+def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
+    """A run whose process died: running under a lease nobody renews."""
+    started = timezone.now() - timedelta(seconds=30)
+    return Run.objects.create(
+        conversation=conversation,
+        model=MODEL,
+        status=Run.Status.RUNNING,
+        started_at=started,
+        lease_owner="dead-host:4242:0badf00d",
+        lease_expires_at=timezone.now() - timedelta(seconds=lapsed_seconds),
+        event_seq=lifecycle.SEQ_BLOCK,
+        **fields,
+    )
+
+
+def with_hold_and_trace(run: Run, user) -> None:
+    """What the dead process left: a hold on its cut call, a running trace with the
+    spans it flushed before it died."""
+    account = account_with_limits(user, money_per_day_usd=Decimal(1))
+    budget_reserve(
+        account_id=account.id,
+        user_id=user.id,
+        run_id=run.id,
+        call_id=uuid.uuid4(),
+        model=MODEL,
+        prompt_tokens=500,
+        max_output_tokens=1024,
+    )
+    assert run.started_at is not None
+    trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
+    Span.objects.create(
+        trace=trace,
+        parent_id=run.id,  # the root span's id is the run's
+        kind=Span.Kind.TOOL,
+        name="calculator",
+        started_at=run.started_at,
+        ended_at=run.started_at,
+        duration_ms=1.0,
+    )
+
+
+@pytest.mark.usefixtures("prices")
+async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+    # Its last renewal recorded 9 streamed tokens of the call it was making.
+    run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
+    await database_sync_to_async(with_hold_and_trace)(run, user)
+
+    assert await lifecycle.runs_reap() == 1
+
+    # The socket learns it at once, numbered after anything the dead process sent.
+    [final] = await receive_until(socket, "run.interrupted")
+    assert final["run"] == str(run.id) and final["seq"] == lifecycle.SEQ_BLOCK + 1
+    assert final["error"]["code"] == "run_interrupted"
+    run = await Run.objects.aget(id=run.id)
+    assert run.status == Run.Status.INTERRUPTED and run.finished_at is not None
+    # The cause stays recorded: whose lease lapsed, and when.
+    assert run.lease_owner == "dead-host:4242:0badf00d" and run.lease_expires_at is not None
+    assert run.event_seq == final["seq"]
+    # The hold is settled for the prompt and what was streamed, like a cancelled call.
+    assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
+    record = await UsageRecord.objects.aget(run_id=run.id)
+    assert (record.input_tokens, record.output_tokens) == (500, 9)
+    assert run.cost_usd == record.cost_usd and final["cost_usd"] == str(record.cost_usd)
+    trace = await Trace.objects.aget(run_id=run.id)
+    assert trace.status == Trace.Status.ERROR and trace.error_type == "run_interrupted"
+    assert trace.ended_at is not None
+    # The span it flushed, under the root span its tracer never wrote.
+    root = await Span.objects.aget(id=run.id)
+    assert root.kind == Span.Kind.RUN and root.status == Span.Status.ERROR
+    assert trace.span_count == 2
+    assert await Span.objects.filter(trace_id=run.id, parent_id=run.id).acount() == 1
+    # Its log has the final event for any socket that resumes later.
+    assert [e["type"] for e in await event_log().after(run.id, 0)] == ["run.interrupted"]
+    # The conversation is usable again.
+    await socket.send_json_to({"type": "message", "content": "Hello again"})
+    assert (await receive_until(socket, "run.completed"))[-1]["status"] == "completed"
+    await wait_for_runs()
+    await socket.disconnect()
+
+
+async def test_a_run_is_reaped_once_by_two_reapers(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation)
+
+    closed = [await database_sync_to_async(lifecycle.run_close)(run_id=run.id) for _ in range(2)]
+
+    assert closed[0] is not None and closed[1] is None
+
+
+async def test_runs_with_a_live_lease_or_waiting_in_a_queue_are_not_reaped(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    alive = await database_sync_to_async(orphan)(conversation, lapsed_seconds=-60)
+    # Queued long ago, with no lease: it waits in a queue, which holds it.
+    queued = await Run.objects.acreate(conversation=conversation, model=MODEL)
+    await Run.objects.filter(id=queued.id).aupdate(created_at=timezone.now() - timedelta(hours=1))
+
+    assert await lifecycle.runs_reap() == 0
+
+    assert {r.status async for r in Run.objects.all()} == {Run.Status.RUNNING, Run.Status.QUEUED}
+    assert {r.id async for r in Run.objects.alive()} == {alive.id, queued.id}
+
+
+async def test_stop_on_a_lost_run_closes_it_with_a_frame_and_a_closed_trace(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+    run = await database_sync_to_async(orphan)(conversation)
+    await Trace.objects.acreate(run=run, user=user, model=MODEL, started_at=run.started_at)
+
+    await socket.send_json_to({"type": "cancel", "run": str(run.id)})
+
+    [final] = await receive_until(socket, "run.interrupted")
+    assert final["run"] == str(run.id)
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.INTERRUPTED
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.ERROR
+    await socket.disconnect()
+
+
+async def test_a_socket_that_connects_reaps_the_lost_run_and_resumes_its_end(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation)
+
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    session = await socket.receive_json_from()
+    # The page had it as its active run, and the browser saw 57 of its events.
+    await socket.send_json_to({"type": "resume", "run": str(run.id), "after_seq": 57})
+
+    assert session["active_run"] is None
+    frame = await socket.receive_json_from()
+    assert frame["type"] == "run.interrupted" and frame["seq"] > 57
+    # It died before its trace row was written: it gets a closed one.
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.ERROR
+    await socket.disconnect()
+
+
+async def test_the_keeper_renews_what_it_holds_and_stops_what_it_lost(make_user, settings):
+    settings.AGENT_RUN_LEASE_SECONDS = 30
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    mine = await database_sync_to_async(orphan)(conversation, lapsed_seconds=-1)
+    taken = await database_sync_to_async(orphan)(conversation, lapsed_seconds=-1)
+    await Run.objects.filter(id__in=[mine.id, taken.id]).aupdate(lease_owner=lifecycle.PROCESS_ID)
+    # Another process took `taken` for dead (this one stalled past its lease).
+    await Run.objects.filter(id=taken.id).aupdate(status=Run.Status.INTERRUPTED)
+    keeper = lifecycle.LeaseKeeper()
+    stopped = []
+    keeper.hold(mine.id, on_lost=lambda: stopped.append("mine"))
+    keeper.hold(taken.id, on_lost=lambda: stopped.append("taken"))
+    keeper.attach(mine.id, outcome=RunOutcome(input_tokens=40, output_tokens=3))
+
+    await keeper.tick()
+
+    mine = await Run.objects.aget(id=mine.id)
+    assert mine.lease_expires_at > timezone.now() + timedelta(seconds=20)
+    assert (mine.input_tokens, mine.output_tokens) == (40, 3)
+    assert stopped == ["taken"]
+
+
+async def test_a_run_outlives_its_lease_while_its_process_renews_it(make_user, settings):
+    settings.AGENT_RUN_LEASE_SECONDS = 0.6
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05  # about 3 s: five leases long
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+
+    await socket.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    frames = await receive_until(socket, "run.completed", wait=30)
+
+    assert frames[-1]["status"] == "completed"
+    assert (await Run.objects.aget(conversation=conversation)).status == Run.Status.COMPLETED
+    await socket.disconnect()
+
+
+async def test_spans_are_written_while_the_run_goes(make_user, settings):
+    settings.AGENT_RUN_LEASE_SECONDS = 0.3
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23? Explain."})
+    await receive_until(socket, "tool.finished")
+    run = await Run.objects.aget(conversation=conversation)
+
+    # Flushed on a lease renewal, long before the run ends (a crash now keeps them).
+    for _ in range(300):
+        if await Span.objects.filter(trace_id=run.id, kind=Span.Kind.TOOL).aexists():
+            break
+        await receive_until(socket, "token")
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.RUNNING
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.RUNNING
+    await receive_until(socket, "run.completed", wait=30)
+    await socket.disconnect()
+
+
+async def test_a_finished_run_whose_log_is_gone_still_yields_its_final_event(
+    make_user, monkeypatch
+):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    completed = (await receive_until(socket, "run.completed"))[-1]
+    await socket.disconnect()
+    # The log is lost (Redis restarted empty).
+    monkeypatch.setattr(events, "_log", MemoryEventLog(ttl=60))
+
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "resume", "run": completed["run"], "after_seq": 3})
+    rebuilt = await socket.receive_json_from()
+    # A client that has it already gets nothing twice.
+    await socket.send_json_to(
+        {"type": "resume", "run": completed["run"], "after_seq": completed["seq"]}
+    )
+
+    assert {k: v for k, v in rebuilt.items() if k != "budget"} == {
+        k: v for k, v in completed.items() if k != "budget"
+    }
+    assert await socket.receive_nothing(timeout=0.5)
+    await socket.disconnect()
+
+
+class BrokenLog:
+    async def append(self, run_id, event):
+        raise ConnectionError("Redis is restarting")
+
+    async def after(self, run_id, seq):
+        raise ConnectionError("Redis is restarting")
+
+
+async def test_a_run_goes_on_when_its_events_cannot_be_logged(make_user, monkeypatch):
+    monkeypatch.setattr(events, "_log", BrokenLog())
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    frames = await receive_until(socket, "run.completed")
+
+    assert frames[-1]["status"] == "completed" and "error" not in frames[-1]
+    run = await Run.objects.aget(conversation=conversation)
+    assert run.status == Run.Status.COMPLETED
+    # A client that missed the end while Redis was out learns it from the database.
+    late = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await late.receive_json_from()
+    await late.send_json_to({"type": "resume", "run": str(run.id), "after_seq": 0})
+    assert (await late.receive_json_from())["type"] == "run.completed"
+    for each in (socket, late):
+        await each.disconnect()
+
+
+async def test_a_writer_reserves_more_seqs_before_passing_its_ceiling(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await Run.objects.acreate(
+        conversation=conversation, model=MODEL, status=Run.Status.RUNNING, event_seq=2
+    )
+
+    async def reserve(seq: int) -> int:
+        return await database_sync_to_async(lifecycle.run_seq_reserve)(run_id=run.id, seq=seq)
+
+    stream = RunEventStream(run.id, conversation.id, ceiling=2, reserve=reserve)
+    for _ in range(3):
+        await stream.emit("token", text="x")
+
+    assert (await Run.objects.aget(id=run.id)).event_seq == 2 + lifecycle.SEQ_BLOCK
+
+
+async def test_a_run_taken_over_while_its_process_stalled_is_stopped_there(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    _, socket = await connected(user)
+    await socket.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    run_id = (await receive_until(socket, "token"))[-1]["run"]
+    await receive_until(socket, "token")  # its trace row is written by now
+
+    # Another process found its lease lapsed (this one was stalled) and closed it.
+    assert await lifecycle.run_close_and_publish(run_id=uuid.UUID(run_id), lapsed_only=False)
+    await lifecycle.lease_keeper().tick()  # this process's next renewal finds it gone
+    await wait_for_runs()
+
+    frames = await receive_until(socket, "run.interrupted")
+    assert not [f for f in frames if f["type"] in lifecycle.FINAL_EVENTS.values()][:-1]
+    assert await socket.receive_nothing(timeout=0.5)  # no second ending
+    assert (await Run.objects.aget(id=run_id)).status == Run.Status.INTERRUPTED
+    trace = await Trace.objects.aget(run_id=run_id)
+    assert trace.status == Trace.Status.ERROR and trace.error_type == "run_interrupted"
+    await socket.disconnect()
+
+
+def test_the_page_shows_an_interrupted_run_as_such(client, make_user):
+    user = make_user()
+    conversation = services.conversation_create(owner=user)
+    run = orphan(conversation)
+    conversation.messages.create(run=run, role="user", content="Tell me about yourself")
+    lifecycle.run_close(run_id=run.id)
+    client.force_login(user)
+
+    page = client.get(f"/c/{conversation.id}/").content.decode()
+
+    assert '<span class="run-status">Interrupted</span>' in page
+    assert "stopped before it finished" in page
+    assert 'data-active-run=""' in page

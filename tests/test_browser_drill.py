@@ -1,0 +1,50 @@
+"""Drill in a real browser: the server dies (SIGKILL) while the chat streams an answer,
+and comes back. The page reconnects by itself, shows that the answer was interrupted,
+and the next message is answered, without a reload.
+
+A plain sync test: Playwright's sync API refuses to run inside a running asyncio loop."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.drills import DrillServer
+
+pytestmark = pytest.mark.browser
+
+
+def test_the_chat_shows_the_end_of_a_run_whose_server_died_and_goes_on(
+    browser: Any, tmp_path: Path
+) -> None:
+    server = DrillServer(tmp_path, AGENT_RUN_LEASE_SECONDS="3", AGENT_OFFLINE_TOKEN_DELAY="0.15")
+    try:
+        login = server.prepare_and_start()
+        context = browser.new_context(base_url=server.url)
+        context.add_cookies([{"name": "sessionid", "value": login.session, "url": server.url}])
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"/c/{login.conversation}/")
+        page.locator("#input").fill("Tell me about yourself")
+        page.locator("#input").press("Enter")
+        expect(page.locator(".bubble.assistant.streaming")).to_be_visible(timeout=30_000)
+
+        server.kill()
+        expect(page.locator("#notice")).to_have_text("Connection lost; reconnecting…")
+        server.start()
+
+        footer = page.locator(".run-footer.interrupted")
+        expect(footer).to_be_visible(timeout=60_000)
+        expect(footer).to_contain_text("Interrupted")
+        expect(footer.locator(".run-error")).to_contain_text("stopped before it finished")
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.locator("#notice")).to_be_hidden()
+        page.locator("#input").fill("What is 2 + 2?")
+        page.locator("#input").press("Enter")
+        expect(page.locator(".run-footer.completed")).to_be_visible(timeout=60_000)
+        assert errors == [], f"JavaScript errors on the page: {errors}"
+        context.close()
+    finally:
+        server.stop()
