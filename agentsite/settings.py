@@ -33,10 +33,20 @@ def _refuse_insecure_defaults() -> None:
                 "set DEBUG=false for a public deployment."
             )
         return
-    if len(SECRET_KEY) < 32 or SECRET_KEY.startswith("django-insecure"):
+    # `manage.py check --deploy`'s own rule (security.W009), refused here, not warned about.
+    from django.core.checks.security.base import (
+        SECRET_KEY_INSECURE_PREFIX,
+        SECRET_KEY_MIN_LENGTH,
+        SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+        _check_secret_key,
+    )
+
+    if not _check_secret_key(SECRET_KEY):
         raise ImproperlyConfigured(
-            "DEBUG is off, so SECRET_KEY must be set to a random value of at least 32 "
-            "characters (python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+            "DEBUG is off, so SECRET_KEY must be set to a random value of at least "
+            f"{SECRET_KEY_MIN_LENGTH} characters, at least {SECRET_KEY_MIN_UNIQUE_CHARACTERS} "
+            f"of them different, not starting with {SECRET_KEY_INSECURE_PREFIX!r} "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))')."
         )
     if not ALLOWED_HOSTS or "*" in ALLOWED_HOSTS:
         raise ImproperlyConfigured(
