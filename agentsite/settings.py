@@ -104,6 +104,9 @@ TEMPLATES = [
     },
 ]
 
+# Seconds a SQLite writer waits for another's lock before failing (the database and the
+# checkpoint file alike).
+SQLITE_TIMEOUT = 20
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 # The embedded defaults keep their files in var/, which a fresh clone does not have yet.
 VAR_DIR.mkdir(exist_ok=True)
@@ -113,7 +116,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            "timeout": SQLITE_TIMEOUT,
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
