@@ -68,6 +68,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "corsheaders",
+    # For its static files: /api/docs loads Swagger UI from here, not from a CDN.
+    "ninja",
     "chat",
     "tracing",
     "billing",
