@@ -122,6 +122,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+# PostgreSQL: each process borrows from one bounded pool (Django's own, psycopg_pool)
+# instead of opening a connection per thread, so a burst of requests waits for a
+# connection (up to 30 s) instead of failing with "too many clients". A process opens
+# at most DATABASE_POOL_SIZE + AGENT_CHECKPOINT_POOL_SIZE connections (+1 for a moment
+# while a conversation's checkpoints are deleted): keep instances x that under the
+# server's max_connections.
+DATABASE_POOL_SIZE = env.int("DATABASE_POOL_SIZE", default=10)
+AGENT_CHECKPOINT_POOL_SIZE = env.int("AGENT_CHECKPOINT_POOL_SIZE", default=4)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": DATABASE_POOL_SIZE,
+        "timeout": 30,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("AGENT_REDIS_URL", default="")

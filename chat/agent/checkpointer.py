@@ -116,7 +116,8 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
         pool: AsyncConnectionPool = AsyncConnectionPool(
             postgres,
             open=False,
-            max_size=10,
+            min_size=1,
+            max_size=settings.AGENT_CHECKPOINT_POOL_SIZE,  # see DATABASE_POOL_SIZE
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
         )
         await pool.open()
