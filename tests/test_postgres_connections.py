@@ -140,8 +140,8 @@ def test_a_burst_of_requests_stays_within_the_pool(postgres_server: PostgresServ
         watcher.join()
 
     errors = [s for s in statuses if s != 200]
-    assert errors == [], f"{len(errors)} failed: {sorted(set(errors))}\n" + (
-        postgres_server.log.read_text()[-3000:]
+    assert errors == [], (
+        f"{len(errors)} failed: {sorted(set(errors))}\n" + (postgres_server.log.read_text()[-3000:])
     )
     assert watcher.samples > 0
     # The requests borrowed and returned pooled connections; the pool never grew past
