@@ -126,9 +126,14 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
     else:
         assert sqlite_path is not None
         connection = await aiosqlite.connect(sqlite_path, **_sqlite_options())
-        await connection.execute("PRAGMA synchronous=NORMAL")  # WAL: safe, shorter locks
-        saver = AsyncSqliteSaver(connection)
-        await saver.setup()
+        try:
+            await connection.execute("PRAGMA synchronous=NORMAL")  # WAL: safe, shorter locks
+            saver = AsyncSqliteSaver(connection)
+            await saver.setup()
+        except BaseException:
+            # A cancel or a lock timeout here must not leave its thread behind.
+            await connection.close()
+            raise
     return saver
 
 
