@@ -1,5 +1,12 @@
-from django.contrib import admin
+from typing import Any
 
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from tracing.models import Span, Trace
+
+from . import services
 from .models import Conversation, Message, Run
 
 
@@ -37,6 +44,22 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "created_at", "updated_at")
     list_select_related = ("owner",)
     inlines = [RunInline, MessageInline]
+
+    # Through the service, like the user's own delete: it stops the conversation's runs
+    # and forgets its agent memory (checkpoints), which a bare row delete leaves behind.
+    def delete_model(self, request: HttpRequest, obj: Conversation) -> None:
+        services.conversation_delete(conversation=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> None:
+        for conversation in queryset:
+            services.conversation_delete(conversation=conversation)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        # Traces are read-only in the admin, yet go with their conversation, as when its
+        # owner deletes it; without this a conversation that ever ran could not be deleted.
+        read_only = {Trace._meta.verbose_name, Span._meta.verbose_name}
+        return deleted, counts, perms_needed - read_only, protected
 
 
 @admin.register(Run)

@@ -416,3 +416,22 @@ def test_a_message_over_the_daily_budget_is_refused_with_a_warning(
     expect(last_footer(chat).locator(".run-status")).to_have_text("Budget reached")
     expect(last_footer(chat).locator(".run-error")).to_contain_text("daily budget of $0.00001")
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_the_api_docs_render_offline(page: Page, agentsite_server: LiveServer) -> None:
+    # No internet: every request to another host fails, as on an offline machine.
+    elsewhere: list[str] = []
+
+    def this_server_only(route: Any) -> None:
+        if route.request.url.startswith(agentsite_server.url + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", this_server_only)
+    page.goto("/api/docs")
+
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Agentsite API")
+    expect(page.locator(".swagger-ui .opblock").first).to_be_visible()
+    assert elsewhere == [], f"the docs asked other hosts for: {elsewhere}"

@@ -1,6 +1,7 @@
 """Production settings refuse insecure defaults; checked in a fresh interpreter each time."""
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STRONG_KEY = "k" * 50
+STRONG_KEY = secrets.token_urlsafe(50)
 
 
 def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +43,19 @@ def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
                 "ALLOWED_HOSTS": "example.com",
             },
             "SECRET_KEY must be set",
+        ),
+        # Long enough for the old rule, too few different characters for check --deploy.
+        (
+            {"DEBUG": "false", "SECRET_KEY": "a" * 40, "ALLOWED_HOSTS": "example.com"},
+            "SECRET_KEY must be set",
+        ),
+        (
+            {"DEBUG": "false", "SECRET_KEY": "abcd" * 20, "ALLOWED_HOSTS": "example.com"},
+            "at least 5 of them different",
+        ),
+        (
+            {"DEBUG": "false", "SECRET_KEY": STRONG_KEY[:49], "ALLOWED_HOSTS": "example.com"},
+            "at least 50 characters",
         ),
         ({"DEBUG": "false", "SECRET_KEY": STRONG_KEY}, "ALLOWED_HOSTS must list"),
         (
@@ -79,3 +93,11 @@ def test_production_configuration_starts_with_secure_cookies():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
+
+
+def test_a_key_that_passes_check_deploy_starts():
+    # The shortest, plainest key Django's deploy check accepts: the rule is Django's own.
+    result = load_settings(
+        DEBUG="false", SECRET_KEY="abcde" * 10, ALLOWED_HOSTS="agents.example.com"
+    )
+    assert result.returncode == 0, result.stderr

@@ -7,9 +7,12 @@ event loop, so a Postgres pool is kept per loop.
 
 import asyncio
 import contextlib
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import aiosqlite
 from django.conf import settings
@@ -23,6 +26,17 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 _savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BaseCheckpointSaver] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class _SharedSqlite:
+    saver: AsyncSqliteSaver
+    runs: int = 0
+
+
+_sqlite_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedSqlite] = (
     weakref.WeakKeyDictionary()
 )
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -55,23 +69,44 @@ def _sqlite_path() -> Path:
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver]:
     """The saver for one run.
 
-    PostgreSQL: a connection pool shared by the runs of an event loop. SQLite: a
-    connection per run, closed at its end, because aiosqlite's worker thread would keep
-    the process from exiting (opening one costs ~1.5 ms, nothing next to a model call).
+    PostgreSQL: a connection pool shared by the runs of an event loop. SQLite: one
+    connection shared by the runs of an event loop while any is in flight, closed when
+    the last one ends, because aiosqlite's worker thread would keep the process from
+    exiting. One connection, not one per run: the saver's lock queues the loop's writes
+    in memory, where a connection per run made a hundred runs fight over the file lock
+    and some failed with `database is locked`.
     """
+    loop = asyncio.get_running_loop()
+    lock = _locks.setdefault(loop, asyncio.Lock())
     if uses_postgres():
-        loop = asyncio.get_running_loop()
-        lock = _locks.setdefault(loop, asyncio.Lock())
         async with lock:
             if loop not in _savers:
                 _savers[loop] = await open_saver(postgres=postgres_conninfo(), sqlite_path=None)
         yield _savers[loop]
         return
-    saver = await open_saver(postgres=None, sqlite_path=_sqlite_path())
+    async with lock:
+        shared = _sqlite_savers.get(loop)
+        if shared is None:
+            saver = await open_saver(postgres=None, sqlite_path=_sqlite_path())
+            shared = _sqlite_savers[loop] = _SharedSqlite(cast(AsyncSqliteSaver, saver))
+        shared.runs += 1
     try:
-        yield saver
+        yield shared.saver
     finally:
-        await saver.conn.close()  # type: ignore[attr-defined]
+        shared.runs -= 1
+        if shared.runs == 0:
+            # Shielded: a cancelled run must not leave the connection (and its thread) open.
+            await asyncio.shield(_close_when_idle(loop, shared, lock))
+
+
+async def _close_when_idle(
+    loop: asyncio.AbstractEventLoop, shared: _SharedSqlite, lock: asyncio.Lock
+) -> None:
+    async with lock:
+        # A run that started meanwhile keeps it open.
+        if shared.runs == 0 and _sqlite_savers.get(loop) is shared:
+            del _sqlite_savers[loop]
+            await shared.saver.conn.close()
 
 
 async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseCheckpointSaver:
@@ -81,7 +116,8 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
         pool: AsyncConnectionPool = AsyncConnectionPool(
             postgres,
             open=False,
-            max_size=10,
+            min_size=1,
+            max_size=settings.AGENT_CHECKPOINT_POOL_SIZE,  # see DATABASE_POOL_SIZE
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
         )
         await pool.open()
@@ -89,10 +125,23 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
         await saver.setup()
     else:
         assert sqlite_path is not None
-        connection = await aiosqlite.connect(sqlite_path)
-        saver = AsyncSqliteSaver(connection)
-        await saver.setup()
+        connection = await aiosqlite.connect(sqlite_path, **_sqlite_options())
+        try:
+            await connection.execute("PRAGMA synchronous=NORMAL")  # WAL: safe, shorter locks
+            saver = AsyncSqliteSaver(connection)
+            await saver.setup()
+        except BaseException:
+            # A cancel or a lock timeout here must not leave its thread behind.
+            await connection.close()
+            raise
     return saver
+
+
+def _sqlite_options() -> dict[str, Any]:
+    # Like Django's database: wait for another process's write instead of failing at
+    # once, and take the write lock when a write transaction begins, so a write never
+    # fails half-way and leaves the shared connection inside a transaction.
+    return {"timeout": settings.SQLITE_TIMEOUT, "isolation_level": "IMMEDIATE"}
 
 
 def delete_thread(thread_id: str) -> None:
@@ -102,5 +151,8 @@ def delete_thread(thread_id: str) -> None:
             saver.setup()
             saver.delete_thread(thread_id)
     else:
-        with SqliteSaver.from_conn_string(str(_sqlite_path())) as saver:
-            saver.delete_thread(thread_id)
+        connection = sqlite3.connect(_sqlite_path(), check_same_thread=False, **_sqlite_options())
+        try:
+            SqliteSaver(connection).delete_thread(thread_id)
+        finally:
+            connection.close()

@@ -27,6 +27,8 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from .tools import time_zone_for
+
 OFFLINE_MODEL_NAME = "agentsite-offline-demo"
 
 # A run of numbers joined by at least one operator, e.g. "17 * 23" or "(2+3)^2".
@@ -35,13 +37,15 @@ _ARITHMETIC = re.compile(
 )
 _TIME_WORDS = re.compile(r"\b(time|date|day|today|clock|o'clock)\b", re.IGNORECASE)
 _ZONE = re.compile(r"\b(UTC|[A-Z][A-Za-z_]+/[A-Z][A-Za-z_]+(?:/[A-Z][A-Za-z_]+)?)\b")
+# The words after "in": "in Tokyo", "in New York right now", "in Europe/Paris".
+_PLACE = re.compile(r"\bin\s+([A-Za-z][\w'/-]*(?:\s+[A-Za-z][\w'/-]*){0,3})", re.IGNORECASE)
 _TOKEN = re.compile(r"\s*\S+|\s+")
 MAX_PARALLEL_CALLS = 5
 
 INTRO = (
     "I am the **offline demo model** built into Agentsite: I run without a network and "
     "answer deterministically. I can really use two tools — try *What is 17 * 23?* or "
-    "*What time is it in Europe/Paris?* — and otherwise I repeat what you wrote:\n\n"
+    "*What time is it in Tokyo?* — and otherwise I repeat what you wrote:\n\n"
 )
 
 
@@ -157,9 +161,26 @@ def _plan_tool_calls(
     if expressions and "calculator" in available:
         return [("calculator", {"expression": expression}) for expression in expressions]
     if _TIME_WORDS.search(text) and "current_time" in available:
-        zone = _ZONE.search(text)
-        return [("current_time", {"timezone": zone.group(1)} if zone else {})]
+        place = _place_in(text)
+        return [("current_time", {"timezone": place} if place else {})]
     return []
+
+
+def _place_in(text: str) -> str | None:
+    """The place a question asks the time of, as a person wrote it; one the tool will not
+    know is passed on all the same, so the answer says so instead of giving UTC."""
+    zone = _ZONE.search(text)
+    if zone:
+        return zone.group(1)
+    found = _PLACE.search(text)
+    if found is None:
+        return None
+    words = found.group(1).split()
+    # "New York right now": the longest run of leading words that names a place.
+    for count in range(len(words), 0, -1):
+        if time_zone_for(" ".join(words[:count])):
+            return " ".join(words[:count])
+    return found.group(1)
 
 
 def _reply(messages: list[BaseMessage]) -> str:

@@ -3,10 +3,12 @@
 import ast
 import math
 import operator
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cache
 from typing import cast
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from langchain_core.tools import BaseTool, tool
 
@@ -121,18 +123,95 @@ def calculator(expression: str) -> str:
     return format_number(evaluate_expression(expression))
 
 
+# Zone names are cities (Asia/Tokyo); these well-known places are not in them.
+_PLACE_ALIASES = {
+    "san francisco": "America/Los_Angeles",
+    "seattle": "America/Los_Angeles",
+    "san diego": "America/Los_Angeles",
+    "las vegas": "America/Los_Angeles",
+    "washington": "America/New_York",
+    "boston": "America/New_York",
+    "philadelphia": "America/New_York",
+    "miami": "America/New_York",
+    "atlanta": "America/New_York",
+    "dallas": "America/Chicago",
+    "houston": "America/Chicago",
+    "montreal": "America/Toronto",
+    "rio de janeiro": "America/Sao_Paulo",
+    "beijing": "Asia/Shanghai",
+    "shenzhen": "Asia/Shanghai",
+    "guangzhou": "Asia/Shanghai",
+    "delhi": "Asia/Kolkata",
+    "new delhi": "Asia/Kolkata",
+    "mumbai": "Asia/Kolkata",
+    "bangalore": "Asia/Kolkata",
+    "bengaluru": "Asia/Kolkata",
+    "osaka": "Asia/Tokyo",
+    "kyoto": "Asia/Tokyo",
+    "munich": "Europe/Berlin",
+    "frankfurt": "Europe/Berlin",
+    "hamburg": "Europe/Berlin",
+    "barcelona": "Europe/Madrid",
+    "milan": "Europe/Rome",
+    "geneva": "Europe/Zurich",
+    "cape town": "Africa/Johannesburg",
+}
+# The areas whose zones are named after a city (not US/Pacific, Etc/GMT+1, ...).
+_CITY_AREAS = (
+    "Africa/",
+    "America/",
+    "Antarctica/",
+    "Asia/",
+    "Atlantic/",
+    "Australia/",
+    "Europe/",
+    "Indian/",
+    "Pacific/",
+)
+
+
+def _place_key(name: str) -> str:
+    # "São Paulo", "sao_paulo" and "Sao Paulo" are the same place.
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return " ".join(plain.replace("_", " ").lower().split())
+
+
+@cache
+def _zones_by_place() -> dict[str, str]:
+    zones: dict[str, str] = {}
+    for zone in sorted(available_timezones()):
+        if zone.startswith(_CITY_AREAS):
+            zones.setdefault(_place_key(zone.rsplit("/", 1)[-1]), zone)
+    return {**zones, **_PLACE_ALIASES}
+
+
+def time_zone_for(place: str) -> str | None:
+    """The IANA zone for an IANA name ("Asia/Tokyo") or a city ("Tokyo", "new york"),
+    or None when it is neither."""
+    name = place.strip()
+    if name.upper() in ("UTC", "GMT"):
+        return name.upper()
+    if "/" in name:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            return None
+        return name
+    return _zones_by_place().get(_place_key(name))
+
+
 @tool
 def current_time(timezone: str | None = None) -> str:
-    """Return the current date and time, in UTC or in the given IANA time zone
-    (for example "Europe/Paris" or "America/New_York")."""
-    zone_name = (timezone or "UTC").strip() or "UTC"
-    try:
-        zone = ZoneInfo(zone_name)
-    except (ZoneInfoNotFoundError, ValueError) as error:
+    """Return the current date and time, in UTC or in the given place: an IANA time
+    zone (for example "Europe/Paris" or "America/New_York") or a city ("Tokyo")."""
+    place = (timezone or "UTC").strip() or "UTC"
+    zone_name = time_zone_for(place)
+    if zone_name is None:
         raise ToolInputError(
-            f"Unknown time zone {zone_name!r}; use an IANA name such as Europe/Paris."
-        ) from error
-    now = datetime.now(UTC).astimezone(zone)
+            f"I could not find the time zone of {place!r}; name a large city (Tokyo) or "
+            "an IANA time zone (Europe/Paris)."
+        )
+    now = datetime.now(UTC).astimezone(ZoneInfo(zone_name))
     return f"{now:%A %d %B %Y, %H:%M:%S} ({zone_name}, UTC{now:%z})"
 
 

@@ -65,3 +65,18 @@ async def test_a_restart_loses_nothing(backend: str, tmp_path: Path) -> None:
 
     sent = [m.content for m in model.prompts[0]]
     assert sent[-3:] == ["My name is Ada.", "Hello Ada.", "What is my name?"]
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not postgres_available(),
+    reason="PostgreSQL is NOT reachable on 127.0.0.1:5432: Postgres saver untested",
+)
+async def test_the_postgres_saver_pool_is_bounded(settings) -> None:
+    # Part of each process's connection budget (DATABASE_POOL_SIZE in the settings).
+    settings.AGENT_CHECKPOINT_POOL_SIZE = 3
+    saver = await open_saver(postgres=POSTGRES, sqlite_path=None)
+    try:
+        assert saver.conn.max_size == 3
+    finally:
+        await saver.conn.close()

@@ -67,5 +67,25 @@ def test_current_time_refuses_unknown_zones(zone: str) -> None:
     if not zone.strip():
         assert "UTC" in current_time.invoke({"timezone": zone})
         return
-    with pytest.raises(ValueError, match="Unknown time zone"):
+    with pytest.raises(ValueError, match="could not find the time zone"):
         current_time.invoke({"timezone": zone})
+
+
+@pytest.mark.parametrize(
+    ("place", "zone"),
+    [
+        ("Tokyo", "Asia/Tokyo"),
+        ("new york", "America/New_York"),
+        ("São Paulo", "America/Sao_Paulo"),
+        ("Buenos Aires", "America/Argentina/Buenos_Aires"),
+        ("Beijing", "Asia/Shanghai"),  # a well-known city that names no zone
+        ("utc", "UTC"),
+    ],
+)
+def test_current_time_knows_cities(place: str, zone: str) -> None:
+    assert f"({zone}, UTC" in current_time.invoke({"timezone": place})
+
+
+def test_current_time_says_when_it_does_not_know_a_place() -> None:
+    with pytest.raises(ValueError, match="could not find the time zone of 'Springfield'"):
+        current_time.invoke({"timezone": "Springfield"})
