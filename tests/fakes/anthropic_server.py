@@ -259,7 +259,9 @@ class FakeAnthropicServer(FakeLLMServer):
     in_stream_error = StreamError
     malformed_body = b'event: message_start\ndata: {"type": "message_start", <html>Bad Gateway\n\n'
 
-    def tool_use(self, name: str, input: dict[str, Any] | str, *, id: str = "", **options: Any) -> Self:
+    def tool_use(
+        self, name: str, input: dict[str, Any] | str, *, id: str = "", **options: Any
+    ) -> Self:
         """The model asks for one tool call."""
         return self.tool_uses([ToolUse(name, input, id)], **options)
 
