@@ -9,8 +9,8 @@ still never cost more than the limits allow; only a call that cannot be granted 
 `min_output_tokens` (a short answer) is refused. When the call ends it is settled: its
 ledger row is written and its actual cost moves from "reserved" to "spent" in the same
 transaction. A call cut short (cancel, failure, deadline) is settled when its run
-finishes, with the usage the run saw. Holds left by runs that are over (a process that died, a finish that failed) are
-released before the account's next run is admitted.
+finishes, with the usage the run saw. Holds left by runs that are over (a process that
+died, a finish that failed) are released before the account's next run is admitted.
 
 Atomicity: reservations and run admissions of one account serialize on its row lock
 (taken in its own statement on PostgreSQL; SQLite transactions are IMMEDIATE, one
