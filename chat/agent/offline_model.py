@@ -79,6 +79,7 @@ class OfflineChatModel(BaseChatModel):
             content=merged.content,
             tool_calls=merged.tool_calls,
             usage_metadata=merged.usage_metadata,
+            response_metadata=merged.response_metadata,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
