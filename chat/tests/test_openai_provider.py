@@ -345,6 +345,10 @@ async def test_a_stream_that_ends_early_fails_as_bad_response_and_keeps_what_was
     assert "before the end of its answer" in run.error_message
     # Something was streamed, so it is not asked again.
     assert len(llm.requests) == 1
+    # The provider had the prompt and sent two tokens, and reported nothing: billed an
+    # estimate, flagged.
+    [record] = await ledger_rows(chat)
+    assert record.usage_estimated and record.input_tokens > 100 and record.output_tokens == 2
     await chat.assert_still_usable()
 
 
