@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -207,6 +208,11 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         "call_least_usd": str(least_cost(reserved)),
         "burst_spent_usd": str(burst_spent),
         "runs_after_the_burst": runs.count() - burst_runs,
+        "statuses_after_the_burst": dict(
+            runs.filter(started_at__gt=datetime.fromtimestamp(last_start, UTC))
+            .values_list("status")
+            .annotate(n=Count("id"))
+        ),
         "seconds_after_the_burst": after_seconds,
         "ledger_spent_usd": str(ledger.aggregate(total=Sum("cost_usd"))["total"] or 0),
         "counter_spent_usd": str(counters["spent"] or 0),
@@ -235,11 +241,19 @@ def child_until_refused() -> None:
     from chat.models import Run
 
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0
-    for _ in range(1000):
-        [run_id] = asyncio.run(start_runs("burst", 1))
-        if Run.objects.get(id=run_id).status != Run.Status.COMPLETED:
-            return
-    raise SystemExit("the budget never ran out")
+
+    async def until_refused() -> None:
+        # One event loop for all: the checkpointer keeps a connection pool per loop.
+        for _ in range(1000):
+            [run_id] = await start_runs("burst", 1)
+            run = await Run.objects.aget(id=run_id)
+            if run.status == Run.Status.BUDGET_EXCEEDED:
+                return
+            if run.status != Run.Status.COMPLETED:
+                raise SystemExit(f"run {run_id} {run.status}: {run.error_message}")
+        raise SystemExit("the budget never ran out")
+
+    asyncio.run(until_refused())
 
 
 def main() -> None:
