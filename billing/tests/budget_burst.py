@@ -260,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--budget-in-worst-cases", type=Decimal, default=Decimal("3.5"))
+    parser.add_argument("--budget-in-worst-cases", type=Decimal, default=Decimal("2.5"))
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--until-refused", action="store_true", help=argparse.SUPPRESS)
