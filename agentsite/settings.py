@@ -244,6 +244,10 @@ AGENT_ANTHROPIC_API_KEY = env.str("AGENT_ANTHROPIC_API_KEY", default="")
 AGENT_ANTHROPIC_MODEL = env.str("AGENT_ANTHROPIC_MODEL", default="claude-sonnet-4-5")
 AGENT_ANTHROPIC_BASE_URL = env.str("AGENT_ANTHROPIC_BASE_URL", default="") or None
 AGENT_MAX_TOKENS = env.int("AGENT_MAX_TOKENS", default=1024)
+# When the budget left cannot pay for AGENT_MAX_TOKENS of output, a call is made with its
+# output capped to what it can pay for, down to this floor (a short answer or one tool
+# call); below it the call is refused (budget_exceeded).
+AGENT_MIN_OUTPUT_TOKENS = env.int("AGENT_MIN_OUTPUT_TOKENS", default=64)
 AGENT_TEMPERATURE = env.float("AGENT_TEMPERATURE", default=0.2)
 AGENT_PROVIDER_TIMEOUT = env.float("AGENT_PROVIDER_TIMEOUT", default=60.0)
 AGENT_PROVIDER_MAX_RETRIES = env.int("AGENT_PROVIDER_MAX_RETRIES", default=2)

@@ -342,10 +342,11 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "output_tokens",
         "cost",
         "price_missing",
+        "usage_estimated",
         "run_id",
         "span_id",
     )
-    list_filter = (PricedFilter, "model", "account", "created_at")
+    list_filter = (PricedFilter, "usage_estimated", "model", "account", "created_at")
     search_fields = ("model", "account__name", "user__username", "run_id", "span_id")
     list_select_related = ("account", "user")
     date_hierarchy = "created_at"

@@ -3,12 +3,15 @@ flight so concurrent runs cannot overrun a limit.
 
 Before each LLM call its worst case (estimated prompt + the maximum output, at the
 model's price) is reserved, atomically, against the account's daily, monthly, token and
-per-run limits; when the call ends it is settled: its ledger row is written and its
-actual cost moves from "reserved" to "spent" in the same transaction. A call cut short
-(cancel, failure, deadline) is settled when its run finishes, with the usage the run
-saw; a run whose process died, when it is closed for dead, with the usage it had
-recorded. Holds left by runs that are over (a finish that failed) are released before
-the account's next run is admitted.
+per-run limits. When what the limits leave cannot cover the call's full output, the call
+is granted less: its output cap (`max_tokens`) is lowered to what is left, so it can
+still never cost more than the limits allow; only a call that cannot be granted even
+`min_output_tokens` (a short answer) is refused. When the call ends it is settled: its
+ledger row is written and its actual cost moves from "reserved" to "spent" in the same
+transaction. A call cut short (cancel, failure, deadline) is settled when its run
+finishes, with the usage the run saw; a run whose process died, when it is closed for
+dead, with the usage it had recorded. Holds left by runs that are over (a finish that
+failed) are released before the account's next run is admitted.
 
 Atomicity: reservations and run admissions of one account serialize on its row lock
 (taken in its own statement on PostgreSQL; SQLite transactions are IMMEDIATE, one
@@ -32,7 +35,7 @@ from chat.models import Run
 from tracing.formatting import format_usd as usd
 
 from . import budget_sql as sql
-from .models import Account, BudgetReservation, UsageRecord
+from .models import Account, BudgetReservation, ModelPrice, UsageRecord
 from .pricing import cost_of, price_for_model
 from .quotas import account_limits
 from .selectors import utc_today
@@ -54,6 +57,8 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    # Not (all) reported by the provider: our estimate, flagged in the ledger.
+    estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,16 @@ def budget_reserve(
     model: str,
     prompt_tokens: int,
     max_output_tokens: int,
+    min_output_tokens: int = 1,
 ) -> BudgetReservation:
-    """Hold the worst case of one LLM call, or raise `BudgetExceeded` naming the limit
-    it would pass. An unpriced model reserves its tokens but no money: its cost is
-    unknown, and it is flagged in the ledger when settled."""
+    """Hold the worst case of one LLM call: its prompt and up to `max_output_tokens` of
+    output, or as much output as the limits leave if that is less but at least
+    `min_output_tokens` (the reservation's `output_tokens` is the cap to call with).
+    Otherwise raise `BudgetExceeded` naming the limit. An unpriced model reserves its
+    tokens but no money: its cost is unknown, and it is flagged in the ledger when
+    settled."""
     day = utc_today()
-    tokens = prompt_tokens + max_output_tokens
+    least = min(min_output_tokens, max_output_tokens)
     with transaction.atomic(), connection.cursor() as cursor:
         state = sql.account_state_lock(
             cursor, account_id=account_id, run_id=run_id, day=day, model=model
@@ -100,12 +109,17 @@ def budget_reserve(
                 "the account's money limits.",
                 remedy="An operator can add its price in the admin (Billing → Model prices).",
             )
-        amount = (
-            cost_of(price=price, input_tokens=prompt_tokens, output_tokens=max_output_tokens)
-            if price is not None
-            else Decimal(0)
+        # Refused only if not even the shortest answer fits; else granted what fits.
+        _check(
+            state,
+            amount=_cost(price, prompt_tokens=prompt_tokens, output_tokens=least),
+            tokens=prompt_tokens + least,
         )
-        _check(state, amount=amount, tokens=tokens)
+        output_tokens = _grant(
+            state, price=price, prompt_tokens=prompt_tokens, wanted=max_output_tokens
+        )
+        amount = _cost(price, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+        tokens = prompt_tokens + output_tokens
         sql.daily_hold(cursor, account_id=account_id, day=day, amount=amount, tokens=tokens)
         reservation = BudgetReservation(
             id=call_id,
@@ -122,6 +136,42 @@ def budget_reserve(
     return reservation
 
 
+def _cost(price: ModelPrice | None, *, prompt_tokens: int, output_tokens: int) -> Decimal:
+    if price is None:
+        return Decimal(0)
+    return cost_of(price=price, input_tokens=prompt_tokens, output_tokens=output_tokens)
+
+
+def _grant(
+    state: sql.AccountState, *, price: ModelPrice | None, prompt_tokens: int, wanted: int
+) -> int:
+    """The most output, up to `wanted`, that every limit still leaves room for (with the
+    prompt), checked by `_check` to be at least the shortest answer."""
+    granted = wanted
+    if state.tokens_per_day is not None:
+        granted = min(granted, state.tokens_per_day - state.today_tokens - prompt_tokens)
+    if price is None or price.output_per_mtok <= 0:
+        return granted
+    for limit, used in (
+        (state.money_per_run_usd, state.run_usd),
+        (state.money_per_day_usd, state.today_usd),
+        (state.money_per_month_usd, state.month_usd),
+    ):
+        if limit is None:
+            continue
+        left = limit - used
+        prompt_micro_usd = prompt_tokens * price.input_per_mtok
+        affordable = int((left * 1_000_000 - prompt_micro_usd) / price.output_per_mtok)
+        # cost_of rounds the total half up: step down until the rounded cost fits.
+        while (
+            affordable > 0
+            and _cost(price, prompt_tokens=prompt_tokens, output_tokens=affordable) > left
+        ):
+            affordable -= 1
+        granted = min(granted, affordable)
+    return granted
+
+
 def _has_money_limit(state: sql.AccountState) -> bool:
     limits = (state.money_per_day_usd, state.money_per_month_usd, state.money_per_run_usd)
     return any(limit is not None for limit in limits)
@@ -132,14 +182,14 @@ def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
     if state.money_per_run_usd is not None and state.run_usd + amount > state.money_per_run_usd:
         raise BudgetExceeded(
             f"This answer stopped at the limit of {usd(state.money_per_run_usd)} per run: it "
-            f"has cost {usd(state.run_usd)} so far and its next step could cost up to "
+            f"has cost {usd(state.run_usd)} so far and even a short next step would cost "
             f"{usd(amount)}."
         )
     if state.money_per_day_usd is not None and state.today_usd + amount > state.money_per_day_usd:
         raise BudgetExceeded(
             f"The account's daily budget of {usd(state.money_per_day_usd)} is used up "
-            f"({usd(state.today_usd)} spent or held today, {in_flight}; the next step "
-            f"could cost up to {usd(amount)}). It renews at 00:00 UTC."
+            f"({usd(state.today_usd)} spent or held today, {in_flight}; even a short next "
+            f"step would cost {usd(amount)}). It renews at 00:00 UTC."
         )
     if (
         state.money_per_month_usd is not None
@@ -147,14 +197,14 @@ def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
     ):
         raise BudgetExceeded(
             f"The account's monthly budget of {usd(state.money_per_month_usd)} is used up "
-            f"({usd(state.month_usd)} spent or held this month, {in_flight}; the next "
-            f"step could cost up to {usd(amount)}). It renews on the 1st, 00:00 UTC."
+            f"({usd(state.month_usd)} spent or held this month, {in_flight}; even a short "
+            f"next step would cost {usd(amount)}). It renews on the 1st, 00:00 UTC."
         )
     if state.tokens_per_day is not None and state.today_tokens + tokens > state.tokens_per_day:
         raise BudgetExceeded(
             f"The account's limit of {state.tokens_per_day:,} tokens per day is used up "
-            f"({state.today_tokens:,} used or held today, {in_flight}; the next step could "
-            f"use up to {tokens:,}). It renews at 00:00 UTC."
+            f"({state.today_tokens:,} used or held today, {in_flight}; even a short next "
+            f"step would use {tokens:,}). It renews at 00:00 UTC."
         )
 
 
@@ -194,6 +244,7 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
                 cached_tokens=usage.cached_tokens,
                 cost_usd=cost,
                 price_missing=price is None,
+                usage_estimated=usage.estimated,
                 reserved_usd=reservation.amount_usd,
             ),
         )
@@ -256,6 +307,7 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
                 input_tokens=max(seen.input_tokens - recorded["input"], reservation.prompt_tokens),
                 output_tokens=unbilled_output,
                 cached_tokens=max(seen.cached_tokens - recorded["cached"], 0),
+                estimated=True,
             )
             budget_settle(reservation=reservation, usage=usage)
         else:

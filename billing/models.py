@@ -210,6 +210,12 @@ class UsageRecord(models.Model):
     # Null when no price matched the model: unpriced, which is not free.
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     price_missing = models.BooleanField(default=False)
+    # The provider reported no usage (or not all of it) and the tokens are our estimate:
+    # the prompt estimate and the output as streamed. Billed all the same, never free.
+    usage_estimated = models.BooleanField(
+        default=False,
+        help_text="The provider did not report this call's usage: its tokens are estimated.",
+    )
     # The worst case held for the call before it was made: how good the estimate was.
     reserved_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -280,3 +286,8 @@ class BudgetReservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.amount_usd} USD for run {self.run_id}"
+
+    @property
+    def output_tokens(self) -> int:
+        """The output the call may produce (its `max_tokens`): what the budget granted."""
+        return self.tokens - self.prompt_tokens

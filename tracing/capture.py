@@ -490,6 +490,9 @@ class RunTracer(BaseCallbackHandler):
             },
             "latency_ms": span.duration_ms,
         }
+        # The output cap the budget granted the call, and what it asked for.
+        if metadata.get("max_output_tokens"):
+            attributes["max_output_tokens"] = metadata["max_output_tokens"]
         if record.first_token:
             attributes["time_to_first_token_ms"] = round(
                 (record.first_token - record.start) * 1000, 3

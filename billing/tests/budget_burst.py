@@ -6,7 +6,10 @@ keeps them from overspending. test_budget_burst.py runs it on SQLite and Postgre
 
 The parent migrates a fresh database, measures one run of the built-in model (its cost
 and its reserved worst case), sets the budget, and starts the child processes, which
-all start their share of the runs at the same moment. It prints one JSON object.
+all start their share of the runs at the same moment (the burst). Then it starts them
+again, each sending one run after another until one is refused (the users who were
+refused, trying again once the burst is over): what the burst held and did not spend
+must be spendable, down to the last short answer. It prints one JSON object.
 Settings come from the environment (DATABASE_URL, AGENT_OFFLINE_TOKEN_DELAY, …) like
 a deployment's; the caller sets them.
 """
@@ -18,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -29,6 +33,20 @@ def setup() -> None:
     import django
 
     django.setup()
+
+
+def least_cost(reserved: Decimal) -> Decimal:
+    """What the calibration call needs at least to be admitted: its worst case with the
+    output cap lowered from AGENT_MAX_TOKENS to AGENT_MIN_OUTPUT_TOKENS."""
+    from django.conf import settings
+
+    from billing.pricing import cost_of, price_for_model
+    from chat.agent.offline_model import OFFLINE_MODEL_NAME
+
+    price = price_for_model(model=OFFLINE_MODEL_NAME)
+    assert price is not None
+    unused = settings.AGENT_MAX_TOKENS - settings.AGENT_MIN_OUTPUT_TOKENS
+    return reserved - cost_of(price=price, input_tokens=0, output_tokens=unused)
 
 
 async def start_runs(username: str, count: int) -> list[str]:
@@ -155,30 +173,58 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
 
     runs = Run.objects.filter(conversation__owner=user)
     statuses = dict(runs.values_list("status").annotate(n=Count("id")))
+    burst_runs = runs.count()
     refused = runs.filter(status=Run.Status.BUDGET_EXCEEDED)
     ledger = UsageRecord.objects.filter(account=account)
-    counters = DailySpend.objects.filter(account=account).aggregate(
-        spent=Sum("spent_usd"), reserved=Sum("reserved_usd")
-    )
-    return {
-        "runs": runs.count(),
-        "statuses": statuses,
-        "budget_usd": str(budget),
-        "run_cost_usd": str(cost),
-        "call_reserved_usd": str(reserved),
-        "ledger_spent_usd": str(ledger.aggregate(total=Sum("cost_usd"))["total"] or 0),
-        "counter_spent_usd": str(counters["spent"] or 0),
-        "counter_reserved_usd": str(counters["reserved"] or 0),
-        "reservations_left": BudgetReservation.objects.filter(account=account).count(),
+    burst_spent = ledger.aggregate(total=Sum("cost_usd"))["total"] or 0
+    last_start = runs.aggregate(at=Max("started_at"))["at"].timestamp()
+    first_settle = ledger.aggregate(at=Min("created_at"))["at"].timestamp()
+    burst_checks = {
+        # What made runs fail, if any did (none should).
+        "failures": sorted(
+            set(runs.filter(status=Run.Status.FAILED).values_list("error_code", "error_message"))
+        ),
         "refused_messages_name_the_daily_budget": not refused.exclude(
             error_message__contains="daily budget of $"
         ).exists(),
         "refused_before_any_call": not refused.exclude(steps=0).exists(),
+    }
+
+    after_started = time.time()
+    command = [sys.executable, "-m", "billing.tests.budget_burst", "--until-refused"]
+    retries = [subprocess.Popen(command) for _ in range(args.processes)]
+    if any(child.wait() for child in retries):
+        raise SystemExit("a child process failed")
+    after_seconds = round(time.time() - after_started, 1)
+    counters = DailySpend.objects.filter(account=account).aggregate(
+        spent=Sum("spent_usd"), reserved=Sum("reserved_usd")
+    )
+    return {
+        "runs": burst_runs,
+        "statuses": statuses,
+        "budget_usd": str(budget),
+        "run_cost_usd": str(cost),
+        "call_reserved_usd": str(reserved),
+        "call_least_usd": str(least_cost(reserved)),
+        "burst_spent_usd": str(burst_spent),
+        "runs_after_the_burst": runs.count() - burst_runs,
+        "statuses_after_the_burst": dict(
+            runs.filter(started_at__gt=datetime.fromtimestamp(last_start, UTC))
+            .values_list("status")
+            .annotate(n=Count("id"))
+        ),
+        "seconds_after_the_burst": after_seconds,
+        "ledger_spent_usd": str(ledger.aggregate(total=Sum("cost_usd"))["total"] or 0),
+        "counter_spent_usd": str(counters["spent"] or 0),
+        "counter_reserved_usd": str(counters["reserved"] or 0),
+        "reservations_left": BudgetReservation.objects.filter(account=account).count(),
+        **burst_checks,
         # 8 threads x 6 reservations against a budget of exactly 10 worst cases.
         "race_admitted": race(),
-        # The count is exact only if every run tried to reserve before any settled.
-        "last_start": runs.aggregate(at=Max("started_at"))["at"].timestamp(),
-        "first_settle": ledger.aggregate(at=Min("created_at"))["at"].timestamp(),
+        # The burst's count is exact only if every run tried to reserve before any
+        # settled.
+        "last_start": last_start,
+        "first_settle": first_settle,
     }
 
 
@@ -187,16 +233,42 @@ def child(count: int, start_at: float) -> None:
     asyncio.run(start_runs("burst", count))
 
 
+def child_until_refused() -> None:
+    """One run after another, without token delays, until one is refused or cut short
+    by the budget (at most 1,000: a budget that never runs out is a failure)."""
+    from django.conf import settings
+
+    from chat.models import Run
+
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0
+
+    async def until_refused() -> None:
+        # One event loop for all: the checkpointer keeps a connection pool per loop.
+        for _ in range(1000):
+            [run_id] = await start_runs("burst", 1)
+            run = await Run.objects.aget(id=run_id)
+            if run.status == Run.Status.BUDGET_EXCEEDED:
+                return
+            if run.status != Run.Status.COMPLETED:
+                raise SystemExit(f"run {run_id} {run.status}: {run.error_message}")
+        raise SystemExit("the budget never ran out")
+
+    asyncio.run(until_refused())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--budget-in-worst-cases", type=Decimal, default=Decimal("40.5"))
+    parser.add_argument("--budget-in-worst-cases", type=Decimal, default=Decimal("2.5"))
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--until-refused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup()
-    if args.child:
+    if args.until_refused:
+        child_until_refused()
+    elif args.child:
         child(args.child, args.start_at)
     else:
         print(json.dumps(parent(args)))

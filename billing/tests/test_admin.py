@@ -258,3 +258,19 @@ def test_records_cannot_be_edited_in_the_admin(admin_client, account_with_usage,
     )
     assert model.objects.filter(pk=row.pk).exists()
     assert Account.objects.count() == 1
+
+
+def test_the_ledger_shows_and_filters_estimated_usage(admin_client, make_user, prices):
+    account = account_for_user(user_id=make_user().id)
+    reported = ledger(account, day=utc_today(), cost="0.0001")
+    estimated = ledger(account, day=utc_today(), cost="0.0002", input_tokens=777)
+    UsageRecord.objects.filter(pk=estimated.pk).update(usage_estimated=True)
+    url = reverse("admin:billing_usagerecord_changelist")
+
+    listed = admin_client.get(url).content.decode()
+    only_estimated = admin_client.get(url, {"usage_estimated__exact": "1"}).content.decode()
+
+    assert "Usage estimated" in listed
+    row = "/billing/usagerecord/{}/change/"
+    assert row.format(estimated.pk) in only_estimated
+    assert row.format(reported.pk) not in only_estimated

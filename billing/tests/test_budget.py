@@ -19,6 +19,7 @@ from billing.budget import (
     budget_settle,
 )
 from billing.models import Account, BudgetReservation, DailySpend, UsageRecord
+from billing.pricing import cost_of, price_for_model
 from billing.tests.test_services import records_of, run_message
 from chat import services
 from chat.models import Message, Run
@@ -75,7 +76,11 @@ async def test_a_run_that_cannot_afford_its_first_call_makes_none(make_user, pri
         ("money_per_run_usd", "per run"),
     ],
 )
-async def test_a_run_stops_where_its_next_step_would_pass_a_limit(make_user, prices, limit, says):
+async def test_a_run_stops_where_its_next_step_would_pass_a_limit(
+    make_user, prices, settings, limit, says
+):
+    # No room to lower a call's output cap: each call needs its full worst case.
+    settings.AGENT_MIN_OUTPUT_TOKENS = settings.AGENT_MAX_TOKENS
     first_call, _ = await calibrate(make_user, "What is 17 * 23?")
     user = await database_sync_to_async(make_user)()
     # Exactly the first call's worst case: the first call fits, the second (a longer
@@ -117,14 +122,20 @@ async def test_the_tokens_per_day_limit_is_enforced(make_user, prices):
     assert "limit of 100 tokens per day is used up" in run.error_message
 
 
-async def test_one_after_another_runs_stop_where_the_arithmetic_says(make_user, prices):
+async def test_one_after_another_runs_stop_where_the_arithmetic_says(make_user, prices, settings):
     [call] = await calibrate(make_user, "Hello there")
     cost, worst = call.cost_usd, call.reserved_usd
     assert cost < worst
+    # The floor above the answer's length: every admitted run is answered in full.
+    settings.AGENT_MIN_OUTPUT_TOKENS = call.output_tokens + 10
+    price = await database_sync_to_async(price_for_model)(model=call.model)
+    unused = settings.AGENT_MAX_TOKENS - settings.AGENT_MIN_OUTPUT_TOKENS
+    # The call's prompt and the floor's output: the least a run needs to be admitted.
+    least = worst - cost_of(price=price, input_tokens=0, output_tokens=unused)
     user = await database_sync_to_async(make_user)()
-    # A run is admitted while spent + its worst case fits: 1 + floor((budget - worst) /
-    # cost) runs, here 3; a run refused with money left is a false refusal.
-    budget = worst + cost * Decimal("2.5")
+    # A run is admitted while spent + the least it needs fits: 1 + floor((budget -
+    # least) / cost) runs, here 3; a run refused with money left is a false refusal.
+    budget = least + cost * Decimal("2.5")
     account = await database_sync_to_async(account_with_limits)(user, money_per_day_usd=budget)
     other = await database_sync_to_async(make_user)("bob")
     other_account = await database_sync_to_async(account_with_limits)(other)
@@ -292,3 +303,88 @@ def test_an_unpriced_model_cannot_spend_under_a_money_limit(make_user, prices):
     account.money_per_day_usd = None
     account.save()
     reserve_for(user, account, uuid.uuid4(), model="no-such-model")
+
+
+def test_a_call_is_granted_the_output_the_limits_leave(make_user, prices):
+    user = make_user()
+    price = price_for_model(model="agentsite-offline-demo")
+    assert price is not None
+    # Room for the prompt and 300 tokens of output, not the 1,024 asked for.
+    limit = cost_of(price=price, input_tokens=1000, output_tokens=300)
+    account = account_with_limits(user, money_per_day_usd=limit)
+
+    granted = reserve_for(user, account, uuid.uuid4())
+
+    assert granted.output_tokens == 300 and granted.prompt_tokens == 1000
+    assert granted.amount_usd == limit
+    # With that held, not even a short answer fits any more.
+    with pytest.raises(BudgetExceeded) as refused:
+        budget_reserve(
+            account_id=account.id,
+            user_id=user.id,
+            run_id=uuid.uuid4(),
+            call_id=uuid.uuid4(),
+            model="agentsite-offline-demo",
+            prompt_tokens=1000,
+            max_output_tokens=1024,
+            min_output_tokens=64,
+        )
+    assert "daily budget of $" in refused.value.message
+    assert "even a short next step would cost" in refused.value.message
+
+
+def test_the_output_cap_never_drops_below_the_floor(make_user, prices):
+    user = make_user()
+    price = price_for_model(model="agentsite-offline-demo")
+    assert price is not None
+    account = account_with_limits(
+        user, money_per_run_usd=cost_of(price=price, input_tokens=1000, output_tokens=63)
+    )
+
+    with pytest.raises(BudgetExceeded) as refused:
+        budget_reserve(
+            account_id=account.id,
+            user_id=user.id,
+            run_id=uuid.uuid4(),
+            call_id=uuid.uuid4(),
+            model="agentsite-offline-demo",
+            prompt_tokens=1000,
+            max_output_tokens=1024,
+            min_output_tokens=64,
+        )
+    assert "per run" in refused.value.message
+    assert not BudgetReservation.objects.filter(account=account).exists()
+
+
+def test_the_tokens_per_day_limit_lowers_the_output_cap_too(make_user, prices):
+    user = make_user()
+    account = account_with_limits(user, tokens_per_day=1200)
+
+    assert reserve_for(user, account, uuid.uuid4()).output_tokens == 200
+
+
+async def test_a_budget_worth_ten_runs_pays_for_about_ten_runs(make_user, prices, settings):
+    """The finding of issue 8: each call held AGENT_MAX_TOKENS of output at the model's
+    price, so a limit worth 10 real runs (less than one worst case) admitted none."""
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0
+    [call] = await calibrate(make_user, "Hello there")
+    budget = call.cost_usd * 10
+    assert call.reserved_usd > budget  # so every run was refused before
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_with_limits)(user, money_per_day_usd=budget)
+
+    statuses = []
+    for _ in range(30):
+        conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="Hello there"
+        )
+        await wait_for_runs()
+        statuses.append((await Run.objects.aget(conversation=conversation)).status)
+
+    spent = (await account.usage.aaggregate(total=Sum("cost_usd")))["total"]
+    assert spent <= budget
+    # What the arithmetic allows is 10 runs; the last needs room for a short answer.
+    assert spent >= budget * Decimal("0.8"), (spent, budget, statuses)
+    assert statuses.count(Run.Status.COMPLETED) >= 8
+    await database_sync_to_async(assert_counters_match_ledger)(account)

@@ -21,6 +21,18 @@ def close_dangling_tool_calls(messages: list[AnyMessage]) -> list[AnyMessage]:
                 for call in message.tool_calls
                 if call["id"] not in answered
             )
+            # Sent to the provider as calls too (from checkpoints made before they
+            # were answered): they need a result as much.
+            repaired.extend(
+                ToolMessage(
+                    content=TOOL_SKIPPED_MESSAGE,
+                    tool_call_id=call["id"],
+                    name=call["name"] or "",
+                    status="error",
+                )
+                for call in message.invalid_tool_calls
+                if call["id"] and call["id"] not in answered
+            )
     return repaired
 
 

@@ -1,6 +1,7 @@
 """Model providers, chosen by AGENT_MODEL: offline (built in), openai, anthropic."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from langchain_core.language_models import BaseChatModel
@@ -22,15 +23,16 @@ class ModelInfo:
 
 
 def model_info() -> ModelInfo:
+    # The label is shown to every user: it names the kind of provider, never its URL
+    # (an internal host, a port, a gateway's path are the operator's business).
     provider = settings.AGENT_MODEL
     if provider == "openai":
-        where = settings.AGENT_OPENAI_BASE_URL or "OpenAI"
         name = settings.AGENT_OPENAI_MODEL
+        where = "an OpenAI-compatible server" if settings.AGENT_OPENAI_BASE_URL else "OpenAI"
         return ModelInfo(provider, name, f"{name} via {where}")
     if provider == "anthropic":
-        where = settings.AGENT_ANTHROPIC_BASE_URL or "Anthropic"
         name = settings.AGENT_ANTHROPIC_MODEL
-        return ModelInfo(provider, name, f"{name} via {where}")
+        return ModelInfo(provider, name, f"{name} via Anthropic")
     return ModelInfo("offline", OFFLINE_MODEL_NAME, "Offline demo model (no real LLM)")
 
 
@@ -43,8 +45,29 @@ def load_chat_model() -> BaseChatModel:
     return OfflineChatModel(token_delay=settings.AGENT_OFFLINE_TOKEN_DELAY)
 
 
+def output_cap(model: BaseChatModel, max_tokens: int) -> dict[str, Any]:
+    """The call options that limit `model`'s output to `max_tokens` (the budget may grant
+    less than AGENT_MAX_TOKENS); none for a model that has no such option."""
+    if isinstance(model, OfflineChatModel):
+        return {"max_tokens": max_tokens}
+    from .providers import AnthropicChatModel, OpenAIChatModel
+
+    if isinstance(model, OpenAIChatModel):
+        # langchain-openai sends it as max_completion_tokens; the extra body, where the
+        # model has one, repeats it as max_tokens for compatible servers (see _openai).
+        if model.extra_body is None:
+            return {"max_tokens": max_tokens}
+        return {
+            "max_tokens": max_tokens,
+            "extra_body": {**model.extra_body, "max_tokens": max_tokens},
+        }
+    if isinstance(model, AnthropicChatModel):
+        return {"max_tokens": max_tokens}
+    return {}
+
+
 def _openai() -> BaseChatModel:
-    from langchain_openai import ChatOpenAI
+    from .providers import OpenAIChatModel
 
     api_key = settings.AGENT_OPENAI_API_KEY
     if not api_key and not settings.AGENT_OPENAI_BASE_URL:
@@ -53,7 +76,7 @@ def _openai() -> BaseChatModel:
             "AGENT_MODEL=openai needs AGENT_OPENAI_API_KEY (or AGENT_OPENAI_BASE_URL for a "
             "local OpenAI-compatible server).",
         )
-    return ChatOpenAI(
+    return OpenAIChatModel(
         model=settings.AGENT_OPENAI_MODEL,
         # Local OpenAI-compatible servers usually ignore the key, but the SDK wants one.
         api_key=SecretStr(api_key or "not-needed"),
@@ -78,13 +101,13 @@ def _openai() -> BaseChatModel:
 
 
 def _anthropic() -> BaseChatModel:
-    from langchain_anthropic import ChatAnthropic
+    from .providers import AnthropicChatModel
 
     if not settings.AGENT_ANTHROPIC_API_KEY:
         raise ProviderError(
             "provider_not_configured", "AGENT_MODEL=anthropic needs AGENT_ANTHROPIC_API_KEY."
         )
-    return ChatAnthropic(
+    return AnthropicChatModel(
         model_name=settings.AGENT_ANTHROPIC_MODEL,
         api_key=SecretStr(settings.AGENT_ANTHROPIC_API_KEY),
         # None: the SDK's default (or ANTHROPIC_BASE_URL); set for a proxy or gateway.

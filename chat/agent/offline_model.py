@@ -75,7 +75,7 @@ class OfflineChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chunks = list(self._chunks(messages, kwargs.get("tools") or []))
+        chunks = list(self._chunks(messages, kwargs.get("tools") or [], kwargs.get("max_tokens")))
         merged = chunks[0]
         for chunk in chunks[1:]:
             merged += chunk
@@ -83,6 +83,7 @@ class OfflineChatModel(BaseChatModel):
             content=merged.content,
             tool_calls=merged.tool_calls,
             usage_metadata=merged.usage_metadata,
+            response_metadata=merged.response_metadata,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -93,7 +94,7 @@ class OfflineChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for chunk in self._chunks(messages, kwargs.get("tools") or []):
+        for chunk in self._chunks(messages, kwargs.get("tools") or [], kwargs.get("max_tokens")):
             yield ChatGenerationChunk(message=chunk)
 
     async def _astream(
@@ -103,7 +104,8 @@ class OfflineChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        for index, chunk in enumerate(self._chunks(messages, kwargs.get("tools") or [])):
+        chunks = self._chunks(messages, kwargs.get("tools") or [], kwargs.get("max_tokens"))
+        for index, chunk in enumerate(chunks):
             if index and self.token_delay:
                 await asyncio.sleep(self.token_delay)
             generation = ChatGenerationChunk(message=chunk)
@@ -112,13 +114,19 @@ class OfflineChatModel(BaseChatModel):
             yield generation
 
     def _chunks(
-        self, messages: list[BaseMessage], tools: list[dict[str, Any]]
+        self, messages: list[BaseMessage], tools: list[dict[str, Any]], max_tokens: int | None
     ) -> Iterator[AIMessageChunk]:
+        """The reply, cut at `max_tokens` of output like a real model's (finish reason
+        "length"); tool calls that do not fit are not made (the reply is then empty)."""
         available = {t["function"]["name"] for t in tools}
         calls = _plan_tool_calls(messages, available)
         output_tokens = 0
-        if calls:
-            output_tokens = sum(1 + len(json.dumps(args)) // 4 for _, args in calls)
+        finish = "stop"
+        calls_tokens = sum(1 + len(json.dumps(args)) // 4 for _, args in calls)
+        if calls and max_tokens is not None and calls_tokens > max_tokens:
+            finish = "length"  # the calls do not fit: none is made
+        elif calls:
+            output_tokens = calls_tokens
             yield AIMessageChunk(
                 content="",
                 tool_call_chunks=[
@@ -133,6 +141,9 @@ class OfflineChatModel(BaseChatModel):
             )
         else:
             for token in _TOKEN.findall(_reply(messages)):
+                if output_tokens == max_tokens:
+                    finish = "length"
+                    break
                 output_tokens += 1
                 yield AIMessageChunk(content=token)
         input_tokens = count_tokens_approximately(messages)
@@ -143,7 +154,7 @@ class OfflineChatModel(BaseChatModel):
                 "output_tokens": output_tokens,
                 "total_tokens": input_tokens + output_tokens,
             },
-            response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+            response_metadata={"model_name": self.model_name, "finish_reason": finish},
             chunk_position="last",
         )
 

@@ -185,6 +185,7 @@ async def _drive_graph(
         run_id=run.id,
         model=model_info().name,
         max_output_tokens=settings.AGENT_MAX_TOKENS,
+        min_output_tokens=settings.AGENT_MIN_OUTPUT_TOKENS,
     )
     config: Any = {
         "configurable": {"thread_id": str(run.conversation_id)},

@@ -9,12 +9,19 @@ from typing import Any, TypeVar
 from channels.testing import WebsocketCommunicator
 from pytest_django.fixtures import Settings
 
+from billing.models import UsageRecord
 from chat.models import Conversation, Message, Run
 from conftest import receive_until, wait_for_runs
-from tests.fakes.base import FakeLLMServer
+from tests.fakes.base import FakeLLMServer, RecordedRequest
 
 MAX_RETRIES = 2
-FINAL_EVENTS = {"run.completed", "run.failed", "run.cancelled", "run.limit_reached"}
+FINAL_EVENTS = {
+    "run.completed",
+    "run.failed",
+    "run.cancelled",
+    "run.limit_reached",
+    "run.budget_exceeded",
+}
 
 Fake = TypeVar("Fake", bound=FakeLLMServer)
 Frames = list[dict[str, Any]]
@@ -119,3 +126,27 @@ def calculator_step(frames: Frames, tool_call_id: str) -> tuple[dict[str, Any], 
     assert finished["result"] == "391" and finished["is_error"] is False
     assert streamed_text(frames) == "17 * 23 = **391**."
     return started, finished
+
+
+def unanswered_tool_calls(request: RecordedRequest) -> list[str]:
+    """Ids of the tool calls in a request's history that have no result (real providers
+    reject such a history), in OpenAI's shape and in Anthropic's."""
+    calls: list[str] = []
+    answered: set[str] = set()
+    for message in request.messages:
+        calls.extend(call["id"] for call in message.get("tool_calls") or [])
+        if message.get("role") == "tool":
+            answered.add(message["tool_call_id"])
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if block.get("type") == "tool_use":
+                calls.append(block["id"])
+            elif block.get("type") == "tool_result":
+                answered.add(block["tool_use_id"])
+    return [call for call in calls if call not in answered]
+
+
+async def ledger_rows(chat: Chat) -> list[UsageRecord]:
+    """The ledger rows of the conversation's runs, oldest first."""
+    run_ids = [r.id async for r in Run.objects.filter(conversation=chat.conversation)]
+    return [r async for r in UsageRecord.objects.filter(run_id__in=run_ids).order_by("created_at")]

@@ -12,6 +12,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from chat.agent.context import Context
 from chat.agent.graph import build_graph
 from chat.agent.history import close_dangling_tool_calls, fit_to_budget
+from chat.agent.offline_model import OfflineChatModel
 from chat.agent.prompts import TOOL_SKIPPED_MESSAGE
 
 
@@ -167,3 +168,32 @@ def test_a_cancelled_tool_call_is_answered_before_the_next_turn() -> None:
 def test_an_oversized_latest_message_is_still_sent(budget: int) -> None:
     messages: list[Any] = [HumanMessage("x " * 500)]
     assert fit_to_budget(messages, budget) == messages
+
+
+def test_an_unanswered_invalid_tool_call_is_answered_too() -> None:
+    # A checkpoint from before invalid tool calls were answered: providers are sent the
+    # call all the same, so it needs a result.
+    broken = AIMessage(
+        content="",
+        invalid_tool_calls=[
+            {"name": "calculator", "args": '"17 * 23"', "id": "call_bad", "error": None}
+        ],
+    )
+    messages: list[Any] = [HumanMessage("17 * 23?"), broken, HumanMessage("next")]
+
+    repaired = close_dangling_tool_calls(messages)
+
+    assert isinstance(repaired[2], ToolMessage) and repaired[2].tool_call_id == "call_bad"
+    assert repaired[3].content == "next"
+
+
+def test_the_offline_model_stops_at_its_output_cap() -> None:
+    model = OfflineChatModel()
+
+    capped = model.invoke([HumanMessage("Tell me about yourself")], max_tokens=5)
+    whole = model.invoke([HumanMessage("Tell me about yourself")])
+
+    assert capped.usage_metadata is not None and capped.usage_metadata["output_tokens"] == 5
+    assert capped.response_metadata["finish_reason"] == "length"
+    assert whole.response_metadata["finish_reason"] == "stop"
+    assert str(whole.content).startswith(str(capped.content))

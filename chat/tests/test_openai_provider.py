@@ -4,15 +4,28 @@ the Chat Completions wire format. The server is the only fake."""
 
 import json
 import socket as sockets
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 
+from billing.models import ModelPrice
 from chat.agent.prompts import SYSTEM_PROMPT
 from chat.models import Message, Run
-from chat.tests.provider_helpers import MAX_RETRIES, calculator_step, of_type, serve, streamed_text
+from chat.tests.provider_helpers import (
+    MAX_RETRIES,
+    calculator_step,
+    ledger_rows,
+    of_type,
+    serve,
+    streamed_text,
+    unanswered_tool_calls,
+)
+from conftest import account_with_limits
 from tests.fakes.base import split_tokens
 from tests.fakes.openai_server import FakeOpenAIServer
+from tracing.models import Span
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,7 +69,8 @@ async def test_tokens_stream_in_order_and_the_answer_is_stored(llm, chat):
 
     types = [f["type"] for f in frames]
     assert types[0] == "run.started"
-    assert frames[0]["model"] == f"gpt-fake-mini via {llm.base_url}"
+    # Where the provider lives is the operator's business, not the browser's.
+    assert frames[0]["model"] == "gpt-fake-mini via an OpenAI-compatible server"
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     # One frame per chunk the provider sent, in the order it sent them.
     assert [f["text"] for f in of_type(frames, "token")] == split_tokens(answer)
@@ -317,3 +331,131 @@ async def test_an_unreachable_server_fails_as_unreachable(llm, chat, settings):
     assert llm.requests == []
     settings.AGENT_OPENAI_BASE_URL = llm.base_url
     await chat.assert_still_usable()
+
+
+# -- broken streams -----------------------------------------------------------------------
+
+
+async def test_a_stream_that_ends_early_fails_as_bad_response_and_keeps_what_was_seen(llm, chat):
+    llm.text("One two three four", cut_after=2)
+
+    frames, run = await chat.fails("Count to four", "provider_bad_response")
+
+    await chat.assert_partial_answer(frames, run, "One two")
+    assert "before the end of its answer" in run.error_message
+    # Something was streamed, so it is not asked again.
+    assert len(llm.requests) == 1
+    # The provider had the prompt and sent two tokens, and reported nothing: billed an
+    # estimate, flagged.
+    [record] = await ledger_rows(chat)
+    assert record.usage_estimated and record.input_tokens > 100 and record.output_tokens == 2
+    await chat.assert_still_usable()
+
+
+async def test_a_stream_that_ends_before_any_content_is_asked_again(llm, chat):
+    llm.text("Lost.", cut_after=0)
+    llm.text("Found.")
+
+    frames = await chat.ask("Hello?", "run.completed")
+
+    assert streamed_text(frames) == "Found."
+    assert len(llm.requests) == 2 and llm.requests[0].body == llm.requests[1].body
+
+
+async def test_streams_that_keep_ending_before_any_content_fail_as_bad_response(llm, chat):
+    llm.text("Lost.", cut_after=0, times=MAX_RETRIES + 1)
+
+    await chat.fails("Hello?", "provider_bad_response")
+
+    assert len(llm.requests) == MAX_RETRIES + 1
+    await chat.assert_still_usable()
+
+
+async def test_a_stream_cut_inside_a_tool_call_never_runs_the_tool(llm, chat):
+    # The arguments stop at '{"expression": "1234 * 5'.
+    llm.tool_call("calculator", {"expression": "1234 * 5678"}, id="call_cut", cut_after=4)
+
+    frames, run = await chat.fails("What is 1234 * 5678?", "provider_bad_response")
+
+    assert of_type(frames, "tool.started") == [] and of_type(frames, "tool.finished") == []
+    assert not await Message.objects.filter(run=run, role=Message.Role.TOOL).aexists()
+    await chat.assert_still_usable()
+    assert unanswered_tool_calls(llm.last_request) == []
+
+
+async def test_tool_arguments_cut_by_the_output_limit_are_not_run(llm, chat):
+    llm.tool_call("calculator", '{"expression": "1234 * 5', id="call_long", finish_reason="length")
+    llm.text("I ran out of room; 1234 * 5678 = 7006652.")
+
+    frames = await chat.ask("What is 1234 * 5678?", "run.completed")
+
+    assert of_type(frames, "tool.started") == []
+    assert streamed_text(frames) == "I ran out of room; 1234 * 5678 = 7006652."
+    result = llm.requests[1].messages[-1]
+    assert result["role"] == "tool" and result["tool_call_id"] == "call_long"
+    assert "not complete" in result["content"] and "calculator" in result["content"]
+    assert unanswered_tool_calls(llm.requests[1]) == []
+
+
+async def test_tool_arguments_that_are_not_an_object_get_an_error_the_model_can_act_on(llm, chat):
+    llm.tool_call("calculator", '"17 * 23"', id="call_str")
+    llm.text("Then directly: 17 * 23 = 391.")
+    llm.text("You are welcome.")
+
+    frames = await chat.ask("What is 17 * 23?", "run.completed")
+
+    assert streamed_text(frames) == "Then directly: 17 * 23 = 391."
+    call, result = llm.requests[1].messages[-2:]
+    assert [c["id"] for c in call["tool_calls"]] == ["call_str"]
+    assert result["role"] == "tool" and result["tool_call_id"] == "call_str"
+    assert result["content"].startswith("Error: ") and "JSON object" in result["content"]
+    # The next turn's history is one a real provider accepts.
+    await chat.ask("Thanks", "run.completed")
+    assert unanswered_tool_calls(llm.last_request) == []
+
+
+async def test_a_stream_without_usage_is_billed_an_estimate_flagged_as_such(llm, chat):
+    await ModelPrice.objects.acreate(
+        model="gpt-fake-mini", input_per_mtok=Decimal(1), output_per_mtok=Decimal(10)
+    )
+    llm.text("An answer of a few words, with no usage after it.", usage_reported=False)
+
+    frames = await chat.ask("Hello?", "run.completed")
+
+    [record] = await ledger_rows(chat)
+    assert record.usage_estimated
+    assert record.input_tokens > 100 and record.output_tokens >= 10
+    assert record.cost_usd is not None and record.cost_usd > 0
+    run = await Run.objects.aget(conversation=chat.conversation)
+    assert (run.input_tokens, run.output_tokens) == (record.input_tokens, record.output_tokens)
+    assert frames[-1]["usage"]["total_tokens"] == run.total_tokens
+
+
+# -- budgets ------------------------------------------------------------------------------
+
+
+async def test_a_call_the_budget_cannot_fully_cover_is_made_with_a_lower_output_cap(
+    llm, chat, settings
+):
+    await ModelPrice.objects.acreate(
+        model="gpt-fake-mini", input_per_mtok=Decimal(1), output_per_mtok=Decimal(10)
+    )
+    # A run may cost $0.005: a prompt of well under 2,000 tokens and ~300+ of output.
+    limit = Decimal("0.005")
+    user = await database_sync_to_async(lambda: chat.conversation.owner)()
+    await database_sync_to_async(account_with_limits)(user, money_per_run_usd=limit)
+    llm.text("Short.")
+
+    await chat.ask("Hello?", "run.completed")
+
+    body = llm.last_request.body
+    cap = body["max_completion_tokens"]
+    assert body["max_tokens"] == cap
+    assert settings.AGENT_MIN_OUTPUT_TOKENS <= cap < settings.AGENT_MAX_TOKENS
+    [record] = await ledger_rows(chat)
+    assert record.reserved_usd is not None and record.reserved_usd <= limit
+    span = await Span.objects.aget(id=record.span_id)
+    assert span.attributes["max_output_tokens"] == {
+        "requested": settings.AGENT_MAX_TOKENS,
+        "granted": cap,
+    }

@@ -21,6 +21,9 @@ The scripting and inspection API is the one of `FakeOpenAIServer` (see
 `tests/fakes/openai_server.py` and `tests/fakes/base.py`): each request takes the next
 scripted reply, `times=n` repeats one, every request is recorded in `requests`.
 Note that Anthropic sends the system prompt in the body's `system`, not in `messages`.
+Besides the options of `Answer` (`cut_after`, `usage_reported`, ...), a `Message` can
+leave the input tokens out of `message_delta` (`input_in_message_delta=False`, as the
+real API may) or end without `message_stop` (`message_stop=False`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ _ids = itertools.count(1)
 @dataclass
 class ToolUse:
     name: str
-    input: dict[str, Any]
+    input: dict[str, Any] | str  # a str is streamed as is (e.g. to send invalid JSON)
     id: str = ""
 
     def __post_init__(self) -> None:
@@ -59,6 +62,11 @@ class Message(Answer):
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     stop_reason: str | None = None  # default: "tool_use" if any, else "end_turn"
+    # False: `message_delta` reports only output tokens, as the real API may; the input
+    # was reported in `message_start`.
+    input_in_message_delta: bool = True
+    # False: the stream ends after `message_delta`, without `message_stop`.
+    message_stop: bool = True
 
     @property
     def stop(self) -> str:
@@ -68,6 +76,8 @@ class Message(Answer):
         pieces = len(self.tokens) + sum(
             len(split_json(_json(tool.input))) for tool in self.tool_uses
         )
+        if not self.usage_reported:  # a server that counts nothing
+            return {"input_tokens": 0, "output_tokens": 0}
         return {
             "input_tokens": self.input_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
@@ -75,12 +85,18 @@ class Message(Answer):
             "output_tokens": self.output_tokens if self.output_tokens is not None else pieces,
         }
 
+    def delta_usage(self) -> dict[str, Any]:
+        usage = self.usage()
+        if self.input_in_message_delta:
+            return usage
+        return {"output_tokens": usage["output_tokens"]}
+
     def _content(self) -> list[dict[str, Any]]:
         blocks: list[dict[str, Any]] = []
         if self.tokens:
             blocks.append({"type": "text", "text": "".join(self.tokens)})
         blocks.extend(
-            {"type": "tool_use", "id": tool.id, "name": tool.name, "input": tool.input}
+            {"type": "tool_use", "id": tool.id, "name": tool.name, "input": _input(tool)}
             for tool in self.tool_uses
         )
         return blocks
@@ -132,21 +148,33 @@ class Message(Answer):
                 return
             event("content_block_stop", {"index": 0})
             index = 1
+        pieces = len(self.tokens)
         for tool in self.tool_uses:
             block = {"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}
             event("content_block_start", {"index": index, "content_block": block})
             for piece in split_json(_json(tool.input)):
-                event(
-                    "content_block_delta",
-                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": piece}},
-                )
+                delta = {
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": piece},
+                }
+                if not self.stream_piece(
+                    exchange, pieces, lambda delta=delta: event("content_block_delta", delta)
+                ):
+                    return
+                pieces += 1
             event("content_block_stop", {"index": index})
             index += 1
+        if self.cut_at_end(exchange, pieces):
+            return
         event(
             "message_delta",
-            {"delta": {"stop_reason": self.stop, "stop_sequence": None}, "usage": self.usage()},
+            {
+                "delta": {"stop_reason": self.stop, "stop_sequence": None},
+                "usage": self.delta_usage(),
+            },
         )
-        event("message_stop", {})
+        if self.message_stop:
+            event("message_stop", {})
         exchange.end_stream()
 
 
@@ -231,7 +259,9 @@ class FakeAnthropicServer(FakeLLMServer):
     in_stream_error = StreamError
     malformed_body = b'event: message_start\ndata: {"type": "message_start", <html>Bad Gateway\n\n'
 
-    def tool_use(self, name: str, input: dict[str, Any], *, id: str = "", **options: Any) -> Self:
+    def tool_use(
+        self, name: str, input: dict[str, Any] | str, *, id: str = "", **options: Any
+    ) -> Self:
         """The model asks for one tool call."""
         return self.tool_uses([ToolUse(name, input, id)], **options)
 
@@ -241,7 +271,16 @@ class FakeAnthropicServer(FakeLLMServer):
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _input(tool: ToolUse) -> Any:
+    if not isinstance(tool.input, str):
+        return tool.input
+    try:
+        return json.loads(tool.input)
+    except ValueError:
+        return {}
 
 
 def _model(exchange: Exchange) -> str:

@@ -191,14 +191,21 @@ class Answer:
     drop_after: int | None = None  # after this many tokens, cut the connection
     # after this many tokens, only keep-alive comments: bytes flow but no content does
     keepalive_after: int | None = None
+    # after this many pieces (text tokens, then tool-argument pieces), the body ends
+    # cleanly but early: no finish reason, no usage, no end marker (a server or proxy
+    # that gave up). 0: only the stream's opening event; past the last piece: all the
+    # content, none of the end.
+    cut_after: int | None = None
+    # False: no usage at all, even when the request asks for it (some compatible servers)
+    usage_reported: bool = True
 
     @property
     def tokens(self) -> list[str]:
         return list(self.text) if isinstance(self.text, list) else split_tokens(self.text)
 
     def stream_tokens(self, exchange: Exchange, send: Callable[[str], None]) -> bool:
-        """Send each token with `send`; False if a stall, drop or keep-alive cut in (the
-        stream is then over)."""
+        """Send each token with `send`; False if a stall, drop, keep-alive or cut came in
+        (the stream is then over)."""
         for sent, token in enumerate(self.tokens):
             if sent == self.stall_after:
                 exchange.wait(FOREVER)
@@ -209,8 +216,25 @@ class Answer:
             if sent == self.keepalive_after:
                 exchange.keep_alive()
                 return False
-            send(token)
+            if not self.stream_piece(exchange, sent, lambda token=token: send(token)):
+                return False
         return True
+
+    def stream_piece(self, exchange: Exchange, number: int, send: Callable[[], None]) -> bool:
+        """Send piece `number` (0-based over text and tool arguments) unless the stream is
+        cut there; False (the body ended) if it is."""
+        if number == self.cut_after:
+            exchange.end_stream()
+            return False
+        send()
+        return True
+
+    def cut_at_end(self, exchange: Exchange, pieces: int) -> bool:
+        """End the body after all `pieces` if `cut_after` says so; True if it did."""
+        if self.cut_after is not None and self.cut_after >= pieces:
+            exchange.end_stream()
+            return True
+        return False
 
 
 @dataclass

@@ -28,7 +28,9 @@ Each request takes the next scripted reply (`times=n` repeats one). The script:
 
 - `text(...)`: a streamed (or JSON) answer; `stall_after` / `drop_after` /
   `keepalive_after` make it hang, cut the connection, or send only SSE keep-alive
-  comments after that many tokens.
+  comments after that many tokens; `cut_after` ends the body cleanly after that many
+  pieces (tokens, then tool-argument pieces) with no finish reason, usage or `[DONE]`;
+  `usage_reported=False` sends no usage chunk even when asked.
 - `tool_call(...)` / `tool_calls(...)`: the model asks for tools; arguments stream in
   several pieces.
 - `error(status, ...)`: an HTTP error with an OpenAI error body; 429 and 5xx carry a
@@ -156,13 +158,20 @@ class Completion(Answer):
         chunk({"role": "assistant", "content": "", "refusal": None})
         if not self.stream_tokens(exchange, lambda token: chunk({"content": token})):
             return
+        pieces = len(self.tokens)
         for index, call in enumerate(self.tool_calls):
             head = {"index": index, "id": call.id, "type": "function"}
             chunk({"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]})
             for piece in split_json(call.arguments_json):
-                chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                delta = {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                if not self.stream_piece(exchange, pieces, lambda delta=delta: chunk(delta)):
+                    return
+                pieces += 1
+        if self.cut_at_end(exchange, pieces):
+            return
         chunk({}, self.finish)
-        if (request.body.get("stream_options") or {}).get("include_usage"):
+        asked = (request.body.get("stream_options") or {}).get("include_usage")
+        if asked and self.usage_reported:
             exchange.event({**envelope, "choices": [], "usage": self.usage()})
         exchange.event("[DONE]")
         exchange.end_stream()
