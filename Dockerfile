@@ -2,9 +2,10 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 # Exactly the runtime lock's packages, each checked against its hash (`make lock` writes
-# it); this layer is rebuilt only when the lock changes.
-COPY requirements.txt ./
-RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+# the locks); this layer is rebuilt only when a lock changes.
+COPY requirements-pip.txt requirements.txt ./
+RUN pip install --no-cache-dir --require-hashes -r requirements-pip.txt \
+    && pip install --no-cache-dir --require-hashes -r requirements.txt
 COPY . .
 # The project itself: its dependencies all came from the lock.
 RUN pip install --no-cache-dir --no-deps -e . && pip check

@@ -6,21 +6,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # What is installed comes from the lock files, every package pinned with its hashes:
-# requirements-dev.txt (everything, for .venv/) and requirements.txt (what the app needs
-# at run time, for the Docker image). pyproject.toml only bounds the versions.
+# requirements-dev.txt (everything, for .venv/), requirements.txt (what the app needs at
+# run time, for the Docker image) and requirements-pip.txt (the pip that installs them:
+# a current pip collects the packages several times faster than the one venv ships).
+# pyproject.toml only bounds the versions.
 LOCK := requirements-dev.txt
 RUNTIME_LOCK := requirements.txt
+PIP_LOCK := requirements-pip.txt
 LOCKED := $(VENV)/.locked
 INSTALLED := $(VENV)/.installed
 
 .PHONY: run test install lint browser lock
 
-# A changed lock rebuilds .venv/ from scratch, so it holds exactly what the lock names.
-$(LOCKED): $(LOCK)
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
-	touch $(LOCKED)
+# .venv/.locked keeps a copy of the locks .venv/ was built from. A lock whose content
+# changed rebuilds .venv/ from scratch, so it holds exactly what the locks name; a lock
+# that was only touched (a branch switch, make lock without changes) does not.
+$(LOCKED): $(PIP_LOCK) $(LOCK)
+	@if cat $^ | cmp -s - $@; then touch $@; exit 0; fi; set -ex; \
+	rm -rf $(VENV); \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --quiet --require-hashes -r $(PIP_LOCK); \
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK); \
+	cat $^ > $@
 
 # The project itself, without dependencies: they all came from the lock. pip check
 # catches a dependency added to pyproject.toml but not yet locked.
@@ -44,6 +51,7 @@ lock: $(LOCKED)
 	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(UPGRADE) -o $(LOCK)
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -c $(LOCK) -o $(RUNTIME_LOCK)
+	echo pip | $(BIN)/uv pip compile - $(LOCK_FLAGS) $(UPGRADE) -o $(PIP_LOCK)
 
 # A local .env with DEBUG on and a random SECRET_KEY, made once; edit it to configure.
 .env:

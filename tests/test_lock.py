@@ -53,7 +53,11 @@ def test_every_dependency_has_a_bounded_major_version(requirement: Requirement) 
 
 @pytest.mark.parametrize(
     ("lock", "requirements"),
-    [("requirements-dev.txt", RUNTIME + DEV), ("requirements.txt", RUNTIME)],
+    [
+        ("requirements-dev.txt", RUNTIME + DEV),
+        ("requirements.txt", RUNTIME),
+        ("requirements-pip.txt", [Requirement("pip")]),
+    ],
 )
 def test_the_lock_pins_with_hashes_a_release_pyproject_allows(
     lock: str, requirements: list[Requirement]
