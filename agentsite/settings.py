@@ -123,8 +123,8 @@ CHANNEL_LAYER_BLOCKING_POP = 5  # channels_redis.core.RedisChannelLayer.brpop_ti
 if REDIS_READ_TIMEOUT < 2 * CHANNEL_LAYER_BLOCKING_POP:
     raise ImproperlyConfigured(
         f"AGENT_REDIS_READ_TIMEOUT must be at least {2 * CHANNEL_LAYER_BLOCKING_POP} seconds: "
-        f"the channel layer waits up to {CHANNEL_LAYER_BLOCKING_POP} s for each reply, and "
-        "a shorter read timeout closes idle WebSockets."
+        f"chat sockets wait on the channel layer in {CHANNEL_LAYER_BLOCKING_POP} s blocking "
+        "pops, and a read timeout near that closes them while they are idle."
     )
 REDIS_CLIENT_OPTIONS = {
     "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
