@@ -1,11 +1,14 @@
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY pyproject.toml ./
-COPY agentsite ./agentsite
-COPY chat ./chat
-RUN pip install --no-cache-dir .
+# Exactly the runtime lock's packages, each checked against its hash (`make lock` writes
+# the locks); this layer is rebuilt only when a lock changes.
+COPY requirements-pip.txt requirements.txt ./
+RUN pip install --no-cache-dir --require-hashes -r requirements-pip.txt \
+    && pip install --no-cache-dir --require-hashes -r requirements.txt
 COPY . .
+# The project itself: its dependencies all came from the lock.
+RUN pip install --no-cache-dir --no-deps -e . && pip check
 RUN useradd --system agentsite && mkdir -p /app/var /srv/static && chown agentsite /app/var /srv/static
 USER agentsite
 EXPOSE 8000

@@ -1,20 +1,57 @@
 # Two commands for a fresh clone (needs only Python 3.11+ and make):
 #   make run    install everything into .venv/, migrate, serve http://127.0.0.1:8000
 #   make test   install everything and run the whole test suite
+#   make lock   upgrade the pinned packages deliberately (see below)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What is installed comes from the lock files, every package pinned with its hashes:
+# requirements-dev.txt (everything, for .venv/), requirements.txt (what the app needs at
+# run time, for the Docker image) and requirements-pip.txt (the pip that installs them:
+# a current pip collects the packages several times faster than the one venv ships).
+# pyproject.toml only bounds the versions.
+LOCK := requirements-dev.txt
+RUNTIME_LOCK := requirements.txt
+PIP_LOCK := requirements-pip.txt
+LOCKED := $(VENV)/.locked
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test install lint browser
+.PHONY: run test install lint browser lock
 
-$(INSTALLED): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+# .venv/.locked keeps a copy of the locks .venv/ was built from. A lock whose content
+# changed rebuilds .venv/ from scratch, so it holds exactly what the locks name; a lock
+# that was only touched (a branch switch, make lock without changes) does not.
+$(LOCKED): $(PIP_LOCK) $(LOCK)
+	@if cat $^ | cmp -s - $@; then touch $@; exit 0; fi; set -ex; \
+	rm -rf $(VENV); \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --quiet --require-hashes -r $(PIP_LOCK); \
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK); \
+	cat $^ > $@
+
+# The project itself, without dependencies: they all came from the lock. pip check
+# catches a dependency added to pyproject.toml but not yet locked.
+$(INSTALLED): $(LOCKED) pyproject.toml
+	$(BIN)/pip install --quiet --no-deps -e .
+	@$(BIN)/pip check || { echo "pyproject.toml asks for packages the lock lacks: run make lock UPGRADE=" >&2; exit 1; }
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
+
+# Upgrades are deliberate steps, tested with make test before the new locks are committed.
+#   make lock                                   every package to the newest release pyproject.toml allows
+#   make lock UPGRADE=                          only follow pyproject.toml's changes, keep every other pin
+#   make lock UPGRADE="--upgrade-package redis" move one package
+# uv resolves for every platform and Python 3.11+ (--universal) and records the hashes of
+# every file of each pinned release; the runtime lock is constrained to the same versions.
+UV_VERSION := 0.13.8
+UPGRADE ?= --upgrade
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
+lock: $(LOCKED)
+	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(UPGRADE) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -c $(LOCK) -o $(RUNTIME_LOCK)
+	echo pip | $(BIN)/uv pip compile - $(LOCK_FLAGS) $(UPGRADE) -o $(PIP_LOCK)
 
 # A local .env with DEBUG on and a random SECRET_KEY, made once; edit it to configure.
 .env:
@@ -34,7 +71,7 @@ test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 lint: install
 	$(BIN)/ruff check --fix .

@@ -141,18 +141,43 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("AGENT_REDIS_URL", default="")
+# Every Redis client the app builds (channel layer, cache, event log, rate limiter) uses
+# these. A socket listening on the channel layer waits in a 5 s blocking pop (channels-
+# redis's BZPOPMIN); redis-py 8 reads with a 5 s timeout by default, so every idle
+# WebSocket was closed with 1011. The read timeout leaves the pop room even when a busy
+# server reads its reply late; a dead Redis is still noticed: connecting times out, TCP
+# keepalive probes idle connections, and one idle longer than the health check interval
+# is pinged before use.
+REDIS_CONNECT_TIMEOUT = env.float("AGENT_REDIS_CONNECT_TIMEOUT", default=5.0)
+REDIS_READ_TIMEOUT = env.float("AGENT_REDIS_READ_TIMEOUT", default=15.0)
+CHANNEL_LAYER_BLOCKING_POP = 5  # channels_redis.core.RedisChannelLayer.brpop_timeout
+if REDIS_READ_TIMEOUT < 2 * CHANNEL_LAYER_BLOCKING_POP:
+    raise ImproperlyConfigured(
+        f"AGENT_REDIS_READ_TIMEOUT must be at least {2 * CHANNEL_LAYER_BLOCKING_POP} seconds: "
+        f"chat sockets wait on the channel layer in {CHANNEL_LAYER_BLOCKING_POP} s blocking "
+        "pops, and a read timeout near that closes them while they are idle."
+    )
+REDIS_CLIENT_OPTIONS = {
+    "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+    "socket_timeout": REDIS_READ_TIMEOUT,
+    "socket_keepalive": True,
+    "health_check_interval": 15,
+}
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {"hosts": [{"address": REDIS_URL, **REDIS_CLIENT_OPTIONS}]},
         }
     }
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
-            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "CONNECTION_POOL_KWARGS": REDIS_CLIENT_OPTIONS,
+            },
         }
     }
 else:

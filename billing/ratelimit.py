@@ -48,7 +48,10 @@ class RateLimitExceeded(ApplicationError):
 @functools.cache
 def limiter_build(storage_uri: str) -> MovingWindowRateLimiter:
     """The limiter on `storage_uri` (memory://, redis://...), built once per process."""
-    return MovingWindowRateLimiter(storage_from_string(storage_uri, key_prefix=KEY_PREFIX))
+    options = settings.REDIS_CLIENT_OPTIONS if storage_uri.startswith("redis") else {}
+    return MovingWindowRateLimiter(
+        storage_from_string(storage_uri, key_prefix=KEY_PREFIX, **options)
+    )
 
 
 def get_limiter() -> MovingWindowRateLimiter:

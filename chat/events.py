@@ -73,7 +73,9 @@ class RedisEventLog:
     def _client(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
-            self._clients[loop] = aioredis.Redis.from_url(self._url)
+            self._clients[loop] = aioredis.Redis.from_url(
+                self._url, **settings.REDIS_CLIENT_OPTIONS
+            )
         return self._clients[loop]
 
     @staticmethod
