@@ -153,7 +153,7 @@ def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> lis
 def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | None:
     """Store what the run produced, close it and return its final event (numbered
     `final_seq`), ready to publish. None if the run was already closed (interrupted by
-    another process, or deleted with its conversation): it is left as it is."""
+    another process): it is left as it is."""
     with transaction.atomic():
         run = (
             Run.objects.select_for_update(of=("self",))
@@ -161,7 +161,9 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
             .filter(id=run_id)
             .first()
         )
-        if run is None or not run.is_active:
+        if run is None:
+            return _final_event_of_deleted(run_id, outcome, final_seq)
+        if not run.is_active:
             return None
         run.status = outcome.status
         run.finished_at = timezone.now()
@@ -189,6 +191,22 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
         created = Message.objects.bulk_create([m for m in messages if m is not None])
         Conversation.objects.filter(id=run.conversation_id).update(updated_at=timezone.now())
     return _final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT])
+
+
+def _final_event_of_deleted(run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event:
+    # Deleted with its conversation, which cancelled it: the sockets still open on the
+    # conversation are owed the run's end, built from what the run itself knows.
+    gone = Run(
+        id=run_id,
+        status=outcome.status,
+        event_seq=final_seq,
+        input_tokens=outcome.input_tokens,
+        output_tokens=outcome.output_tokens,
+        cost_usd=outcome.cost_usd,
+        error_code=outcome.error_code,
+        error_message=outcome.error_message,
+    )
+    return _final_event(gone, [], budget=False)
 
 
 def _message_from_part(run: Run, part: dict) -> Message | None:
@@ -276,7 +294,7 @@ def run_final_event_rebuilt(*, run: Run) -> Event:
     return _final_event(run, answers)
 
 
-def _final_event(run: Run, answers: Sequence[Message]) -> Event:
+def _final_event(run: Run, answers: Sequence[Message], *, budget: bool = True) -> Event:
     status = Run.Status(run.status)
     event: Event = {
         "type": FINAL_EVENTS[status],
@@ -297,7 +315,7 @@ def _final_event(run: Run, answers: Sequence[Message]) -> Event:
     if run.error_code:
         event["error"] = {"code": run.error_code, "message": run.error_message}
     # After the ledger: what is left now, for the page's budget line. None: unknown.
-    event["budget"] = _budget_after(run)
+    event["budget"] = _budget_after(run) if budget else None
     return event
 
 

@@ -23,7 +23,7 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from agentsite.logging import span_id_var
@@ -541,6 +541,8 @@ class RunTracer(BaseCallbackHandler):
         span.attributes = attributes
 
     def _message(self, message: BaseMessage) -> dict[str, Any]:
+        # A streamed reply arrives as a chunk, whose type ("AIMessageChunk") is no role.
+        message = message_chunk_to_message(message)
         out: dict[str, Any] = {"role": message.type, "content": self._cut(message.text)}
         tool_calls = getattr(message, "tool_calls", None)
         if tool_calls:
