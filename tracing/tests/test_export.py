@@ -276,7 +276,8 @@ async def test_messages_are_exported_in_the_genai_shape_when_content_is_on(
         ("calculator", {"expression": "4*5"}),
     ]
     history = second["gen_ai.input.messages"]
-    assert history[:2] == first["gen_ai.input.messages"]
+    # The system prompt is dated anew for each call (the seconds may tick between them).
+    assert history[0]["role"] == "system" and history[1] == question
     assert history[2] == {"role": "assistant", "parts": asked["parts"]}
     assert history[3:] == [
         {"role": "tool", "parts": [{"type": "tool_call_response", "id": c["id"], "response": r}]}
