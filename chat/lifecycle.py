@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +38,7 @@ from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
 from agentsite import metrics
-from billing.budget import Usage, usage_close_run
+from billing.budget import RunCost, Usage, usage_close_run
 from tracing.capture import trace_status_for
 from tracing.formatting import format_usd
 from tracing.services import trace_close_interrupted
@@ -242,7 +241,7 @@ def run_close(
     if not claimed:
         return None
     run = Run.objects.select_related("conversation").get(id=run_id)
-    span_costs: dict[UUID, Decimal | None] = {}
+    cost: RunCost | None = None
     try:
         cost = usage_close_run(
             run_id=run_id,
@@ -253,7 +252,6 @@ def run_close(
     else:
         run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
         run.cost_usd = cost.total_usd
-        span_costs = cost.span_costs
         run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
     if settings.TRACING_ENABLED:
         trace_close_interrupted(
@@ -264,7 +262,8 @@ def run_close(
             error_type=error_code,
             error_message=error_message,
             status=trace_status_for(status),
-            span_costs=span_costs,
+            span_costs=cost.span_costs if cost else None,
+            span_usage=cost.span_usage if cost else None,
             cost_usd=run.cost_usd,
         )
     return ClosedRun(conversation_id=run.conversation_id, final=_final_event(run, []))

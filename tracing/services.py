@@ -3,6 +3,7 @@
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Protocol
 from uuid import UUID
 
 from django.db import transaction
@@ -13,6 +14,20 @@ from django.utils import timezone
 from .models import Span, Trace
 
 PRUNE_BATCH = 500
+
+# What the ledger decides about a stored span.
+LEDGER_FIELDS = ["cost_usd", "input_tokens", "output_tokens", "cached_tokens"]
+
+
+class CallUsage(Protocol):
+    """The tokens the ledger recorded for one LLM call (billing's `Usage` is one)."""
+
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
 
 
 def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime) -> Trace:
@@ -37,12 +52,15 @@ def trace_close_interrupted(
     error_message: str,
     status: str = Trace.Status.ERROR,
     span_costs: Mapping[UUID, Decimal | None] | None = None,
+    span_usage: Mapping[UUID, CallUsage] | None = None,
     cost_usd: Decimal | None = None,
 ) -> None:
     """Close the trace of a run whose process died: its tracer will never finish it.
     What the tracer wrote before it died (it flushes on every lease renewal) stays, under
     a root span written here, and the totals are those spans'. A run that died before
-    its trace row was written gets one. `span_costs` / `cost_usd`: what billing settled."""
+    its trace row was written gets one. `span_costs`, `span_usage` and `cost_usd`: what
+    the ledger settled, applied as a finishing tracer applies them (`span_ledger_apply`),
+    so an interrupted trace's tokens are the ledger's too."""
     now = timezone.now()
     with transaction.atomic():
         trace, _ = Trace.objects.select_for_update().get_or_create(
@@ -50,9 +68,12 @@ def trace_close_interrupted(
         )
         if trace.status != Trace.Status.RUNNING:
             return
-        for span_id, cost in (span_costs or {}).items():
-            if cost is not None:
-                Span.objects.filter(id=span_id, trace_id=run_id).update(cost_usd=cost)
+        stored = list(Span.objects.filter(trace_id=run_id).defer("attributes"))
+        corrected = span_ledger_apply(
+            spans=stored, span_costs=span_costs or {}, span_usage=span_usage or {}
+        )
+        if corrected:
+            Span.objects.bulk_update(corrected, LEDGER_FIELDS)
         Span.objects.get_or_create(
             id=run_id,
             defaults={
@@ -86,6 +107,30 @@ def trace_close_interrupted(
             error_type=error_type[:200],
             error_message=error_message,
         )
+
+
+def span_ledger_apply(
+    *,
+    spans: Sequence[Span],
+    span_costs: Mapping[UUID, Decimal | None],
+    span_usage: Mapping[UUID, CallUsage],
+) -> list[Span]:
+    """Give each LLM span its call's cost and tokens from the ledger (in memory); returns
+    the spans changed, to write (`LEDGER_FIELDS`). The ledger is the one truth about a
+    call's tokens: a call cut short reports no usage to the callbacks, yet is billed for
+    what it streamed."""
+    changed = []
+    for span in spans:
+        if span.id in span_costs:
+            span.cost_usd = span_costs[span.id]
+        counts = span_usage.get(span.id)
+        if counts is not None:
+            span.input_tokens = counts.input_tokens
+            span.output_tokens = counts.output_tokens
+            span.cached_tokens = counts.cached_tokens
+        if span.id in span_costs or counts is not None:
+            changed.append(span)
+    return changed
 
 
 def span_bulk_create(*, spans: Sequence[Span]) -> None:
@@ -138,9 +183,7 @@ def trace_finish(
             return  # closed meanwhile as interrupted (its process stalled past its lease)
         span_bulk_create(spans=spans)
         if corrected_spans:
-            Span.objects.bulk_update(
-                corrected_spans, ["cost_usd", "input_tokens", "output_tokens", "cached_tokens"]
-            )
+            Span.objects.bulk_update(corrected_spans, LEDGER_FIELDS)
 
 
 def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:

@@ -114,6 +114,54 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
     await socket.disconnect()
 
 
+def with_cut_call_flushed(run: Run, user) -> uuid.UUID:
+    """What a dead process left of the call it was making: a hold, and the LLM span of
+    the call as flushed without usage (a call cut short reports none). Returns its id."""
+    account = account_with_limits(user, money_per_day_usd=Decimal(1))
+    call_id = uuid.uuid4()
+    budget_reserve(
+        account_id=account.id,
+        user_id=user.id,
+        run_id=run.id,
+        call_id=call_id,
+        model=MODEL,
+        prompt_tokens=500,
+        max_output_tokens=1024,
+    )
+    assert run.started_at is not None
+    trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
+    Span.objects.create(
+        id=call_id,
+        trace=trace,
+        parent_id=run.id,
+        kind=Span.Kind.LLM,
+        name="model",
+        status=Span.Status.ERROR,
+        started_at=run.started_at,
+        ended_at=run.started_at,
+        duration_ms=1.0,
+    )
+    return call_id
+
+
+@pytest.mark.usefixtures("prices")
+async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
+    call_id = await database_sync_to_async(with_cut_call_flushed)(run, user)
+
+    assert await lifecycle.runs_reap() == 1
+
+    record = await UsageRecord.objects.aget(run_id=run.id)
+    span = await Span.objects.aget(id=call_id)
+    assert (span.input_tokens, span.output_tokens) == (500, 9)
+    assert span.cost_usd == record.cost_usd
+    trace = await Trace.objects.aget(run_id=run.id)
+    assert (trace.input_tokens, trace.output_tokens) == (500, 9)
+    assert trace.cost_usd == record.cost_usd
+
+
 async def test_a_run_is_reaped_once_by_two_reapers(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
