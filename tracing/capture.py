@@ -530,7 +530,9 @@ class RunTracer(BaseCallbackHandler):
         span.attributes = attributes
 
     def _message(self, message: BaseMessage) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": message.type, "content": self._cut(message.text)}
+        # A streamed reply is a chunk ("AIMessageChunk"); stored as the message it stands for.
+        role = message.type.removesuffix("MessageChunk").lower()
+        out: dict[str, Any] = {"role": role, "content": self._cut(message.text)}
         tool_calls = getattr(message, "tool_calls", None)
         if tool_calls:
             out["tool_calls"] = [
