@@ -38,6 +38,7 @@ from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
 from agentsite import metrics
+from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
 from tracing.capture import trace_status_for
 from tracing.formatting import format_usd
@@ -169,7 +170,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
         run.output_tokens = outcome.output_tokens
         run.cost_usd = outcome.cost_usd
         run.error_code = outcome.error_code
-        run.error_message = outcome.error_message
+        run.error_message = text_storable(outcome.error_message)
         run.event_seq = final_seq
         run.save(
             update_fields=[
@@ -191,6 +192,9 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
 
 
 def _message_from_part(run: Run, part: dict) -> Message | None:
+    # What the model and the tools produced is stored as it came, but for a NUL or a
+    # lone surrogate (PostgreSQL refuses them), replaced.
+    part = text_storable(part)
     if part["kind"] == "text":
         if not part["text"].strip():
             return None

@@ -27,6 +27,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from agentsite.logging import span_id_var
+from agentsite.text import text_storable
 
 from . import export, metrics, services
 from .models import Span, Trace
@@ -191,6 +192,7 @@ class RunTracer(BaseCallbackHandler):
         if self._finished:
             return
         self._finished = True
+        error_message = text_storable(error_message)
         now = time.time()
         stopped = CANCELLED if status == CANCELLED else ERROR
         stopped_error = (error_type or stopped, error_message or _STOPPED_MESSAGE)
@@ -555,6 +557,8 @@ class RunTracer(BaseCallbackHandler):
         return self._cut(repr(value))
 
     def _cut(self, text: str) -> str:
+        # Every payload's text passes here: none may carry what PostgreSQL refuses.
+        text = text_storable(text)
         limit = self.max_payload_chars
         if len(text) <= limit:
             return text
