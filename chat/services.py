@@ -101,14 +101,24 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
             closed = lifecycle.run_close(run_id=lost.id)
             if closed is not None:
                 transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
-        budget_release_stale(account_id=account.pk)
+        budget_release_stale(
+            account_id=account.pk,
+            active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
+                "id", flat=True
+            ),
+        )
         if conversation.runs.alive().exists():
             raise ApplicationError(
                 "run_active",
                 "The agent is still answering the previous message; wait or press stop.",
                 http_status=409,
             )
-        runs_admit(account=account)
+        runs_admit(
+            account=account,
+            active_runs=Run.objects.alive()
+            .filter(conversation__owner__membership__account=account)
+            .count(),
+        )
         if conversation.title == DEFAULT_TITLE:
             conversation.title = _clean_title(text[:60])
         conversation.save(update_fields=["title", "updated_at"])
