@@ -38,10 +38,10 @@ from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
 from agentsite import metrics
+from agentsite.formatting import format_usd
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
 from tracing.capture import trace_status_for
-from tracing.formatting import format_usd
 from tracing.services import trace_close_interrupted
 
 from . import selectors
