@@ -4,14 +4,12 @@ records, its error and its trace, on a database of its own."""
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.conftest import ROOT, _server_env
-from tests.servers import POSTGRES, postgres_available
+from tests.servers import postgres_available, postgres_database
 
 pytestmark = [
     pytest.mark.postgres,
@@ -63,12 +61,8 @@ print(repr((span.attributes["arguments"], span.attributes["result"], span.error_
 
 
 def test_model_and_tool_output_with_a_nul_is_stored(tmp_path: Path) -> None:
-    database = f"agentsite_text_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {database}")
-    env = _server_env(tmp_path)
-    env.update(DATABASE_URL=POSTGRES.rsplit("/", 1)[0] + "/" + database, LOG_LEVEL="WARNING")
-    try:
+    with postgres_database("agentsite_text") as database_url:
+        env = {**_server_env(tmp_path), "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"}
         done = subprocess.run(
             [sys.executable, "manage.py", "shell", "--no-imports", "-c", SCRIPT],
             cwd=ROOT,
@@ -77,9 +71,6 @@ def test_model_and_tool_output_with_a_nul_is_stored(tmp_path: Path) -> None:
             text=True,
             timeout=180,
         )
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     assert done.returncode == 0, done.stderr[-3000:]
     messages, span = done.stdout.strip().splitlines()[-2:]
     # Kept, with the gap shown as U+FFFD.

@@ -47,30 +47,30 @@ def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
     )
 
 
-def with_hold_and_trace(run: Run, user) -> None:
-    """What the dead process left: a hold on its cut call, a running trace with the
-    spans it flushed before it died."""
+def with_hold_and_trace(run: Run, user, *, call_id: uuid.UUID | None = None, **span) -> None:
+    """What the dead process left: a hold on its cut call (`call_id`), a running trace
+    with the span it flushed before it died (a tool call's, unless `span` says else)."""
     account = account_with_limits(user, money_per_day_usd=Decimal(1))
     budget_reserve(
         account_id=account.id,
         user_id=user.id,
         run_id=run.id,
-        call_id=uuid.uuid4(),
+        call_id=call_id or uuid.uuid4(),
         model=MODEL,
         prompt_tokens=500,
         max_output_tokens=1024,
     )
     assert run.started_at is not None
     trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
-    Span.objects.create(
-        trace=trace,
-        parent_id=run.id,  # the root span's id is the run's
-        kind=Span.Kind.TOOL,
-        name="calculator",
-        started_at=run.started_at,
-        ended_at=run.started_at,
-        duration_ms=1.0,
-    )
+    fields = {
+        "parent_id": run.id,  # the root span's id is the run's
+        "kind": Span.Kind.TOOL,
+        "name": "calculator",
+        "started_at": run.started_at,
+        "ended_at": run.started_at,
+        "duration_ms": 1.0,
+    }
+    Span.objects.create(trace=trace, **(fields | span))
 
 
 @pytest.mark.usefixtures("prices")
@@ -114,42 +114,17 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
     await socket.disconnect()
 
 
-def with_cut_call_flushed(run: Run, user) -> uuid.UUID:
-    """What a dead process left of the call it was making: a hold, and the LLM span of
-    the call as flushed without usage (a call cut short reports none). Returns its id."""
-    account = account_with_limits(user, money_per_day_usd=Decimal(1))
-    call_id = uuid.uuid4()
-    budget_reserve(
-        account_id=account.id,
-        user_id=user.id,
-        run_id=run.id,
-        call_id=call_id,
-        model=MODEL,
-        prompt_tokens=500,
-        max_output_tokens=1024,
-    )
-    assert run.started_at is not None
-    trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
-    Span.objects.create(
-        id=call_id,
-        trace=trace,
-        parent_id=run.id,
-        kind=Span.Kind.LLM,
-        name="model",
-        status=Span.Status.ERROR,
-        started_at=run.started_at,
-        ended_at=run.started_at,
-        duration_ms=1.0,
-    )
-    return call_id
-
-
 @pytest.mark.usefixtures("prices")
 async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
     run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
-    call_id = await database_sync_to_async(with_cut_call_flushed)(run, user)
+    # The LLM span of the call it was making, flushed without usage (a call cut short
+    # reports none to the callbacks).
+    call_id = uuid.uuid4()
+    await database_sync_to_async(with_hold_and_trace)(
+        run, user, call_id=call_id, id=call_id, kind=Span.Kind.LLM, name="model"
+    )
 
     assert await lifecycle.runs_reap() == 1
 
