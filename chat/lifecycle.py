@@ -37,7 +37,6 @@ from django.db import transaction
 from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
-from agentsite import metrics
 from agentsite.formatting import format_usd
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
@@ -46,6 +45,7 @@ from tracing.services import trace_close_interrupted
 
 from . import selectors
 from .events import Event, event_publish
+from .metrics import run_end_observe
 from .models import Conversation, Message, Run
 from .rendering import render_markdown
 from .run_outcome import RunOutcome
@@ -339,7 +339,9 @@ async def run_closed_publish(closed: ClosedRun) -> None:
         closed.final["status"],
         closed.final.get("error", {}).get("code", ""),
     )
-    metrics.RUNS.labels(status=closed.final["status"]).inc()
+    run_end_observe(
+        status=closed.final["status"], error_code=closed.final.get("error", {}).get("code", "")
+    )
     await event_publish(closed.conversation_id, closed.final)
 
 

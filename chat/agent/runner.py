@@ -21,7 +21,7 @@ from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
 from billing.services import account_for_user
 from chat import lifecycle
 from chat.events import RunEventStream
-from chat.metrics import tool_call_observe
+from chat.metrics import run_end_observe, tool_call_observe
 from chat.models import Run
 from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
@@ -99,10 +99,8 @@ async def execute_run(run_id: UUID) -> None:
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
-            metrics.RUNS.labels(status=outcome.status.value).inc()
+            run_end_observe(status=outcome.status.value, error_code=outcome.error_code)
             metrics.RUN_DURATION.observe(time.monotonic() - started)
-            if outcome.error_code and outcome.status != Run.Status.CANCELLED:
-                metrics.RUN_ERRORS.labels(code=outcome.error_code).inc()
             if cost is not None:
                 metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
         if tracer is not None:

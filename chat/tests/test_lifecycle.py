@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
+from prometheus_client import REGISTRY
 
 from billing.budget import budget_reserve
 from billing.models import BudgetReservation, UsageRecord
@@ -30,6 +31,10 @@ async def connected(user):
     socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
     assert (await socket.receive_json_from())["type"] == "session"
     return conversation, socket
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
@@ -135,6 +140,19 @@ async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_use
     trace = await Trace.objects.aget(run_id=run.id)
     assert (trace.input_tokens, trace.output_tokens) == (500, 9)
     assert trace.cost_usd == record.cost_usd
+
+
+async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    await database_sync_to_async(orphan)(conversation)
+    interrupted = sample("agentsite_runs_total", status="interrupted")
+    errors = sample("agentsite_run_errors_total", code="run_interrupted")
+
+    assert await lifecycle.runs_reap() == 1
+
+    assert sample("agentsite_runs_total", status="interrupted") == interrupted + 1
+    assert sample("agentsite_run_errors_total", code="run_interrupted") == errors + 1
 
 
 async def test_a_run_is_reaped_once_by_two_reapers(make_user):
