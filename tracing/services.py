@@ -7,8 +7,6 @@ from typing import Protocol
 from uuid import UUID
 
 from django.db import transaction
-from django.db.models import Count, Sum
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .models import Span, Trace
@@ -68,44 +66,44 @@ def trace_close_interrupted(
         )
         if trace.status != Trace.Status.RUNNING:
             return
+        duration_ms = (now - trace.started_at).total_seconds() * 1000
         stored = list(Span.objects.filter(trace_id=run_id).defer("attributes"))
         corrected = span_ledger_apply(
             spans=stored, span_costs=span_costs or {}, span_usage=span_usage or {}
         )
-        if corrected:
-            Span.objects.bulk_update(corrected, LEDGER_FIELDS)
-        Span.objects.get_or_create(
-            id=run_id,
-            defaults={
-                "trace_id": run_id,
-                "kind": Span.Kind.RUN,
-                "name": "run",
-                "status": status,
-                "started_at": trace.started_at,
-                "ended_at": now,
-                "duration_ms": (now - trace.started_at).total_seconds() * 1000,
-                "error_type": error_type[:200],
-                "error_message": error_message,
-                "attributes": {"model": model} if model else {},
-            },
-        )
-        spans = Span.objects.filter(trace_id=run_id).aggregate(
-            count=Count("id"),
-            input=Coalesce(Sum("input_tokens"), 0),
-            output=Coalesce(Sum("output_tokens"), 0),
-            cached=Coalesce(Sum("cached_tokens"), 0),
-        )
-        Trace.objects.filter(run_id=run_id).update(
+        root = []
+        if not any(span.id == run_id for span in stored):
+            root.append(
+                Span(
+                    id=run_id,
+                    trace_id=run_id,
+                    kind=Span.Kind.RUN,
+                    name="run",
+                    status=status,
+                    started_at=trace.started_at,
+                    ended_at=now,
+                    duration_ms=duration_ms,
+                    error_type=error_type[:200],
+                    error_message=error_message,
+                    attributes={"model": model} if model else {},
+                )
+            )
+        spans = stored + root
+        # The same write as a finishing tracer's, with the totals of what is stored.
+        trace_finish(
+            run_id=run_id,
+            spans=root,
+            corrected_spans=corrected,
             status=status,
             ended_at=now,
-            duration_ms=(now - trace.started_at).total_seconds() * 1000,
-            span_count=spans["count"],
-            input_tokens=spans["input"],
-            output_tokens=spans["output"],
-            cached_tokens=spans["cached"],
-            cost_usd=cost_usd,
-            error_type=error_type[:200],
+            duration_ms=duration_ms,
+            span_count=len(spans),
+            input_tokens=sum(span.input_tokens for span in spans),
+            output_tokens=sum(span.output_tokens for span in spans),
+            cached_tokens=sum(span.cached_tokens for span in spans),
+            error_type=error_type,
             error_message=error_message,
+            cost_usd=cost_usd,
         )
 
 
