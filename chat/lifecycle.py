@@ -41,6 +41,7 @@ from agentsite.formatting import format_usd
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
 from tracing.capture import trace_status_for
+from tracing.export import schedule_stored
 from tracing.services import trace_close_interrupted
 
 from . import selectors
@@ -212,6 +213,8 @@ def _message_from_part(run: Run, part: dict) -> Message | None:
 class ClosedRun:
     conversation_id: UUID
     final: Event
+    # Its trace was closed here (not by its tracer), so it is exported from here too.
+    trace_closed: bool = False
 
 
 def run_close(
@@ -257,8 +260,9 @@ def run_close(
         run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
         run.cost_usd = cost.total_usd
         run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    trace_closed = False
     if settings.TRACING_ENABLED:
-        trace_close_interrupted(
+        trace_closed = trace_close_interrupted(
             run_id=run_id,
             user_id=run.conversation.owner_id,
             model=run.model,
@@ -270,7 +274,11 @@ def run_close(
             span_usage=cost.span_usage if cost else None,
             cost_usd=run.cost_usd,
         )
-    return ClosedRun(conversation_id=run.conversation_id, final=_final_event(run, []))
+    return ClosedRun(
+        conversation_id=run.conversation_id,
+        final=_final_event(run, []),
+        trace_closed=trace_closed,
+    )
 
 
 def run_final_event_rebuilt(*, run: Run) -> Event:
@@ -343,6 +351,10 @@ async def run_closed_publish(closed: ClosedRun) -> None:
         status=closed.final["status"], error_code=closed.final.get("error", {}).get("code", "")
     )
     await event_publish(closed.conversation_id, closed.final)
+    if closed.trace_closed:
+        await schedule_stored(
+            trace_id=UUID(closed.final["run"]), conversation_id=closed.conversation_id
+        )
 
 
 async def runs_reap(*, conversation_id: UUID | None = None) -> int:

@@ -52,20 +52,21 @@ def trace_close_interrupted(
     span_costs: Mapping[UUID, Decimal | None] | None = None,
     span_usage: Mapping[UUID, CallUsage] | None = None,
     cost_usd: Decimal | None = None,
-) -> None:
+) -> bool:
     """Close the trace of a run whose process died: its tracer will never finish it.
     What the tracer wrote before it died (it flushes on every lease renewal) stays, under
     a root span written here, and the totals are those spans'. A run that died before
     its trace row was written gets one. `span_costs`, `span_usage` and `cost_usd`: what
     the ledger settled, applied as a finishing tracer applies them (`span_ledger_apply`),
-    so an interrupted trace's tokens are the ledger's too."""
+    so an interrupted trace's tokens are the ledger's too. False if it was closed
+    already (its tracer finished it after all)."""
     now = timezone.now()
     with transaction.atomic():
         trace, _ = Trace.objects.select_for_update().get_or_create(
             run_id=run_id, defaults={"user_id": user_id, "model": model, "started_at": started_at}
         )
         if trace.status != Trace.Status.RUNNING:
-            return
+            return False
         duration_ms = (now - trace.started_at).total_seconds() * 1000
         stored = list(Span.objects.filter(trace_id=run_id).defer("attributes"))
         corrected = span_ledger_apply(
@@ -105,6 +106,7 @@ def trace_close_interrupted(
             error_message=error_message,
             cost_usd=cost_usd,
         )
+    return True
 
 
 def span_ledger_apply(

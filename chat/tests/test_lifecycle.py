@@ -19,9 +19,13 @@ from chat.events import MemoryEventLog, RunEventStream, event_log
 from chat.models import Run
 from chat.run_outcome import RunOutcome
 from conftest import account_with_limits, open_socket, receive_until, wait_for_runs
+from tracing import export
 from tracing.models import Span, Trace
+from tracing.tests import test_export
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+collector = test_export.collector  # a fixture: an OTLP receiver
 
 MODEL = "agentsite-offline-demo"
 
@@ -153,6 +157,26 @@ async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
 
     assert sample("agentsite_runs_total", status="interrupted") == interrupted + 1
     assert sample("agentsite_run_errors_total", code="run_interrupted") == errors + 1
+
+
+async def test_an_interrupted_trace_is_exported_over_otlp(make_user, collector):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation)
+    await database_sync_to_async(with_hold_and_trace)(run, user)
+
+    assert await lifecycle.runs_reap() == 1
+    await export.drain()
+
+    spans = {span.name: span for span in test_export.received_spans(collector)}
+    assert set(spans) == {"invoke_agent agentsite", "execute_tool calculator"}
+    root = spans["invoke_agent agentsite"]
+    assert root.status.code == root.status.STATUS_CODE_ERROR
+    assert spans["execute_tool calculator"].parent_span_id == root.span_id
+    # Closed once: reaping again exports nothing more.
+    assert await lifecycle.runs_reap() == 0
+    await export.drain()
+    assert len(test_export.received_spans(collector)) == 2
 
 
 async def test_a_run_is_reaped_once_by_two_reapers(make_user):
