@@ -154,7 +154,9 @@ def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> lis
 def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | None:
     """Store what the run produced, close it and return its final event (numbered
     `final_seq`), ready to publish. None if the run was already closed (interrupted by
-    another process, or deleted with its conversation): it is left as it is."""
+    another process): it is left as it is. A run deleted with its conversation while it
+    ran has nothing stored, but its final event all the same, for the sockets still
+    open on it."""
     with transaction.atomic():
         run = (
             Run.objects.select_for_update(of=("self",))
@@ -162,7 +164,19 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
             .filter(id=run_id)
             .first()
         )
-        if run is None or not run.is_active:
+        if run is None:
+            gone = Run(
+                id=run_id,
+                status=outcome.status,
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                cost_usd=outcome.cost_usd,
+                error_code=outcome.error_code,
+                error_message=outcome.error_message,
+                event_seq=final_seq,
+            )
+            return _final_event(gone, [], with_budget=False)
+        if not run.is_active:
             return None
         run.status = outcome.status
         run.finished_at = timezone.now()
@@ -287,7 +301,7 @@ def run_final_event_rebuilt(*, run: Run) -> Event:
     return _final_event(run, answers)
 
 
-def _final_event(run: Run, answers: Sequence[Message]) -> Event:
+def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = True) -> Event:
     status = Run.Status(run.status)
     event: Event = {
         "type": FINAL_EVENTS[status],
@@ -308,7 +322,7 @@ def _final_event(run: Run, answers: Sequence[Message]) -> Event:
     if run.error_code:
         event["error"] = {"code": run.error_code, "message": run.error_message}
     # After the ledger: what is left now, for the page's budget line. None: unknown.
-    event["budget"] = _budget_after(run)
+    event["budget"] = _budget_after(run) if with_budget else None
     return event
 
 
