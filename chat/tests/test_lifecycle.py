@@ -159,6 +159,7 @@ async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
     assert sample("agentsite_run_errors_total", code="run_interrupted") == errors + 1
 
 
+@pytest.mark.usefixtures("prices")
 async def test_an_interrupted_trace_is_exported_over_otlp(make_user, collector):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
