@@ -12,7 +12,9 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.test import Client
 
 from agentsite.asgi import application
+from chat import services
 from chat.agent.executor import get_executor
+from chat.models import Conversation
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +83,22 @@ async def wait_for_runs() -> None:
     for run_id in executor.active_run_ids():
         await executor.join(run_id)
     await asyncio.sleep(0)
+
+
+async def cancelled_mid_answer(user: AbstractBaseUser) -> Conversation:
+    """A new conversation of `user` whose first run was cancelled while it streamed a long
+    answer (set AGENT_OFFLINE_TOKEN_DELAY so it streams slowly); returns the
+    conversation, its run over."""
+    conversation = await sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
+    await receive_until(socket, "token")
+    await socket.send_json_to({"type": "cancel"})
+    await receive_until(socket, "run.cancelled")
+    await socket.disconnect()
+    await wait_for_runs()
+    return conversation
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from django.template.loader import render_to_string
 
 from agentsite.admin import ReadOnlyAdmin
 from agentsite.errors import ApplicationError
-from tracing.formatting import format_count, format_usd
+from agentsite.formatting import format_count, format_usd
 
 from .models import (
     Account,

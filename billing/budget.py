@@ -22,6 +22,7 @@ counted (the ledger is the truth), and a warning names the call.
 """
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
@@ -31,8 +32,7 @@ from django.db.models import Sum, Value
 from django.db.models.functions import Coalesce
 
 from agentsite.errors import ApplicationError
-from chat.models import Run
-from tracing.formatting import format_usd as usd
+from agentsite.formatting import format_usd as usd
 
 from . import budget_sql as sql
 from .models import Account, BudgetReservation, ModelPrice, UsageRecord
@@ -274,13 +274,13 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     return True
 
 
-def budget_release_stale(*, account_id: int) -> int:
-    """Free the account's holds whose run is over: a finish that failed to settle them.
-    Their calls' usage was never reported, so nothing is recorded. (A run whose process
-    died keeps its hold until the reaper closes it and settles it for what it streamed.)
-    Returns how many holds were freed."""
+def budget_release_stale(*, account_id: int, active_run_ids: Iterable[UUID]) -> int:
+    """Free the account's holds whose run is over (not in `active_run_ids`, which may be
+    a query of them): a finish that failed to settle them. Their calls' usage was never
+    reported, so nothing is recorded. (A run whose process died keeps its hold until the
+    reaper closes it and settles it for what it streamed.) Returns how many were freed."""
     stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
-        run_id__in=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values("id")
+        run_id__in=active_run_ids
     )
     released = 0
     with transaction.atomic(), connection.cursor() as cursor:
@@ -338,18 +338,17 @@ def account_lock(*, account_id: int) -> None:
         sql.account_lock(cursor, account_id=account_id)
 
 
-def runs_admit(*, account: Account) -> None:
-    """Refuse a new run when the account already has as many under way as its limit
-    allows. Call after `account_lock`, in the transaction that creates the run, so two
-    simultaneous starts count each other."""
+def runs_admit(*, account: Account, active_runs: int) -> None:
+    """Refuse a new run when the account already has as many under way (`active_runs`)
+    as its limit allows. Count them after `account_lock`, in the transaction that
+    creates the run, so two simultaneous starts count each other."""
     limit = account_limits(account=account).concurrent_runs
     if limit is None:
         return
-    active = Run.objects.alive().filter(conversation__owner__membership__account=account).count()
-    if active >= limit:
+    if active_runs >= limit:
         raise ApplicationError(
             "concurrent_runs_limit",
             f"This account may have {limit} answer{'s' if limit != 1 else ''} in progress "
-            f"at once, and has {active}. Wait for one to finish or stop one. {HOW_TO_RAISE}",
+            f"at once, and has {active_runs}. Wait for one to finish or stop one. {HOW_TO_RAISE}",
             http_status=429,
         )

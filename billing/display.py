@@ -5,7 +5,7 @@ final event both use it, so the number reads the same live and after a reload.""
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 
-from tracing.formatting import format_usd
+from agentsite.formatting import format_usd
 
 from .pricing import cost_of, price_for_model
 from .selectors import UsageSummary, usage_summary

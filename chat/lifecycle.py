@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -38,14 +37,16 @@ from django.db import transaction
 from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
-from agentsite import metrics
-from billing.budget import Usage, usage_close_run
+from agentsite.formatting import format_usd
+from agentsite.text import text_storable
+from billing.budget import RunCost, Usage, usage_close_run
 from tracing.capture import trace_status_for
-from tracing.formatting import format_usd
+from tracing.export import schedule_stored
 from tracing.services import trace_close_interrupted
 
 from . import selectors
 from .events import Event, event_publish
+from .metrics import run_end_observe
 from .models import Conversation, Message, Run
 from .rendering import render_markdown
 from .run_outcome import RunOutcome
@@ -153,7 +154,9 @@ def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> lis
 def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | None:
     """Store what the run produced, close it and return its final event (numbered
     `final_seq`), ready to publish. None if the run was already closed (interrupted by
-    another process): it is left as it is."""
+    another process): it is left as it is. A run deleted with its conversation while it
+    ran has nothing stored, but its final event all the same, for the sockets still
+    open on it."""
     with transaction.atomic():
         run = (
             Run.objects.select_for_update(of=("self",))
@@ -162,7 +165,17 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
             .first()
         )
         if run is None:
-            return _final_event_of_deleted(run_id, outcome, final_seq)
+            gone = Run(
+                id=run_id,
+                status=outcome.status,
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                cost_usd=outcome.cost_usd,
+                error_code=outcome.error_code,
+                error_message=outcome.error_message,
+                event_seq=final_seq,
+            )
+            return _final_event(gone, [], with_budget=False)
         if not run.is_active:
             return None
         run.status = outcome.status
@@ -172,7 +185,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
         run.output_tokens = outcome.output_tokens
         run.cost_usd = outcome.cost_usd
         run.error_code = outcome.error_code
-        run.error_message = outcome.error_message
+        run.error_message = text_storable(outcome.error_message)
         run.event_seq = final_seq
         run.save(
             update_fields=[
@@ -193,23 +206,10 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
     return _final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT])
 
 
-def _final_event_of_deleted(run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event:
-    # Deleted with its conversation, which cancelled it: the sockets still open on the
-    # conversation are owed the run's end, built from what the run itself knows.
-    gone = Run(
-        id=run_id,
-        status=outcome.status,
-        event_seq=final_seq,
-        input_tokens=outcome.input_tokens,
-        output_tokens=outcome.output_tokens,
-        cost_usd=outcome.cost_usd,
-        error_code=outcome.error_code,
-        error_message=outcome.error_message,
-    )
-    return _final_event(gone, [], budget=False)
-
-
 def _message_from_part(run: Run, part: dict) -> Message | None:
+    # What the model and the tools produced is stored as it came, but for a NUL or a
+    # lone surrogate (PostgreSQL refuses them), replaced.
+    part = text_storable(part)
     if part["kind"] == "text":
         if not part["text"].strip():
             return None
@@ -227,6 +227,8 @@ def _message_from_part(run: Run, part: dict) -> Message | None:
 class ClosedRun:
     conversation_id: UUID
     final: Event
+    # Its trace was closed here (not by its tracer), so it is exported from here too.
+    trace_closed: bool = False
 
 
 def run_close(
@@ -260,7 +262,7 @@ def run_close(
     if not claimed:
         return None
     run = Run.objects.select_related("conversation").get(id=run_id)
-    span_costs: dict[UUID, Decimal | None] = {}
+    cost: RunCost | None = None
     try:
         cost = usage_close_run(
             run_id=run_id,
@@ -271,10 +273,10 @@ def run_close(
     else:
         run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
         run.cost_usd = cost.total_usd
-        span_costs = cost.span_costs
         run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    trace_closed = False
     if settings.TRACING_ENABLED:
-        trace_close_interrupted(
+        trace_closed = trace_close_interrupted(
             run_id=run_id,
             user_id=run.conversation.owner_id,
             model=run.model,
@@ -282,10 +284,15 @@ def run_close(
             error_type=error_code,
             error_message=error_message,
             status=trace_status_for(status),
-            span_costs=span_costs,
+            span_costs=cost.span_costs if cost else None,
+            span_usage=cost.span_usage if cost else None,
             cost_usd=run.cost_usd,
         )
-    return ClosedRun(conversation_id=run.conversation_id, final=_final_event(run, []))
+    return ClosedRun(
+        conversation_id=run.conversation_id,
+        final=_final_event(run, []),
+        trace_closed=trace_closed,
+    )
 
 
 def run_final_event_rebuilt(*, run: Run) -> Event:
@@ -294,7 +301,7 @@ def run_final_event_rebuilt(*, run: Run) -> Event:
     return _final_event(run, answers)
 
 
-def _final_event(run: Run, answers: Sequence[Message], *, budget: bool = True) -> Event:
+def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = True) -> Event:
     status = Run.Status(run.status)
     event: Event = {
         "type": FINAL_EVENTS[status],
@@ -315,7 +322,7 @@ def _final_event(run: Run, answers: Sequence[Message], *, budget: bool = True) -
     if run.error_code:
         event["error"] = {"code": run.error_code, "message": run.error_message}
     # After the ledger: what is left now, for the page's budget line. None: unknown.
-    event["budget"] = _budget_after(run) if budget else None
+    event["budget"] = _budget_after(run) if with_budget else None
     return event
 
 
@@ -354,8 +361,14 @@ async def run_closed_publish(closed: ClosedRun) -> None:
         closed.final["status"],
         closed.final.get("error", {}).get("code", ""),
     )
-    metrics.RUNS.labels(status=closed.final["status"]).inc()
+    run_end_observe(
+        status=closed.final["status"], error_code=closed.final.get("error", {}).get("code", "")
+    )
     await event_publish(closed.conversation_id, closed.final)
+    if closed.trace_closed:
+        await schedule_stored(
+            trace_id=UUID(closed.final["run"]), conversation_id=closed.conversation_id
+        )
 
 
 async def runs_reap(*, conversation_id: UUID | None = None) -> int:

@@ -26,3 +26,10 @@ def tool_call_observe(*, tool: str, is_error: bool) -> None:
         tool=tool if tool in TOOL_NAMES else metrics.OTHER_TOOL,
         outcome="error" if is_error else "ok",
     ).inc()
+
+
+def run_end_observe(*, status: str, error_code: str) -> None:
+    """A run ended, however: finished by its executor or closed by the reaper."""
+    metrics.RUNS.labels(status=status).inc()
+    if error_code and status != Run.Status.CANCELLED:
+        metrics.RUN_ERRORS.labels(code=error_code).inc()

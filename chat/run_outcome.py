@@ -40,7 +40,9 @@ class RunOutcome:
         else:
             self.parts.append({"kind": "text", "text": text})
 
-    def add_tool_call(self, *, tool_call_id: str, name: str, args: dict[str, Any]) -> None:
+    def add_tool_call(self, *, tool_call_id: str, name: str, args: dict[str, Any] | str) -> None:
+        """`args`: the call's arguments, or for a call that never ran because they were
+        unusable, the text the model sent."""
         self.parts.append(
             {
                 "kind": "tool",

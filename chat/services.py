@@ -1,7 +1,6 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
-import re
 from functools import partial
 from uuid import UUID
 
@@ -11,6 +10,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from agentsite.errors import ApplicationError
+from agentsite.text import UNSTORABLE
 from billing.budget import account_lock, budget_release_stale, runs_admit
 from billing.services import account_for_user
 
@@ -22,9 +22,6 @@ from .models import Conversation, Message, Run
 
 TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
-# Characters no database here can store: PostgreSQL text refuses NUL, and no UTF-8
-# database takes a lone surrogate (JSON can carry one escaped, as "\ud800").
-_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def conversation_create(*, owner: User, title: str = "") -> Conversation:
@@ -55,7 +52,7 @@ def _clean_title(title: str) -> str:
     title = " ".join(title.split())
     if not title:
         raise ApplicationError("invalid_title", "A conversation title cannot be empty.")
-    if _UNSTORABLE.search(title):
+    if UNSTORABLE.search(title):
         raise ApplicationError("invalid_title", _unstorable_message("title"))
     if len(title) > TITLE_MAX_CHARS:
         raise ApplicationError(
@@ -77,7 +74,7 @@ def _clean_message(content: object) -> str:
             f"The message has {len(content)} characters; the limit is {limit}. "
             "Shorten it or split it into several messages.",
         )
-    if _UNSTORABLE.search(content):
+    if UNSTORABLE.search(content):
         raise ApplicationError("invalid_message", _unstorable_message("message"))
     return content
 
@@ -104,14 +101,24 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
             closed = lifecycle.run_close(run_id=lost.id)
             if closed is not None:
                 transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
-        budget_release_stale(account_id=account.pk)
+        budget_release_stale(
+            account_id=account.pk,
+            active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
+                "id", flat=True
+            ),
+        )
         if conversation.runs.alive().exists():
             raise ApplicationError(
                 "run_active",
                 "The agent is still answering the previous message; wait or press stop.",
                 http_status=409,
             )
-        runs_admit(account=account)
+        runs_admit(
+            account=account,
+            active_runs=Run.objects.alive()
+            .filter(conversation__owner__membership__account=account)
+            .count(),
+        )
         if conversation.title == DEFAULT_TITLE:
             conversation.title = _clean_title(text[:60])
         conversation.save(update_fields=["title", "updated_at"])

@@ -78,7 +78,10 @@ def _history_items(history: list[Message]) -> list[dict[str, Any]]:
         )
         tool = None
         if message.tool:
-            tool = {**message.tool, "args_json": json.dumps(message.tool.get("args"), indent=2)}
+            args = message.tool.get("args")
+            # A string: the arguments of a call that never ran, as the model sent them.
+            args_json = args if isinstance(args, str) else json.dumps(args, indent=2)
+            tool = {**message.tool, "args_json": args_json}
         items.append(
             {
                 "message": message,

@@ -136,6 +136,18 @@ def _prepare_database(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
+def _runserver(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`make run`'s server on 127.0.0.1:`port`, its output appended to `log`."""
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -161,14 +173,7 @@ def agentsite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveS
     # The server starts while the database is prepared: it touches the database only
     # when the first request comes, which waits for both.
     preparing = _prepare_database(env)
-    with log.open("wb") as output:
-        server = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    server = _runserver(env, port, log)
     try:
         prepared, _ = preparing.communicate(timeout=120)
         if preparing.returncode != 0:

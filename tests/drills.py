@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import ROOT, _free_port, _server_env, _wait_until_up
+from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
 
 USERNAME = "drill"
 
@@ -89,14 +89,7 @@ class DrillServer:
         _wait_until_up(self.url, self.process, self.log)
 
     def _launch(self) -> None:
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = _runserver(self.env, self.port, self.log)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind, as a crash or the OOM killer."""

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, _free_port, _server_env, _wait_until_up
-from tests.servers import POSTGRES, postgres_available
+from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
+from tests.servers import POSTGRES, postgres_available, postgres_database
 
 pytestmark = [
     pytest.mark.postgres,
@@ -54,46 +53,36 @@ class PostgresServer:
 
 @pytest.fixture
 def postgres_server(tmp_path: Path) -> Iterator[PostgresServer]:
-    database = f"agentsite_conns_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {database}")
-    env = _server_env(tmp_path)
-    env.update(
-        DATABASE_URL=POSTGRES.rsplit("/", 1)[0] + "/" + database,
-        DATABASE_POOL_SIZE=str(POOL_SIZE),
-        AGENT_RATE_LIMIT_PER_MINUTE="0",
-        LOG_LEVEL="WARNING",
-    )
-    port = _free_port()
-    log = tmp_path / "server.log"
-    server: subprocess.Popen[bytes] | None = None
-    try:
-        prepared = subprocess.run(
-            [sys.executable, "manage.py", "shell", "--no-imports", "-c", PREPARE],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
+    with postgres_database("agentsite_conns") as database_url:
+        env = _server_env(tmp_path)
+        env.update(
+            DATABASE_URL=database_url,
+            DATABASE_POOL_SIZE=str(POOL_SIZE),
+            AGENT_RATE_LIMIT_PER_MINUTE="0",
+            LOG_LEVEL="WARNING",
         )
-        assert prepared.returncode == 0, prepared.stderr[-3000:]
-        with log.open("wb") as output:
-            server = subprocess.Popen(
-                [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        port = _free_port()
+        log = tmp_path / "server.log"
+        server: subprocess.Popen[bytes] | None = None
+        try:
+            prepared = subprocess.run(
+                [sys.executable, "manage.py", "shell", "--no-imports", "-c", PREPARE],
                 cwd=ROOT,
                 env=env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
+                capture_output=True,
+                text=True,
+                timeout=180,
             )
-        url = f"http://127.0.0.1:{port}"
-        _wait_until_up(url, server, log)
-        yield PostgresServer(url, prepared.stdout.strip().splitlines()[-1], database, log)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            assert prepared.returncode == 0, prepared.stderr[-3000:]
+            server = _runserver(env, port, log)
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_up(url, server, log)
+            api_key = prepared.stdout.strip().splitlines()[-1]
+            yield PostgresServer(url, api_key, database_url.rsplit("/", 1)[1], log)
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
 
 
 class ConnectionWatcher(threading.Thread):

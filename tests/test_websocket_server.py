@@ -8,30 +8,27 @@ import http.cookiejar
 import json
 import re
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import (
     PASSWORD,
-    ROOT,
     USERNAME,
     _free_port,
     _prepare_database,
+    _runserver,
     _server_env,
     _wait_until_up,
 )
-from tests.servers import POSTGRES, postgres_available
+from tests.servers import postgres_available, postgres_database
 
 # Daphne's default limit on one incoming WebSocket message (--websocket-max-message-size).
 DAPHNE_MAX_MESSAGE_BYTES = 1024 * 1024
@@ -88,14 +85,7 @@ def start_server(workdir: Path, database_url: str) -> Iterator[Server]:
     preparing = _prepare_database(env)
     prepared, _ = preparing.communicate(timeout=180)
     assert preparing.returncode == 0, prepared.decode()[-3000:]
-    with log.open("wb") as output:
-        server = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    server = _runserver(env, port, log)
     try:
         _wait_until_up(url, server, log)
         yield log_in(url, log)
@@ -133,14 +123,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     if BACKEND == "sqlite":
         yield from start_server(workdir, f"sqlite:///{workdir / 'db.sqlite3'}")
         return
-    name = f"agentsite_frames_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield from start_server(workdir, POSTGRES.rsplit("/", 1)[0] + "/" + name)
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database("agentsite_frames") as database_url:
+        yield from start_server(workdir, database_url)
 
 
 def require_postgres(server: Server) -> None:

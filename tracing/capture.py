@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
@@ -27,10 +27,11 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, message
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from agentsite.logging import span_id_var
-from chat.agent.budget import usage_of
+from agentsite.text import text_storable
 
 from . import export, metrics, services
 from .models import Span, Trace
+from .services import CallUsage
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +47,6 @@ _STOPPED_MESSAGE = "Stopped before it finished."
 
 # LangGraph marks its plumbing (channel writes, branch routing) with this tag.
 _HIDDEN_TAG = "langsmith:hidden"
-
-
-class CallUsage(Protocol):
-    """The tokens the ledger recorded for one LLM call (billing's `Usage` is one)."""
-
-    @property
-    def input_tokens(self) -> int: ...
-    @property
-    def output_tokens(self) -> int: ...
-    @property
-    def cached_tokens(self) -> int: ...
 
 
 class SpanRecord:
@@ -202,6 +192,7 @@ class RunTracer(BaseCallbackHandler):
         if self._finished:
             return
         self._finished = True
+        error_message = text_storable(error_message)
         now = time.time()
         stopped = CANCELLED if status == CANCELLED else ERROR
         stopped_error = (error_type or stopped, error_message or _STOPPED_MESSAGE)
@@ -236,8 +227,8 @@ class RunTracer(BaseCallbackHandler):
         costs, usage = span_costs or {}, span_usage or {}
         # Spans of earlier batches are written already: those the ledger corrects are
         # updated, the new ones written with the ledger's numbers.
-        corrected = _apply_ledger(self._rows, costs, usage)
-        _apply_ledger(new_rows, costs, usage)
+        corrected = services.span_ledger_apply(spans=self._rows, span_costs=costs, span_usage=usage)
+        services.span_ledger_apply(spans=new_rows, span_costs=costs, span_usage=usage)
         self._rows += new_rows
         rows = self._rows
         await database_sync_to_async(services.trace_finish)(
@@ -566,6 +557,8 @@ class RunTracer(BaseCallbackHandler):
         return self._cut(repr(value))
 
     def _cut(self, text: str) -> str:
+        # Every payload's text passes here: none may carry what PostgreSQL refuses.
+        text = text_storable(text)
         limit = self.max_payload_chars
         if len(text) <= limit:
             return text
@@ -596,30 +589,22 @@ def _generated_message(response: Any) -> BaseMessage | None:
     return None
 
 
+def message_tokens(message: AIMessage) -> tuple[int, int, int]:
+    """The input, output and cached input tokens a reply's usage reports (zeros if it
+    reports none). Chat's budget reads replies through it too, so the ledger and the
+    spans count a reply the same way."""
+    usage = message.usage_metadata
+    if not usage:
+        return 0, 0, 0
+    cached = (usage.get("input_token_details") or {}).get("cache_read") or 0
+    return usage["input_tokens"], usage["output_tokens"], cached
+
+
 def _usage(response: Any) -> tuple[int, int, int]:
     message = _generated_message(response)
     if not isinstance(message, AIMessage):
         return 0, 0, 0
-    usage = usage_of(message)
-    return usage.input_tokens, usage.output_tokens, usage.cached_tokens
-
-
-def _apply_ledger(
-    rows: list[Span], costs: Mapping[UUID, Decimal | None], usage: Mapping[UUID, CallUsage]
-) -> list[Span]:
-    """Give each LLM span its call's cost and tokens from the ledger; the rows changed."""
-    changed = []
-    for row in rows:
-        if row.id in costs:
-            row.cost_usd = costs[row.id]
-        counts = usage.get(row.id)
-        if counts is not None:
-            row.input_tokens = counts.input_tokens
-            row.output_tokens = counts.output_tokens
-            row.cached_tokens = counts.cached_tokens
-        if row.id in costs or counts is not None:
-            changed.append(row)
-    return changed
+    return message_tokens(message)
 
 
 def _error(error: BaseException | tuple[str, str] | None) -> tuple[str, str]:

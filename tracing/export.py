@@ -31,6 +31,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -40,7 +41,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from agentsite.otel import otel_span_id
 
-from .models import Span
+from .models import Span, Trace
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,31 @@ def schedule(
     future = asyncio.get_running_loop().run_in_executor(None, export)
     _pending.add(future)
     future.add_done_callback(_pending.discard)
+
+
+async def schedule_stored(*, trace_id: UUID, conversation_id: UUID | None = None) -> None:
+    """Export a trace as the database has it: one closed without its tracer (a run whose
+    process died), which therefore never scheduled it."""
+    if not enabled():
+        return
+    try:
+        trace, spans = await database_sync_to_async(_stored)(trace_id)
+    except Exception:
+        logger.exception("trace %s: could not be read for its OTLP export", trace_id)
+        return
+    if trace is not None:
+        schedule(
+            trace_id=trace_id,
+            spans=spans,
+            conversation_id=conversation_id,
+            user_id=trace.user_id,
+            cost_usd=trace.cost_usd,
+        )
+
+
+def _stored(trace_id: UUID) -> tuple[Trace | None, list[Span]]:
+    trace = Trace.objects.filter(run_id=trace_id).first()
+    return trace, list(Span.objects.filter(trace_id=trace_id).order_by("started_at"))
 
 
 async def drain() -> None:

@@ -1,8 +1,8 @@
-"""How durations, money and payloads read on the trace pages (shared by the views and
-the template filters, so the list and the trace page never disagree)."""
+"""How durations and payloads read on the trace pages (shared by the views and the
+template filters, so the list and the trace page never disagree). Money and counts read
+the same everywhere: `agentsite.formatting`."""
 
 import json
-from decimal import Decimal
 from typing import Any
 
 
@@ -21,25 +21,6 @@ def format_duration(ms: float | None) -> str:
         return f"{ms / 1000:.2f} s"
     minutes, seconds = divmod(ms / 1000, 60)
     return f"{minutes:.0f} min {seconds:02.0f} s"
-
-
-def format_usd(amount: Decimal | float | None) -> str:
-    # None means "not priced", which is not the same as free.
-    if amount is None:
-        return "—"
-    amount = Decimal(amount)
-    if amount == 0:
-        return "$0"
-    if amount >= 1:
-        return f"${amount:,.2f}"
-    if amount >= Decimal("0.01"):
-        return f"${amount:.4f}"
-    # Sub-cent amounts (a single LLM call) keep their significant digits.
-    return "$" + f"{amount:.8f}".rstrip("0")
-
-
-def format_count(number: int | None) -> str:
-    return "—" if number is None else f"{number:,}"
 
 
 def format_payload(value: Any) -> str:

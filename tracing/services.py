@@ -3,16 +3,29 @@
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Protocol
 from uuid import UUID
 
 from django.db import transaction
-from django.db.models import Count, Sum
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .models import Span, Trace
 
 PRUNE_BATCH = 500
+
+# What the ledger decides about a stored span.
+LEDGER_FIELDS = ["cost_usd", "input_tokens", "output_tokens", "cached_tokens"]
+
+
+class CallUsage(Protocol):
+    """The tokens the ledger recorded for one LLM call (billing's `Usage` is one)."""
+
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
 
 
 def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime) -> Trace:
@@ -37,55 +50,87 @@ def trace_close_interrupted(
     error_message: str,
     status: str = Trace.Status.ERROR,
     span_costs: Mapping[UUID, Decimal | None] | None = None,
+    span_usage: Mapping[UUID, CallUsage] | None = None,
     cost_usd: Decimal | None = None,
-) -> None:
+) -> bool:
     """Close the trace of a run whose process died: its tracer will never finish it.
     What the tracer wrote before it died (it flushes on every lease renewal) stays, under
     a root span written here, and the totals are those spans'. A run that died before
-    its trace row was written gets one. `span_costs` / `cost_usd`: what billing settled."""
+    its trace row was written gets one. `span_costs`, `span_usage` and `cost_usd`: what
+    the ledger settled, applied as a finishing tracer applies them (`span_ledger_apply`),
+    so an interrupted trace's tokens are the ledger's too. False if it was closed
+    already (its tracer finished it after all)."""
     now = timezone.now()
     with transaction.atomic():
         trace, _ = Trace.objects.select_for_update().get_or_create(
             run_id=run_id, defaults={"user_id": user_id, "model": model, "started_at": started_at}
         )
         if trace.status != Trace.Status.RUNNING:
-            return
-        for span_id, cost in (span_costs or {}).items():
-            if cost is not None:
-                Span.objects.filter(id=span_id, trace_id=run_id).update(cost_usd=cost)
-        Span.objects.get_or_create(
-            id=run_id,
-            defaults={
-                "trace_id": run_id,
-                "kind": Span.Kind.RUN,
-                "name": "run",
-                "status": status,
-                "started_at": trace.started_at,
-                "ended_at": now,
-                "duration_ms": (now - trace.started_at).total_seconds() * 1000,
-                "error_type": error_type[:200],
-                "error_message": error_message,
-                "attributes": {"model": model} if model else {},
-            },
+            return False
+        duration_ms = (now - trace.started_at).total_seconds() * 1000
+        stored = list(Span.objects.filter(trace_id=run_id).defer("attributes"))
+        corrected = span_ledger_apply(
+            spans=stored, span_costs=span_costs or {}, span_usage=span_usage or {}
         )
-        spans = Span.objects.filter(trace_id=run_id).aggregate(
-            count=Count("id"),
-            input=Coalesce(Sum("input_tokens"), 0),
-            output=Coalesce(Sum("output_tokens"), 0),
-            cached=Coalesce(Sum("cached_tokens"), 0),
-        )
-        Trace.objects.filter(run_id=run_id).update(
+        root = []
+        if not any(span.id == run_id for span in stored):
+            root.append(
+                Span(
+                    id=run_id,
+                    trace_id=run_id,
+                    kind=Span.Kind.RUN,
+                    name="run",
+                    status=status,
+                    started_at=trace.started_at,
+                    ended_at=now,
+                    duration_ms=duration_ms,
+                    error_type=error_type[:200],
+                    error_message=error_message,
+                    attributes={"model": model} if model else {},
+                )
+            )
+        spans = stored + root
+        # The same write as a finishing tracer's, with the totals of what is stored.
+        trace_finish(
+            run_id=run_id,
+            spans=root,
+            corrected_spans=corrected,
             status=status,
             ended_at=now,
-            duration_ms=(now - trace.started_at).total_seconds() * 1000,
-            span_count=spans["count"],
-            input_tokens=spans["input"],
-            output_tokens=spans["output"],
-            cached_tokens=spans["cached"],
-            cost_usd=cost_usd,
-            error_type=error_type[:200],
+            duration_ms=duration_ms,
+            span_count=len(spans),
+            input_tokens=sum(span.input_tokens for span in spans),
+            output_tokens=sum(span.output_tokens for span in spans),
+            cached_tokens=sum(span.cached_tokens for span in spans),
+            error_type=error_type,
             error_message=error_message,
+            cost_usd=cost_usd,
         )
+    return True
+
+
+def span_ledger_apply(
+    *,
+    spans: Sequence[Span],
+    span_costs: Mapping[UUID, Decimal | None],
+    span_usage: Mapping[UUID, CallUsage],
+) -> list[Span]:
+    """Give each LLM span its call's cost and tokens from the ledger (in memory); returns
+    the spans changed, to write (`LEDGER_FIELDS`). The ledger is the one truth about a
+    call's tokens: a call cut short reports no usage to the callbacks, yet is billed for
+    what it streamed."""
+    changed = []
+    for span in spans:
+        if span.id in span_costs:
+            span.cost_usd = span_costs[span.id]
+        counts = span_usage.get(span.id)
+        if counts is not None:
+            span.input_tokens = counts.input_tokens
+            span.output_tokens = counts.output_tokens
+            span.cached_tokens = counts.cached_tokens
+        if span.id in span_costs or counts is not None:
+            changed.append(span)
+    return changed
 
 
 def span_bulk_create(*, spans: Sequence[Span]) -> None:
@@ -138,9 +183,7 @@ def trace_finish(
             return  # closed meanwhile as interrupted (its process stalled past its lease)
         span_bulk_create(spans=spans)
         if corrected_spans:
-            Span.objects.bulk_update(
-                corrected_spans, ["cost_usd", "input_tokens", "output_tokens", "cached_tokens"]
-            )
+            Span.objects.bulk_update(corrected_spans, LEDGER_FIELDS)
 
 
 def trace_prune(*, older_than_days: int, batch_size: int = PRUNE_BATCH) -> int:

@@ -13,10 +13,11 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from agentsite.errors import ApplicationError
+from agentsite.formatting import format_usd
 from agentsite.http import AuthenticatedHttpRequest
 
 from . import selectors
-from .formatting import format_compact, format_duration, format_payload, format_usd
+from .formatting import format_compact, format_duration, format_payload
 from .forms import TraceFilterForm
 from .models import Span, Trace
 

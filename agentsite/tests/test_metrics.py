@@ -13,7 +13,7 @@ from billing.models import ModelPrice
 from chat import services
 from chat.metrics import tool_call_observe
 from chat.models import Run
-from conftest import open_socket, receive_until, wait_for_runs
+from conftest import cancelled_mid_answer, open_socket, receive_until, wait_for_runs
 from tracing.tests.test_capture import run_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,15 +98,7 @@ async def test_a_cancel_is_not_counted_as_an_error(make_user, settings):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
     cancelled = sample("agentsite_run_errors_total", code="cancelled")
-    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
-    await socket.receive_json_from()
-    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
-    await receive_until(socket, "token")
-    await socket.send_json_to({"type": "cancel"})
-    await receive_until(socket, "run.cancelled")
-    await socket.disconnect()
-    await wait_for_runs()
+    conversation = await cancelled_mid_answer(user)
     assert await Run.objects.filter(conversation=conversation, status="cancelled").aexists()
     assert sample("agentsite_run_errors_total", code="cancelled") == cancelled
 

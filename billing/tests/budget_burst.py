@@ -118,7 +118,7 @@ def race(threads: int = 8, attempts: int = 6, fits: int = 10) -> int:
 
     reserve()
     worst_case = account.reservations.get().amount_usd
-    budget_release_stale(account_id=account.pk)  # no such run: a stale hold
+    budget_release_stale(account_id=account.pk, active_run_ids=[])  # no run: a stale hold
     account.money_per_day_usd = worst_case * fits
     account.save()
     admitted: list[int] = []

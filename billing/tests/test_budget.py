@@ -247,7 +247,7 @@ async def test_the_concurrent_runs_limit_refuses_one_more(make_user, prices, set
     await wait_for_runs()
 
 
-def reserve_for(user, account, run_id, model="agentsite-offline-demo"):
+def reserve_for(user, account, run_id, model="agentsite-offline-demo", **options):
     return budget_reserve(
         account_id=account.id,
         user_id=user.id,
@@ -256,6 +256,7 @@ def reserve_for(user, account, run_id, model="agentsite-offline-demo"):
         model=model,
         prompt_tokens=1000,
         max_output_tokens=1024,
+        **options,
     )
 
 
@@ -264,7 +265,7 @@ def test_a_call_finishing_after_its_hold_was_released_is_still_recorded(make_use
     account = account_with_limits(user, money_per_day_usd=Decimal(1))
     reservation = reserve_for(user, account, uuid.uuid4())
     # Its run was given up for dead while the call still ran.
-    assert budget_release_stale(account_id=account.id) == 1
+    assert budget_release_stale(account_id=account.id, active_run_ids=[]) == 1
 
     assert budget_settle(reservation=reservation, usage=Usage(1000, 50))
     assert not budget_settle(reservation=reservation, usage=Usage(1000, 50))  # once only
@@ -319,16 +320,7 @@ def test_a_call_is_granted_the_output_the_limits_leave(make_user, prices):
     assert granted.amount_usd == limit
     # With that held, not even a short answer fits any more.
     with pytest.raises(BudgetExceeded) as refused:
-        budget_reserve(
-            account_id=account.id,
-            user_id=user.id,
-            run_id=uuid.uuid4(),
-            call_id=uuid.uuid4(),
-            model="agentsite-offline-demo",
-            prompt_tokens=1000,
-            max_output_tokens=1024,
-            min_output_tokens=64,
-        )
+        reserve_for(user, account, uuid.uuid4(), min_output_tokens=64)
     assert "daily budget of $" in refused.value.message
     assert "even a short next step would cost" in refused.value.message
 
@@ -342,16 +334,7 @@ def test_the_output_cap_never_drops_below_the_floor(make_user, prices):
     )
 
     with pytest.raises(BudgetExceeded) as refused:
-        budget_reserve(
-            account_id=account.id,
-            user_id=user.id,
-            run_id=uuid.uuid4(),
-            call_id=uuid.uuid4(),
-            model="agentsite-offline-demo",
-            prompt_tokens=1000,
-            max_output_tokens=1024,
-            min_output_tokens=64,
-        )
+        reserve_for(user, account, uuid.uuid4(), min_output_tokens=64)
     assert "per run" in refused.value.message
     assert not BudgetReservation.objects.filter(account=account).exists()
 

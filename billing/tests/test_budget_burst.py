@@ -8,14 +8,13 @@ import math
 import os
 import subprocess
 import sys
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.servers import POSTGRES, postgres_available
+from tests.servers import postgres_available
+from tests.servers import postgres_database as own_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 CENT_FRACTION = Decimal("0.00000001")  # the ledger's precision
@@ -49,14 +48,8 @@ def burst(database_url: str, tmp_path: Path) -> dict:
 
 @pytest.fixture
 def postgres_database():
-    name = f"agentsite_burst_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_postgres_database("agentsite_burst") as database_url:
+        yield database_url
 
 
 def assert_the_budget_held(result: dict) -> None:

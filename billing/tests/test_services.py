@@ -10,13 +10,13 @@ from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
+from agentsite.formatting import format_usd
 from billing.models import Account, Membership, ModelPrice, UsageRecord
 from billing.pricing import cost_of, price_for_model
 from billing.services import account_for_user
 from chat import services
 from chat.models import Conversation, Run
 from conftest import open_socket, receive_until, wait_for_runs
-from tracing.formatting import format_usd
 from tracing.models import Span, Trace
 from tracing.selectors import trace_list
 

@@ -12,6 +12,7 @@ from langchain_core.messages.utils import count_tokens_approximately
 
 from billing.budget import Usage, budget_reserve, budget_settle
 from billing.models import BudgetReservation
+from tracing.capture import message_tokens
 
 from .tools import TOOLS
 
@@ -25,13 +26,13 @@ USAGE_ESTIMATED = "usage_estimated"
 def usage_of(message: AIMessage) -> Usage:
     """What the provider reported for a reply (or what `with_usage_estimate` filled in);
     nothing if it reported nothing."""
-    usage = message.usage_metadata
-    if not usage:
+    if not message.usage_metadata:
         return Usage()
+    input_tokens, output_tokens, cached_tokens = message_tokens(message)
     return Usage(
-        input_tokens=usage["input_tokens"],
-        output_tokens=usage["output_tokens"],
-        cached_tokens=(usage.get("input_token_details") or {}).get("cache_read") or 0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_tokens=cached_tokens,
         estimated=bool(message.response_metadata.get(USAGE_ESTIMATED)),
     )
 

@@ -114,7 +114,7 @@ class InProcessExecutor:
         layer = get_channel_layer()
         assert layer is not None
         await layer.group_send(run_control_group(run_id), {"type": "run.cancel"})
-        # Another instance may hold it; an orphaned run is closed when it goes stale.
+        # Another instance may hold it; a run nobody holds is closed when its lease lapses.
         return True
 
     async def _cancel_local(self, run_id: UUID) -> bool:

@@ -2,7 +2,14 @@
 
 from typing import cast
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolCall, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    InvalidToolCall,
+    ToolCall,
+    ToolMessage,
+)
 from langchain_core.messages.utils import count_tokens_approximately, trim_messages
 
 from .prompts import TOOL_SKIPPED_MESSAGE
@@ -24,24 +31,19 @@ def close_dangling_tool_calls(messages: list[AnyMessage]) -> list[AnyMessage]:
             # Sent to the provider as calls too (from checkpoints made before they
             # were answered): they need a result as much.
             repaired.extend(
-                ToolMessage(
-                    content=TOOL_SKIPPED_MESSAGE,
-                    tool_call_id=call["id"],
-                    name=call["name"] or "",
-                    status="error",
-                )
+                skipped_tool_result(call)
                 for call in message.invalid_tool_calls
                 if call["id"] and call["id"] not in answered
             )
     return repaired
 
 
-def skipped_tool_result(call: ToolCall) -> ToolMessage:
+def skipped_tool_result(call: ToolCall | InvalidToolCall) -> ToolMessage:
     """The answer to a tool call that will never run."""
     return ToolMessage(
         content=TOOL_SKIPPED_MESSAGE,
         tool_call_id=call["id"] or "",
-        name=call["name"],
+        name=call["name"] or "",
         status="error",
     )
 

@@ -24,6 +24,10 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call
 # How much of the rejected arguments the error quotes back to the model.
 QUOTED_CHARS = 200
 
+# In a reply's response_metadata: the rejected calls' arguments as streamed, by call id,
+# for the user to see (the history carries "{}" in their place; see below).
+REJECTED_ARGUMENTS = "rejected_tool_call_arguments"
+
 
 def reply_from_stream(whole: AIMessageChunk) -> AIMessage:
     """The reply made of its summed chunks, its tool calls checked (module docstring)."""
@@ -33,6 +37,7 @@ def reply_from_stream(whole: AIMessageChunk) -> AIMessage:
         return reply
     valid: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
+    rejected: dict[str, str] = {}
     for part in whole.tool_call_chunks:
         name, raw, call_id = part["name"] or "", part["args"] or "", part["id"]
         args, error = _parse_arguments(name, raw)
@@ -42,14 +47,22 @@ def reply_from_stream(whole: AIMessageChunk) -> AIMessage:
             # The history carries "{}" in place of what was sent: some compatible
             # servers parse the arguments of past calls and fail on broken ones.
             invalid.append(invalid_tool_call(name=name, args="{}", id=call_id, error=error))
+            rejected[call_id or ""] = raw
     bad_ids = {call["id"] for call in invalid}
-    return reply.model_copy(
-        update={
-            "tool_calls": valid,
-            "invalid_tool_calls": invalid,
-            "content": _without_arguments(reply.content, bad_ids),
-        }
-    )
+    update: dict[str, Any] = {
+        "tool_calls": valid,
+        "invalid_tool_calls": invalid,
+        "content": _without_arguments(reply.content, bad_ids),
+    }
+    if rejected:
+        update["response_metadata"] = {**reply.response_metadata, REJECTED_ARGUMENTS: rejected}
+    return reply.model_copy(update=update)
+
+
+def rejected_arguments(reply: AIMessage, call: InvalidToolCall) -> str:
+    """The arguments of a call `reply` carries as invalid, as the model sent them."""
+    rejected = reply.response_metadata.get(REJECTED_ARGUMENTS) or {}
+    return rejected.get(call.get("id") or "", call.get("args") or "")
 
 
 def _parse_arguments(name: str, raw: str) -> tuple[dict[str, Any] | None, str]:

@@ -21,7 +21,7 @@ from billing.budget import BudgetExceeded, RunCost, Usage, usage_close_run
 from billing.services import account_for_user
 from chat import lifecycle
 from chat.events import RunEventStream
-from chat.metrics import tool_call_observe
+from chat.metrics import run_end_observe, tool_call_observe
 from chat.models import Run
 from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
@@ -32,6 +32,7 @@ from .context import Context
 from .errors import provider_error_from
 from .graph import build_graph
 from .models import model_info
+from .replies import rejected_arguments
 from .state import State
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,8 @@ async def execute_run(run_id: UUID) -> None:
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
-            metrics.RUNS.labels(status=outcome.status.value).inc()
+            run_end_observe(status=outcome.status.value, error_code=outcome.error_code)
             metrics.RUN_DURATION.observe(time.monotonic() - started)
-            if outcome.error_code and outcome.status != Run.Status.CANCELLED:
-                metrics.RUN_ERRORS.labels(code=outcome.error_code).inc()
             if cost is not None:
                 metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
         if tracer is not None:
@@ -227,22 +226,24 @@ async def _on_node_update(
         for message in messages:
             if isinstance(message, AIMessage):
                 await _on_model_message(message, stream, outcome)
-    elif node == "tools":
-        for message in messages:
-            if isinstance(message, ToolMessage):
-                is_error = message.status == "error"
-                tool_call_observe(tool=message.name or "", is_error=is_error)
-                outcome.add_tool_result(
-                    tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
-                )
-                await stream.emit(
-                    "tool.finished",
-                    tool_call_id=message.tool_call_id,
-                    name=message.name,
-                    result=message.text,
-                    is_error=is_error,
-                )
-    elif node == "stop_at_step_limit":
+        return
+    # A tool call's result: from the tools, or an error answering a call that never ran
+    # (its arguments unusable, or the step limit reached): all shown alike.
+    for message in messages:
+        if isinstance(message, ToolMessage):
+            is_error = message.status == "error"
+            tool_call_observe(tool=message.name or "", is_error=is_error)
+            outcome.add_tool_result(
+                tool_call_id=message.tool_call_id, result=message.text, is_error=is_error
+            )
+            await stream.emit(
+                "tool.finished",
+                tool_call_id=message.tool_call_id,
+                name=message.name,
+                result=message.text,
+                is_error=is_error,
+            )
+    if node == "stop_at_step_limit":
         explanation = next(m for m in messages if isinstance(m, AIMessage))
         outcome.add_text(explanation.text)
         await stream.emit("token", text=explanation.text)
@@ -270,6 +271,13 @@ async def _on_model_message(
         await stream.emit(
             "tool.started", tool_call_id=call["id"], name=call["name"], args=call["args"]
         )
+    # Calls whose arguments were unusable are shown too, with the arguments as sent (a
+    # string): the user sees what the model tried and, when it finishes, why it never ran.
+    for invalid in message.invalid_tool_calls:
+        raw = rejected_arguments(message, invalid)
+        name = invalid.get("name") or ""
+        outcome.add_tool_call(tool_call_id=invalid.get("id") or "", name=name, args=raw)
+        await stream.emit("tool.started", tool_call_id=invalid.get("id"), name=name, args=raw)
 
 
 async def _finish(

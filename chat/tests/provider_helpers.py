@@ -128,6 +128,22 @@ def calculator_step(frames: Frames, tool_call_id: str) -> tuple[dict[str, Any], 
     return started, finished
 
 
+async def rejected_step(frames: Frames, tool_call_id: str, raw: str) -> dict[str, Any]:
+    """Check that a call whose arguments were unusable is shown like any tool call, with
+    the arguments as the model sent them and the error it was answered with, and stored
+    so; returns its stored tool record."""
+    [started] = [f for f in of_type(frames, "tool.started") if f["tool_call_id"] == tool_call_id]
+    [finished] = [f for f in of_type(frames, "tool.finished") if f["tool_call_id"] == tool_call_id]
+    assert started["name"] == "calculator" and started["args"] == raw
+    assert finished["is_error"] is True and finished["result"].startswith("Error: ")
+    assert frames.index(started) < frames.index(finished)
+    stored = await Message.objects.aget(role=Message.Role.TOOL, tool__tool_call_id=tool_call_id)
+    assert stored.tool is not None
+    assert stored.tool["args"] == raw and stored.tool["result"] == finished["result"]
+    assert stored.tool["is_error"] is True
+    return stored.tool
+
+
 def unanswered_tool_calls(request: RecordedRequest) -> list[str]:
     """Ids of the tool calls in a request's history that have no result (real providers
     reject such a history), in OpenAI's shape and in Anthropic's."""

@@ -16,6 +16,7 @@ from chat.tests.provider_helpers import (
     calculator_step,
     ledger_rows,
     of_type,
+    rejected_step,
     serve,
     streamed_text,
     unanswered_tool_calls,
@@ -257,7 +258,7 @@ async def test_tool_input_cut_by_the_output_limit_is_not_run(llm, chat):
 
     frames = await chat.ask("What is 1234 * 5678?", "run.completed")
 
-    assert of_type(frames, "tool.started") == []
+    await rejected_step(frames, "toolu_long", '{"expression": "1234 * 5')
     *_, assistant, user = llm.requests[1].messages
     [tool_use] = [b for b in assistant["content"] if b["type"] == "tool_use"]
     assert tool_use["id"] == "toolu_long" and tool_use["input"] == {}
@@ -275,6 +276,7 @@ async def test_tool_input_that_is_not_an_object_gets_an_error_the_model_can_act_
     frames = await chat.ask("What is 17 * 23?", "run.completed")
 
     assert streamed_text(frames) == "Then directly: 17 * 23 = 391."
+    await rejected_step(frames, "toolu_str", '"17 * 23"')
     *_, assistant, user = llm.requests[1].messages
     [tool_use] = [b for b in assistant["content"] if b["type"] == "tool_use"]
     # Anthropic accepts only an object as a tool's input, in history too.

@@ -4,6 +4,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from chat import services
+from chat.agent.history import TOOL_SKIPPED_MESSAGE
 from chat.events import RunEventStream, event_log
 from chat.models import Message, Run
 from conftest import open_socket, receive_until, wait_for_runs
@@ -284,7 +285,9 @@ async def test_the_step_limit_ends_the_run_with_an_explanation(make_user, settin
     await socket.send_json_to({"type": "message", "content": "What is 2 + 2?"})
     frames = await receive_until(socket, "run.limit_reached")
 
-    assert "tool.finished" not in [f["type"] for f in frames]  # the call was not run
+    # The call was not run: its step ends with the error that says so, not "running…".
+    [finished] = [f for f in frames if f["type"] == "tool.finished"]
+    assert finished["is_error"] is True and finished["result"] == TOOL_SKIPPED_MESSAGE
     assert frames[-1]["error"]["code"] == "max_steps"
     assert "AGENT_MAX_STEPS" in frames[-1]["messages"][0]["content"]
     run = await Run.objects.aget(conversation=conversation)

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
+from prometheus_client import REGISTRY
 
 from billing.budget import budget_reserve
 from billing.models import BudgetReservation, UsageRecord
@@ -18,9 +19,13 @@ from chat.events import MemoryEventLog, RunEventStream, event_log
 from chat.models import Run
 from chat.run_outcome import RunOutcome
 from conftest import account_with_limits, open_socket, receive_until, wait_for_runs
+from tracing import export
 from tracing.models import Span, Trace
+from tracing.tests import test_export
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+collector = test_export.collector  # a fixture: an OTLP receiver
 
 MODEL = "agentsite-offline-demo"
 
@@ -30,6 +35,10 @@ async def connected(user):
     socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
     assert (await socket.receive_json_from())["type"] == "session"
     return conversation, socket
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
@@ -47,30 +56,30 @@ def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
     )
 
 
-def with_hold_and_trace(run: Run, user) -> None:
-    """What the dead process left: a hold on its cut call, a running trace with the
-    spans it flushed before it died."""
+def with_hold_and_trace(run: Run, user, *, call_id: uuid.UUID | None = None, **span) -> None:
+    """What the dead process left: a hold on its cut call (`call_id`), a running trace
+    with the span it flushed before it died (a tool call's, unless `span` says else)."""
     account = account_with_limits(user, money_per_day_usd=Decimal(1))
     budget_reserve(
         account_id=account.id,
         user_id=user.id,
         run_id=run.id,
-        call_id=uuid.uuid4(),
+        call_id=call_id or uuid.uuid4(),
         model=MODEL,
         prompt_tokens=500,
         max_output_tokens=1024,
     )
     assert run.started_at is not None
     trace = Trace.objects.create(run=run, user=user, model=MODEL, started_at=run.started_at)
-    Span.objects.create(
-        trace=trace,
-        parent_id=run.id,  # the root span's id is the run's
-        kind=Span.Kind.TOOL,
-        name="calculator",
-        started_at=run.started_at,
-        ended_at=run.started_at,
-        duration_ms=1.0,
-    )
+    fields = {
+        "parent_id": run.id,  # the root span's id is the run's
+        "kind": Span.Kind.TOOL,
+        "name": "calculator",
+        "started_at": run.started_at,
+        "ended_at": run.started_at,
+        "duration_ms": 1.0,
+    }
+    Span.objects.create(trace=trace, **(fields | span))
 
 
 @pytest.mark.usefixtures("prices")
@@ -112,6 +121,63 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
     assert (await receive_until(socket, "run.completed"))[-1]["status"] == "completed"
     await wait_for_runs()
     await socket.disconnect()
+
+
+@pytest.mark.usefixtures("prices")
+async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
+    # The LLM span of the call it was making, flushed without usage (a call cut short
+    # reports none to the callbacks).
+    call_id = uuid.uuid4()
+    await database_sync_to_async(with_hold_and_trace)(
+        run, user, call_id=call_id, id=call_id, kind=Span.Kind.LLM, name="model"
+    )
+
+    assert await lifecycle.runs_reap() == 1
+
+    record = await UsageRecord.objects.aget(run_id=run.id)
+    span = await Span.objects.aget(id=call_id)
+    assert (span.input_tokens, span.output_tokens) == (500, 9)
+    assert span.cost_usd == record.cost_usd
+    trace = await Trace.objects.aget(run_id=run.id)
+    assert (trace.input_tokens, trace.output_tokens) == (500, 9)
+    assert trace.cost_usd == record.cost_usd
+
+
+async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    await database_sync_to_async(orphan)(conversation)
+    interrupted = sample("agentsite_runs_total", status="interrupted")
+    errors = sample("agentsite_run_errors_total", code="run_interrupted")
+
+    assert await lifecycle.runs_reap() == 1
+
+    assert sample("agentsite_runs_total", status="interrupted") == interrupted + 1
+    assert sample("agentsite_run_errors_total", code="run_interrupted") == errors + 1
+
+
+@pytest.mark.usefixtures("prices")
+async def test_an_interrupted_trace_is_exported_over_otlp(make_user, collector):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation)
+    await database_sync_to_async(with_hold_and_trace)(run, user)
+
+    assert await lifecycle.runs_reap() == 1
+    await export.drain()
+
+    spans = {span.name: span for span in test_export.received_spans(collector)}
+    assert set(spans) == {"invoke_agent agentsite", "execute_tool calculator"}
+    root = spans["invoke_agent agentsite"]
+    assert root.status.code == root.status.STATUS_CODE_ERROR
+    assert spans["execute_tool calculator"].parent_span_id == root.span_id
+    # Closed once: reaping again exports nothing more.
+    assert await lifecycle.runs_reap() == 0
+    await export.drain()
+    assert len(test_export.received_spans(collector)) == 2
 
 
 async def test_a_run_is_reaped_once_by_two_reapers(make_user):

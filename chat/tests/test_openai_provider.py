@@ -18,6 +18,7 @@ from chat.tests.provider_helpers import (
     calculator_step,
     ledger_rows,
     of_type,
+    rejected_step,
     serve,
     streamed_text,
     unanswered_tool_calls,
@@ -389,7 +390,7 @@ async def test_tool_arguments_cut_by_the_output_limit_are_not_run(llm, chat):
 
     frames = await chat.ask("What is 1234 * 5678?", "run.completed")
 
-    assert of_type(frames, "tool.started") == []
+    await rejected_step(frames, "call_long", '{"expression": "1234 * 5')
     assert streamed_text(frames) == "I ran out of room; 1234 * 5678 = 7006652."
     result = llm.requests[1].messages[-1]
     assert result["role"] == "tool" and result["tool_call_id"] == "call_long"
@@ -405,6 +406,7 @@ async def test_tool_arguments_that_are_not_an_object_get_an_error_the_model_can_
     frames = await chat.ask("What is 17 * 23?", "run.completed")
 
     assert streamed_text(frames) == "Then directly: 17 * 23 = 391."
+    await rejected_step(frames, "call_str", '"17 * 23"')
     call, result = llm.requests[1].messages[-2:]
     assert [c["id"] for c in call["tool_calls"]] == ["call_str"]
     assert result["role"] == "tool" and result["tool_call_id"] == "call_str"

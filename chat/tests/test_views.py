@@ -79,6 +79,34 @@ def test_history_is_rendered_safely(client, make_user):
     assert "<img src=x" not in html
 
 
+def test_a_tool_call_that_never_ran_shows_its_arguments_as_sent(client, make_user):
+    user = make_user()
+    conversation = services.conversation_create(owner=user)
+    for call_id, args in (
+        ("ran", {"expression": "2 * 3"}),
+        ("rejected", '{"expression": "1234 * 5'),
+    ):
+        Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.TOOL,
+            tool={
+                "tool_call_id": call_id,
+                "name": "calculator",
+                "args": args,
+                "result": "Error: not complete JSON" if call_id == "rejected" else "6",
+                "is_error": call_id == "rejected",
+            },
+        )
+    client.force_login(user)
+
+    html = client.get(reverse("chat:conversation", args=[conversation.id])).content.decode()
+    steps = re.findall(r'<pre class="step-args">(.*?)</pre>', html, re.S)
+    assert steps == [
+        "{\n  &quot;expression&quot;: &quot;2 * 3&quot;\n}",
+        "{&quot;expression&quot;: &quot;1234 * 5",
+    ]
+
+
 def test_admin_lists_conversations_runs_and_messages(admin_client, make_user):
     conversation = services.conversation_create(owner=make_user(), title="Browsable")
     Message.objects.create(conversation=conversation, role="user", content="hello admin")

@@ -131,7 +131,9 @@
     step.appendChild(summary);
     const body = el("div", "step-body");
     body.appendChild(el("div", "step-label", "Arguments"));
-    body.appendChild(el("pre", "step-args", JSON.stringify(event.args, null, 2)));
+    // A string: the arguments of a call that never ran, as the model sent them.
+    const args = typeof event.args === "string" ? event.args : JSON.stringify(event.args, null, 2);
+    body.appendChild(el("pre", "step-args", args));
     body.appendChild(el("div", "step-label", "Result"));
     const result = el("pre", "step-result", "running…");
     body.appendChild(result);

@@ -2,7 +2,8 @@ from decimal import Decimal
 
 from django import template
 
-from tracing.formatting import format_count, format_duration, format_usd
+from agentsite.formatting import format_count, format_usd
+from tracing.formatting import format_duration
 
 register = template.Library()
 

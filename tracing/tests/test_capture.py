@@ -8,7 +8,7 @@ from agentsite.logging import ContextFilter
 from billing.models import ModelPrice, UsageRecord
 from chat import services
 from chat.models import Run
-from conftest import open_socket, receive_until, wait_for_runs
+from conftest import cancelled_mid_answer, open_socket, receive_until, wait_for_runs
 from tracing.export import otel_span_id
 from tracing.models import Span, Trace
 from tracing.selectors import trace_flatten, trace_tree
@@ -85,15 +85,7 @@ async def test_a_multi_tool_run_records_the_whole_tree(make_user):
 async def test_a_cancelled_run_closes_its_open_spans_as_cancelled(make_user, settings):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
-    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
-    await socket.receive_json_from()
-    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
-    await receive_until(socket, "token")
-    await socket.send_json_to({"type": "cancel"})
-    await receive_until(socket, "run.cancelled")
-    await socket.disconnect()
-    await wait_for_runs()
+    conversation = await cancelled_mid_answer(user)
 
     trace = await Trace.objects.aget(run__conversation=conversation)
     assert trace.status == "cancelled" and trace.error_type == "cancelled"
@@ -111,15 +103,7 @@ async def test_a_cancelled_call_has_the_tokens_the_ledger_billed(make_user, sett
     # streamed. The span, the trace (the trace page, /traces/) and the run all say so.
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
-    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
-    await socket.receive_json_from()
-    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
-    await receive_until(socket, "token")
-    await socket.send_json_to({"type": "cancel"})
-    await receive_until(socket, "run.cancelled")
-    await socket.disconnect()
-    await wait_for_runs()
+    conversation = await cancelled_mid_answer(user)
 
     run = await Run.objects.aget(conversation=conversation)
     trace = await Trace.objects.aget(run=run)

@@ -16,9 +16,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from billing.models import ModelPrice, UsageRecord
-from chat import services
 from chat.models import Run
-from conftest import open_socket, receive_until, wait_for_runs
+from conftest import cancelled_mid_answer
 from tracing import export
 from tracing.models import Span, Trace
 from tracing.tests.test_capture import run_message
@@ -300,15 +299,7 @@ async def test_a_cancelled_call_exports_the_tokens_the_ledger_billed(
 ):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
-    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
-    await socket.receive_json_from()
-    await socket.send_json_to({"type": "message", "content": "tell me a long story " * 5})
-    await receive_until(socket, "token")
-    await socket.send_json_to({"type": "cancel"})
-    await receive_until(socket, "run.cancelled")
-    await socket.disconnect()
-    await wait_for_runs()
+    conversation = await cancelled_mid_answer(user)
     await export.drain()
 
     run = await Run.objects.aget(conversation=conversation)
