@@ -7,7 +7,6 @@ event loop, so a Postgres pool is kept per loop.
 
 import asyncio
 import contextlib
-import sqlite3
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiosqlite
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
@@ -151,8 +150,13 @@ def delete_thread(thread_id: str) -> None:
             saver.setup()
             saver.delete_thread(thread_id)
     else:
-        connection = sqlite3.connect(_sqlite_path(), check_same_thread=False, **_sqlite_options())
-        try:
-            SqliteSaver(connection).delete_thread(thread_id)
-        finally:
-            connection.close()
+        # Through the serving loop's shared connection, queued behind the writes of the
+        # runs in flight: a connection of its own had to wait for the file's write lock
+        # while a run that was just cancelled still held it, and timed out
+        # (`database is locked`). Without a serving loop, async_to_sync makes one.
+        async_to_sync(_sqlite_delete_thread)(thread_id)
+
+
+async def _sqlite_delete_thread(thread_id: str) -> None:
+    async with checkpointer() as saver:
+        await saver.adelete_thread(thread_id)
