@@ -264,10 +264,13 @@ def run_close(
     run = Run.objects.select_related("conversation").get(id=run_id)
     cost: RunCost | None = None
     try:
-        cost = usage_close_run(
-            run_id=run_id,
-            seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
-        )
+        # A savepoint: `run_create` closes lost runs inside its transaction, which a
+        # database error caught here must not leave aborted (PostgreSQL).
+        with transaction.atomic():
+            cost = usage_close_run(
+                run_id=run_id,
+                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
+            )
     except Exception:
         logger.exception("run %s: could not settle its usage", run_id)
     else:
@@ -329,7 +332,8 @@ def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = Tr
 def _budget_after(run: Run) -> dict[str, Any] | None:
     """A failure here is logged and loses the line, never the final event."""
     try:
-        shown = selectors.budget_line(user_id=run.conversation.owner_id)
+        with transaction.atomic():  # a savepoint, as in `run_close`
+            shown = selectors.budget_line(user_id=run.conversation.owner_id)
     except Exception:
         logger.exception("run %s: could not work out the budget left", run.id)
         return None

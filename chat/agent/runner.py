@@ -92,14 +92,18 @@ async def execute_run(run_id: UUID) -> None:
     # Shielded: a late cancel must not lose the recorded outcome, its cost or the final
     # event every open socket is waiting for; the finishing goes on and is waited for.
     finishing = asyncio.ensure_future(_finish(run_id, stream, outcome, user_id))
+    closed_here = False
     try:
-        cost = await asyncio.shield(finishing)
+        cost, closed_here = await asyncio.shield(finishing)
     except asyncio.CancelledError:
-        cost = await finishing
+        cost, closed_here = await finishing
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()
-            run_end_observe(status=outcome.status.value, error_code=outcome.error_code)
+            # A run another process closed (its lease lapsed) was counted, with its
+            # recorded cause, by that process: the cancel seen here is not its ending.
+            if closed_here:
+                run_end_observe(status=outcome.status.value, error_code=outcome.error_code)
             metrics.RUN_DURATION.observe(time.monotonic() - started)
             if cost is not None:
                 metrics.llm_cost_observe(model=model_info().name, costs=cost.span_costs.values())
@@ -285,20 +289,21 @@ async def _finish(
     stream: RunEventStream | None,
     outcome: RunOutcome,
     user_id: int | None,
-) -> RunCost | None:
+) -> tuple[RunCost | None, bool]:
+    """Record the run's end; returns its cost and whether this process closed it."""
     # The ledger first: the run's totals become the ledger's, so the footer, the run
     # and the ledger agree.
     cost = await _close_usage(run_id, outcome) if user_id is not None else None
     final = await database_sync_to_async(lifecycle.run_finish)(
         run_id=run_id, outcome=outcome, final_seq=(stream.seq if stream else 0) + 1
     )
-    # Its lease is over: renewing it would find the run closed.
-    lifecycle.lease_keeper().release(run_id)
-    if stream is None or final is None:  # not started, or closed by another process
-        return cost
+    if final is None:  # closed by another process
+        return cost, False
+    if stream is None:  # not started
+        return cost, True
     logger.info("run %s finished: %s", run_id, outcome.status.value)
     await stream.publish(final)
-    return cost
+    return cost, True
 
 
 async def _close_usage(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
