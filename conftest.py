@@ -1,7 +1,9 @@
 """Fixtures shared by every app's tests."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -104,3 +106,14 @@ async def cancelled_mid_answer(user: AbstractBaseUser) -> Conversation:
 @pytest.fixture
 def socket_factory() -> Callable[..., Awaitable[WebsocketCommunicator]]:
     return open_socket
+
+
+@pytest.fixture
+def busy_core() -> Iterator[None]:
+    """Another process keeps one of the machine's cores busy, as on a shared machine."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -10,7 +10,6 @@ logger, message) with the request's fields beside them.
 """
 
 import logging
-import time
 from typing import IO, Any
 
 from daphne.access import AccessLogGenerator
@@ -67,7 +66,6 @@ class JsonAccessLog:
                 "levelno": level,
                 "levelname": logging.getLevelName(level),
                 "msg": message,
-                "created": time.time(),
                 **fields,
             }
         )

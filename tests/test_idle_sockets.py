@@ -104,17 +104,6 @@ def redis_chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redi
         server.wait()
 
 
-@pytest.fixture
-def busy_core() -> Iterator[None]:
-    """Another process keeps one of the machine's cores busy."""
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        yield
-    finally:
-        spinner.kill()
-        spinner.wait()
-
-
 async def next_frame(socket: ClientConnection, server: RedisChatServer, wait: float) -> Any:
     try:
         return json.loads(await asyncio.wait_for(socket.recv(), wait))

@@ -261,8 +261,10 @@ async def test_the_keeper_renews_what_it_holds_and_stops_what_it_lost(make_user,
 
 
 async def test_a_run_outlives_its_lease_while_its_process_renews_it(make_user, settings):
-    settings.AGENT_RUN_LEASE_SECONDS = 0.6
-    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05  # about 3 s: five leases long
+    # Long enough that a stalled loop on a busy machine does not lapse it; the run, about
+    # 6 s, still lasts four leases.
+    settings.AGENT_RUN_LEASE_SECONDS = 1.5
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.1
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
 
@@ -275,8 +277,8 @@ async def test_a_run_outlives_its_lease_while_its_process_renews_it(make_user, s
 
 
 async def test_spans_are_written_while_the_run_goes(make_user, settings):
-    settings.AGENT_RUN_LEASE_SECONDS = 0.3
-    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    settings.AGENT_RUN_LEASE_SECONDS = 1.5  # renewed (and flushed) every 0.5 s
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.1
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
 

@@ -3,10 +3,7 @@ budget and its trace into SQLite files, and none may fail on `database is locked
 
 import asyncio
 import os
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from channels.db import database_sync_to_async
@@ -18,17 +15,6 @@ from conftest import account_with_limits, wait_for_runs
 pytestmark = pytest.mark.django_db(transaction=True)
 
 RUNS = 100
-
-
-@pytest.fixture
-def busy_core() -> Iterator[None]:
-    """Another process keeps a core busy, as on the shared machine where runs failed."""
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        yield
-    finally:
-        hog.kill()
-        hog.wait()
 
 
 async def test_a_hundred_concurrent_runs_all_complete_on_sqlite(make_user, settings, busy_core):
