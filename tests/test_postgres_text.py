@@ -52,8 +52,7 @@ record = SpanRecord(uuid.uuid4(), run.id, TOOL, "calculator", now, {"expression"
 record.end, record.output, record.error = now, "out\x00put", ("tool_error", "no\x00pe")
 tracing_services.trace_finish(
     create=True, run_id=run.id, user_id=user.pk, started_at=_dt(now), ended_at=_dt(now),
-    spans=[tracer._row(record)], status="error", duration_ms=0, span_count=1,
-    input_tokens=0, output_tokens=0, cached_tokens=0,
+    spans=[row := tracer._row(record)], all_spans=[row], status="error", duration_ms=0,
 )
 span = Span.objects.get(trace_id=run.id)
 print(repr((span.attributes["arguments"], span.attributes["result"], span.error_message)))

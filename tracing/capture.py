@@ -230,7 +230,6 @@ class RunTracer(BaseCallbackHandler):
         corrected = services.span_ledger_apply(spans=self._rows, span_costs=costs, span_usage=usage)
         services.span_ledger_apply(spans=new_rows, span_costs=costs, span_usage=usage)
         self._rows += new_rows
-        rows = self._rows
         await database_sync_to_async(services.trace_finish)(
             create=self._started is None,
             user_id=self.user_id,
@@ -242,19 +241,16 @@ class RunTracer(BaseCallbackHandler):
             status=status,
             ended_at=_dt(root.end),
             duration_ms=(root.end - root.start) * 1000,
-            span_count=len(rows),
-            input_tokens=sum(r.input_tokens for r in rows),
-            output_tokens=sum(r.output_tokens for r in rows),
-            cached_tokens=sum(r.cached_tokens for r in rows),
+            all_spans=self._rows,
             error_type=error_type,
             error_message=error_message,
             cost_usd=cost_usd,
         )
-        metrics.observe_llm_spans(rows)
+        metrics.observe_llm_spans(self._rows)
         if export.enabled():
             export.schedule(
                 trace_id=self.run_id,
-                spans=rows,
+                spans=self._rows,
                 conversation_id=self.conversation_id,
                 user_id=self.user_id,
                 cost_usd=cost_usd,

@@ -89,7 +89,6 @@ def trace_close_interrupted(
                     attributes={"model": model} if model else {},
                 )
             )
-        spans = stored + root
         # The same write as a finishing tracer's, with the totals of what is stored.
         trace_finish(
             run_id=run_id,
@@ -98,10 +97,7 @@ def trace_close_interrupted(
             status=status,
             ended_at=now,
             duration_ms=duration_ms,
-            span_count=len(spans),
-            input_tokens=sum(span.input_tokens for span in spans),
-            output_tokens=sum(span.output_tokens for span in spans),
-            cached_tokens=sum(span.cached_tokens for span in spans),
+            all_spans=stored + root,
             error_type=error_type,
             error_message=error_message,
             cost_usd=cost_usd,
@@ -149,10 +145,7 @@ def trace_finish(
     started_at: datetime | None = None,
     ended_at: datetime,
     duration_ms: float,
-    span_count: int,
-    input_tokens: int,
-    output_tokens: int,
-    cached_tokens: int,
+    all_spans: Sequence[Span],
     error_type: str = "",
     error_message: str = "",
     cost_usd: Decimal | None = None,
@@ -160,15 +153,16 @@ def trace_finish(
     """Write the last spans and the trace's totals together, so a finished trace is
     never seen with half its spans. `create`: the trace row was not written at the start
     (a short run), so it is written here, in the same transaction. `corrected_spans`:
-    spans written in an earlier batch whose cost and tokens the ledger has since given."""
+    spans written in an earlier batch whose cost and tokens the ledger has since given.
+    `all_spans`: every span of the trace, the new ones included, for its totals."""
     totals = {
         "status": status,
         "ended_at": ended_at,
         "duration_ms": duration_ms,
-        "span_count": span_count,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cached_tokens": cached_tokens,
+        "span_count": len(all_spans),
+        "input_tokens": sum(span.input_tokens for span in all_spans),
+        "output_tokens": sum(span.output_tokens for span in all_spans),
+        "cached_tokens": sum(span.cached_tokens for span in all_spans),
         "cost_usd": cost_usd,
         "error_type": error_type[:200],
         "error_message": error_message,
