@@ -375,13 +375,19 @@ async def run_closed_publish(closed: ClosedRun) -> None:
         )
 
 
+def runs_close_lapsed(*, conversation_id: UUID | None = None) -> list[ClosedRun]:
+    """Close every run whose lease lapsed (of one conversation, or all); their final
+    events are the caller's to publish."""
+    closed = (run_close(run_id=run_id) for run_id in runs_lapsed(conversation_id=conversation_id))
+    return [run for run in closed if run is not None]
+
+
 async def runs_reap(*, conversation_id: UUID | None = None) -> int:
-    """Close every run whose lease lapsed (of one conversation, or all); how many."""
-    lapsed = await database_sync_to_async(runs_lapsed)(conversation_id=conversation_id)
-    closed = 0
-    for run_id in lapsed:
-        closed += await run_close_and_publish(run_id=run_id)
-    return closed
+    """`runs_close_lapsed`, then their final events; how many."""
+    closed = await database_sync_to_async(runs_close_lapsed)(conversation_id=conversation_id)
+    for run in closed:
+        await run_closed_publish(run)
+    return len(closed)
 
 
 def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Event | None:

@@ -97,10 +97,8 @@ def run_create(*, conversation: Conversation, content: object) -> Run:
         conversation = Conversation.objects.select_for_update().get(id=conversation.id)
         # A run whose process died blocks nothing, and is closed now rather than by the
         # next reaper tick: before its hold could be taken for stale below.
-        for lost in conversation.runs.lost():
-            closed = lifecycle.run_close(run_id=lost.id)
-            if closed is not None:
-                transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
+        for closed in lifecycle.runs_close_lapsed(conversation_id=conversation.id):
+            transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
         budget_release_stale(
             account_id=account.pk,
             active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
@@ -141,19 +139,17 @@ def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) 
         raise ApplicationError(
             "no_active_run", "There is no answer in progress to stop.", http_status=409
         )
-    lost = Run.objects.lost().filter(id=run.id).exists()
-    transaction.on_commit(lambda: _close_lost(run.id) if lost else _cancel_or_close(run.id))
+    transaction.on_commit(lambda: _cancel_or_close(run.id))
     return run
 
 
-def _close_lost(run_id: UUID) -> None:
-    # Its process died: closed as interrupted (the truth), with its final event.
-    async_to_sync(lifecycle.run_close_and_publish)(run_id=run_id)
-
-
 def _cancel_or_close(run_id: UUID) -> None:
-    # The executor stops a run it is executing (here, or in another instance); a run no
-    # executor here has, with a single instance, is closed here with its final event.
+    # A run whose process died is closed as interrupted (the truth), with its final
+    # event: `run_close` claims it only if its lease lapsed. Otherwise the executor stops
+    # a run it is executing (here, or in another instance); a run no executor here has,
+    # with a single instance, is closed here with its final event.
+    if async_to_sync(lifecycle.run_close_and_publish)(run_id=run_id):
+        return
     if not get_executor().cancel(run_id):
         async_to_sync(lifecycle.run_close_and_publish)(
             run_id=run_id,
