@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ FINAL_EVENTS = {
     "run.budget_exceeded",
     "run.interrupted",
 }
-TURN_TIMEOUT = 300.0
+TURN_TIMEOUT = 120.0
 
 _children: list[subprocess.Popen[bytes]] = []
 
@@ -116,6 +117,15 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         todo.extend(parents.get(current, []))
     return tree
+
+
+def core_busy(core: int) -> float:
+    """Seconds core `core` has spent busy (not idle or waiting on I/O), all processes."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / TICK
+    return 0.0
 
 
 def tree_cpu(pid: int) -> float:
@@ -272,6 +282,20 @@ class Backend:
     database: str | None = None  # the PostgreSQL database name, to find its backends
     redis: RedisServer | None = None
 
+    def run_row(self, run_id: str) -> str:
+        """What the database says of a run (for a turn that failed)."""
+        columns = ("status", "started_at", "finished_at", "error_code", "event_seq")
+        query = f"SELECT {', '.join(columns)} FROM chat_run WHERE id = "
+        if self.database:
+            with psycopg.connect(self.env["DATABASE_URL"]) as db:
+                row = db.execute(query + "%s", (run_id,)).fetchone()
+        else:
+            path = self.env["DATABASE_URL"].removeprefix("sqlite:///")
+            with contextlib.closing(sqlite3.connect(path, timeout=30)) as lite:
+                row = lite.execute(query + "?", (run_id.replace("-", ""),)).fetchone()
+        found = "missing" if row is None else dict(zip(columns, map(str, row), strict=True))
+        return f"run {run_id} in the database: {found}"
+
 
 @dataclass
 class TurnResult:
@@ -280,6 +304,7 @@ class TurnResult:
     ttft: float | None = None
     latency: float | None = None
     error: str | None = None
+    run: str | None = None  # Agentsite's run id, to look the run up when a turn fails
 
 
 class AgentsiteClient:
@@ -312,11 +337,20 @@ class AgentsiteClient:
         result = TurnResult(ok=False, started=started)
         await self.socket.send(json.dumps({"type": "message", "content": PROMPT}))
         deadline = started + TURN_TIMEOUT
+        seen: list[str] = []  # what came, to tell where a turn that never ended stopped
         while True:
-            frame = json.loads(
-                await asyncio.wait_for(self.socket.recv(), deadline - time.perf_counter())
-            )
+            try:
+                text = await asyncio.wait_for(self.socket.recv(), deadline - time.perf_counter())
+            except TimeoutError:
+                result.error = f"no final event within {TURN_TIMEOUT:.0f} s; frames seen: " + (
+                    ", ".join(seen[:3] + (["..."] if len(seen) > 6 else []) + seen[3:][-3:])
+                )
+                return result
+            frame = json.loads(text)
             kind = frame.get("type", "")
+            seen.append(
+                f"{kind}#{frame.get('seq')}" + (f" run {frame['run']}" if len(seen) == 0 else "")
+            )
             if kind == "token" and result.ttft is None:
                 result.ttft = time.perf_counter() - started
             elif kind == "error":
@@ -606,6 +640,7 @@ class Window:
     wall: float = 0.0
     server_cpu: float = 0.0
     loadgen_cpu: float = 0.0
+    core_busy: float = 0.0  # the server's core, all processes: the server's and others'
     extra: dict[str, float] = field(default_factory=dict)
     open_errors: list[str] = field(default_factory=list)
 
@@ -652,6 +687,7 @@ async def measured_window(
         database.start()
     redis_before = process_cpu(redis.pid) if redis else 0.0
     cpu_before = tree_cpu(server.pid)
+    core_before = core_busy(SERVER_CORE)
     own_before = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(loop(c) for c in clients))
@@ -659,7 +695,11 @@ async def measured_window(
     # Work a turn leaves behind after its last frame (if any) lands in the window too.
     await asyncio.sleep(settle)
     window.server_cpu = tree_cpu(server.pid) - cpu_before
+    window.core_busy = core_busy(SERVER_CORE) - core_before
     window.loadgen_cpu = time.process_time() - own_before
+    for result in window.results:
+        if not result.ok and result.run:
+            result.error = f"{result.error} [{backend.run_row(result.run)}]"
     if redis:
         window.extra["redis_cpu"] = process_cpu(redis.pid) - redis_before
     if database:
@@ -675,6 +715,7 @@ def merged(windows: list[Window]) -> Window:
         total.wall += window.wall
         total.server_cpu += window.server_cpu
         total.loadgen_cpu += window.loadgen_cpu
+        total.core_busy += window.core_busy
         total.open_errors += window.open_errors
         for key, value in window.extra.items():
             total.extra[key] = total.extra.get(key, 0) + value
@@ -695,6 +736,47 @@ async def open_clients(clients: list[Client], limit: int = 20) -> list[str]:
 
 async def close_clients(clients: list[Client]) -> None:
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+@contextlib.contextmanager
+def sampled(pid: int, output: Path | None) -> Iterator[None]:
+    """py-spy samples process `pid` into `output`, in its raw (collapsed stacks) format;
+    nothing without an `output`. Only the thread holding the GIL is sampled (`--gil`), so
+    the samples follow the Python CPU: without it py-spy also counts threads waiting in
+    a queue or on the disk as busy. Non-blocking: it never pauses the server."""
+    if output is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--gil",
+        "--nonblocking",
+        "--rate",
+        "250",
+    ]
+    recorder = subprocess.Popen(
+        pinned([*command, "--output", str(output)], LOADGEN_CORE),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _children.append(recorder)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        _, err = recorder.communicate(timeout=60)
+        _children.remove(recorder)  # type: ignore[arg-type]
+        if recorder.returncode not in (0, -signal.SIGINT) or not output.exists():
+            print(f"  py-spy failed ({recorder.returncode}): {err.decode()[-500:]}")
+        else:
+            print(f"  profile of the Agentsite server's measured windows: {output}")
 
 
 # --- both servers, interleaved ------------------------------------------------------------
@@ -756,12 +838,16 @@ async def measure_pair(
                 # Counted with the errors; the measured turns still run.
                 result.window.open_errors += [str(e) for e in warmed if isinstance(e, Exception)]
         per_round = [turns // args.rounds + (r < turns % args.rounds) for r in range(args.rounds)]
-        for count in per_round:
-            for index, server in enumerate(servers):
-                if usable[index]:
-                    windows[index].append(
-                        await measured_window(server, sets[index], turns=count, backend=backend)
-                    )
+        profile = (
+            Path(args.profile) / f"{backend.name}-c{concurrency}.txt" if args.profile else None
+        )
+        with sampled(servers[0].pid, profile):
+            for count in per_round:
+                for index, server in enumerate(servers):
+                    if usable[index]:
+                        windows[index].append(
+                            await measured_window(server, sets[index], turns=count, backend=backend)
+                        )
         for index, result in enumerate(measured):
             errors = result.window.open_errors
             result.window = merged(windows[index])
@@ -830,6 +916,13 @@ def stats(measured: Measured) -> dict[str, Any]:
         "ttft_p50": percentile(ttfts, 0.5),
         "ttft_p99": percentile(ttfts, 0.99),
         "loadgen_cpu_pct": 100 * window.loadgen_cpu / window.wall if window.wall else None,
+        # Whatever else ran on the server's core meanwhile (other people's processes):
+        # the noise in this run's latencies and throughput.
+        "core_others_pct": (
+            100 * max(window.core_busy - window.server_cpu, 0) / window.wall
+            if window.wall
+            else None
+        ),
         "idle_rss": measured.idle_rss,
         "rss_per_conversation": measured.rss_per_conversation,
     }
@@ -928,6 +1021,9 @@ def report(
             ),
         ]
     rows.append(("load generator CPU % of its core", *pair("loadgen_cpu_pct", 1.0), ""))
+    rows.append(
+        (f"others' CPU % on the server's core {SERVER_CORE}", *pair("core_others_pct", 1.0), "")
+    )
     print_table(title, rows)
     if ideal:
         print(f"  {ideal.explain()}")
@@ -1031,6 +1127,12 @@ def main() -> None:
         help="open conversations for RSS per conversation (default 100 unpaced, 0 = skip)",
     )
     parser.add_argument("--json", help="append each result as a JSON line to this file")
+    parser.add_argument(
+        "--profile",
+        help="sample the Agentsite server with py-spy during the measured windows, into "
+        "DIR/<config>-c<concurrency>.txt (collapsed stacks; needs `pip install py-spy`)",
+        metavar="DIR",
+    )
     parser.add_argument("--keep-logs", help="copy the servers' logs into this directory")
     args = parser.parse_args()
     if args.memory_conversations is None:
