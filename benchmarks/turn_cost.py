@@ -641,6 +641,7 @@ class Window:
     server_cpu: float = 0.0
     loadgen_cpu: float = 0.0
     core_busy: float = 0.0  # the server's core, all processes: the server's and others'
+    span: float = 0.0  # the wall time the CPU readings cover (the turns, then the settle)
     extra: dict[str, float] = field(default_factory=dict)
     open_errors: list[str] = field(default_factory=list)
 
@@ -696,6 +697,7 @@ async def measured_window(
     await asyncio.sleep(settle)
     window.server_cpu = tree_cpu(server.pid) - cpu_before
     window.core_busy = core_busy(SERVER_CORE) - core_before
+    window.span = time.perf_counter() - started
     window.loadgen_cpu = time.process_time() - own_before
     for result in window.results:
         if not result.ok and result.run:
@@ -716,6 +718,7 @@ def merged(windows: list[Window]) -> Window:
         total.server_cpu += window.server_cpu
         total.loadgen_cpu += window.loadgen_cpu
         total.core_busy += window.core_busy
+        total.span += window.span
         total.open_errors += window.open_errors
         for key, value in window.extra.items():
             total.extra[key] = total.extra.get(key, 0) + value
@@ -915,12 +918,12 @@ def stats(measured: Measured) -> dict[str, Any]:
         "lat_p99": percentile(latencies, 0.99),
         "ttft_p50": percentile(ttfts, 0.5),
         "ttft_p99": percentile(ttfts, 0.99),
-        "loadgen_cpu_pct": 100 * window.loadgen_cpu / window.wall if window.wall else None,
+        "loadgen_cpu_pct": 100 * window.loadgen_cpu / window.span if window.span else None,
         # Whatever else ran on the server's core meanwhile (other people's processes):
         # the noise in this run's latencies and throughput.
         "core_others_pct": (
-            100 * max(window.core_busy - window.server_cpu, 0) / window.wall
-            if window.wall
+            100 * max(window.core_busy - window.server_cpu, 0) / window.span
+            if window.span
             else None
         ),
         "idle_rss": measured.idle_rss,
