@@ -348,9 +348,8 @@ class AgentsiteClient:
                 return result
             frame = json.loads(text)
             kind = frame.get("type", "")
-            seen.append(
-                f"{kind}#{frame.get('seq')}" + (f" run {frame['run']}" if len(seen) == 0 else "")
-            )
+            seen.append(f"{kind}#{frame.get('seq')}")
+            result.run = result.run or frame.get("run")
             if kind == "token" and result.ttft is None:
                 result.ttft = time.perf_counter() - started
             elif kind == "error":
@@ -1111,10 +1110,13 @@ def main() -> None:
         "--turns", type=int, default=300, help="measured turns per server (unpaced)"
     )
     parser.add_argument(
-        "--turns-per-client", type=int, default=3, help="measured turns per client (paced)"
+        "--turns-per-client",
+        type=int,
+        default=2,
+        help="paced: measured turns per client, one per round (all clients start together)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=2, help="warm-up turns per client, not measured"
+        "--warmup", type=int, help="warm-up turns per client, not measured (2; paced: 1)"
     )
     parser.add_argument(
         "--rounds",
@@ -1138,6 +1140,10 @@ def main() -> None:
     )
     parser.add_argument("--keep-logs", help="copy the servers' logs into this directory")
     args = parser.parse_args()
+    if args.paced:
+        args.rounds = args.turns_per_client
+    if args.warmup is None:
+        args.warmup = 1 if args.paced else 2
     if args.memory_conversations is None:
         args.memory_conversations = 0 if args.paced else 100
     concurrencies = args.concurrency or ([100, 300] if args.paced else [8])
