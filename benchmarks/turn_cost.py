@@ -8,24 +8,41 @@ Run from the root of a checkout: it serves the checkout it lives in. In one run,
 configuration, it serves
 
 - Agentsite as the image does (`python -m agentsite.serve`, i.e. Daphne, DEBUG off), to
-  real WebSocket clients that logged in through the login form (session cookie), each
-  with a conversation of its own;
+  real WebSocket clients, each with a conversation of its own ("New chat"), signed in
+  as one of `--users` users who logged in through the login form (session cookie);
 - the bare pattern (benchmarks/fastapi_baseline.py: FastAPI + SSE under uvicorn, the same
   graph and offline model, LangGraph's in-memory checkpointer), to streaming HTTP clients;
 
 and drives both with the same closed loop of turns of the same kind: "What is 17 * 23?",
 which the offline model answers with one calculator call and then a streamed answer.
-The server is pinned to core 1, this process (the load generator) to core 0.
+Both servers are up at once, pinned to core 1; this process (the load generator) is on
+core 0. They take the load in turns (`--rounds` windows each, alternating), so what
+else the machine does meanwhile falls on both alike: compare the ratio.
 
 Configurations: `sqlite` (the embedded defaults: SQLite, in-memory channel layer, cache
 and event log; a throwaway directory) and `postgres` (a throwaway database on the shared
 PostgreSQL at 127.0.0.1:5432, and a redis-server of this run's own on a free port).
 
 Measured per server: server CPU per turn (utime+stime of the server's process tree over
-the measured window, after a warm-up, from /proc), turns/s, turn latency and time to
-first token, errors; idle RSS and RSS per open conversation. With `--paced` the offline
-model waits AGENT_OFFLINE_TOKEN_DELAY (0.05 s) before each chunk after its first, and
-latencies are shown over the ideal: what those waits alone take.
+the measured windows, after a warm-up, from /proc), turns/s, turn latency and time to
+first token (from sending the message to the first token frame or SSE event), errors;
+idle RSS (after one turn) and RSS per open conversation. For `postgres` also the CPU of
+the database backends serving the run's database, and of the run's redis-server. With
+`--paced` the offline model waits AGENT_OFFLINE_TOKEN_DELAY (0.05 s) before each chunk
+after its first, every client sends one turn per round at the same moment, and
+latencies are also shown over the ideal: what those waits alone take (worked out from
+the offline model itself, printed under the table). `--profile DIR` samples the
+Agentsite server with py-spy during its measured windows (benchmarks/profile_summary.py
+summarizes the file).
+
+What is approximate: the machine is shared, so absolute numbers move between runs (the
+"others' CPU % on the server's core" row says how much); CPU per turn includes the
+server's idle work during the windows (lease heartbeats, 0.3 s settle after each
+window); PostgreSQL CPU misses what a backend spends after its last 20 ms sample before
+it exits (the "new PG sessions/turn" row says how many such backends there were); RSS
+per conversation is a difference of two RSS readings, allocator slack included. Rate
+limiting stays on with a ceiling the load cannot reach (AGENT_RATE_LIMIT_PER_MINUTE),
+and each user's concurrent-run quota admits its share of the clients.
 """
 
 import argparse
