@@ -19,10 +19,16 @@ FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$
 PROJECT = ("chat/", "billing/", "tracing/", "agentsite/", "benchmarks/")
 
 # Named costs: a sample belongs to a cost when any of its frames matches. They overlap
-# (a commit inside a thread hop counts for both); each is a share of all busy samples.
+# (a commit on the database thread counts for both); each is a share of all samples.
+# py-spy names files from their top-level package, so LangGraph's namespace packages
+# show as pregel/, graph/, serde/, sqlite/aio.py (the SQLite saver), postgres/aio.py.
 MARKERS: list[tuple[str, tuple[str, ...]]] = [
     (
-        "opening and closing database connections (Django)",
+        "on the database thread (database_sync_to_async: the work and its hop)",
+        ("thread_handler (",),
+    ),
+    (
+        "opening and closing Django database connections",
         (
             "get_new_connection (",
             "connect (django/db/backends",
@@ -31,18 +37,43 @@ MARKERS: list[tuple[str, tuple[str, ...]]] = [
             "close_if_unusable_or_obsolete (",
         ),
     ),
-    ("transaction commits (any)", ("commit (",)),
-    ("Django SQL execution (CursorWrapper)", ("execute (django/db/backends/utils.py",)),
-    ("thread hops (sync_to_async / database_sync_to_async)", ("thread_handler (",)),
-    ("LangGraph checkpointer", ("langgraph/checkpoint/",)),
-    ("LangGraph graph run (pregel), incl. model and tools", ("pregel/main.py",)),
+    ("transaction commits (Django and the checkpointer)", ("commit (",)),
+    ("Django ORM (django/db/)", ("(django/db/",)),
+    (
+        "LangGraph checkpointer (saver, serde, aiosqlite)",
+        (
+            "(sqlite/aio.py",
+            "(postgres/aio.py",
+            "(postgres/base.py",
+            "(serde/",
+            "(aiosqlite/",
+        ),
+    ),
+    (
+        "LangGraph and LangChain (graph, model, tools, callbacks)",
+        (
+            "(pregel/",
+            "(graph/",
+            "(_internal/",
+            "(prebuilt/",
+            "(langchain_core/",
+        ),
+    ),
     ("offline model", ("offline_model.py",)),
-    ("billing/ (budget, ledger, rate limit)", ("(billing/",)),
+    ("billing/ (budget, ledger, rate limit, display)", ("(billing/",)),
     ("tracing/", ("(tracing/",)),
-    ("event log, channel layer", ("(chat/events.py", "channels/layers", "channels_redis/")),
+    ("event log, channel layer", ("(chat/events.py", "(channels/layers", "(channels_redis/")),
     ("WebSocket consumer (chat/consumers.py)", ("(chat/consumers.py",)),
-    ("Redis client", ("redis/",)),
-    ("JSON", ("json/",)),
+    ("Redis client", ("(redis/",)),
+    ("psycopg", ("(psycopg/", "(psycopg_pool/")),
+]
+# Where the sample's leaf frame is: time spent in the machinery itself.
+LEAF_MARKERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "hop machinery (leaf in asgiref, concurrent.futures, threading, channels/db.py)",
+        ("(asgiref/", "(concurrent/futures/", "(threading.py", "(channels/db.py"),
+    ),
+    ("event loop machinery (leaf in asyncio, selectors)", ("(asyncio/", "(selectors.py")),
 ]
 
 
@@ -79,12 +110,15 @@ def summarize(stacks: list[tuple[list[str], int]], top: int) -> str:
         for label, needles in MARKERS:
             if any(needle in frame for frame in frames for needle in needles):
                 markers[label] += count
+        for label, needles in LEAF_MARKERS:
+            if any(needle in frames[-1] for needle in needles):
+                markers[label] += count
 
     def share(count: int) -> str:
         return f"{100 * count / total:5.1f} %"
 
     lines = [f"{total} busy samples\n", "| share | named cost (overlapping) |", "|---:|---|"]
-    lines += [f"| {share(markers[label])} | {label} |" for label, _ in MARKERS]
+    lines += [f"| {share(markers[label])} | {label} |" for label, _ in MARKERS + LEAF_MARKERS]
     project = [
         (n, c)
         for n, c in inclusive.most_common()
