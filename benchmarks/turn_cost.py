@@ -77,7 +77,7 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
-from tests.conftest import _free_port, _server_env, _wait_until_up  # noqa: E402
+from tests.conftest import _free_port, _server_env  # noqa: E402
 from tests.drills import RedisServer  # noqa: E402
 from tests.servers import postgres_database  # noqa: E402
 
@@ -155,6 +155,20 @@ def tree_rss_mib(pid: int) -> float:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
     return total / 2**20
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `url` answers 200. Generous: on a busy shared machine Django alone can take
+    half a minute to import."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within 180 s:\n{log.read_text()[-3000:]}")
 
 
 def pinned(command: list[str], core: int) -> list[str]:
@@ -476,7 +490,7 @@ class AgentsiteServer(Server):
             "agentsite.asgi:application",
         ]
         self.process = spawn(pinned(command, SERVER_CORE), self.backend.env, self.log)
-        _wait_until_up(self.url, self.process, self.log)
+        wait_until_up(self.url + "/login/", self.process, self.log)
         self.logins = [self._log_in(f"bench{index}") for index in range(self.users)]
 
     def _log_in(
@@ -546,17 +560,7 @@ class FastAPIServer(Server):
             str(self.port),
         ]
         self.process = spawn(pinned(command, SERVER_CORE), self.env, self.log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited:\n{self.log.read_text()[-3000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(self.url + "/healthz", timeout=2),
-            ):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"uvicorn did not answer:\n{self.log.read_text()[-3000:]}")
+        wait_until_up(self.url + "/healthz", self.process, self.log)
 
     def clients(self, count: int) -> list[Client]:
         import uuid
