@@ -16,7 +16,7 @@ PIP_LOCK := requirements-pip.txt
 LOCKED := $(VENV)/.locked
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test install lint browser lock
+.PHONY: run test install lint browser lock bench
 
 # .venv/.locked keeps a copy of the locks .venv/ was built from. A lock whose content
 # changed rebuilds .venv/ from scratch, so it holds exactly what the locks name; a lock
@@ -49,7 +49,7 @@ UPGRADE ?= --upgrade
 LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
 lock: $(LOCKED)
 	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(UPGRADE) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench $(LOCK_FLAGS) $(UPGRADE) -o $(LOCK)
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -c $(LOCK) -o $(RUNTIME_LOCK)
 	echo pip | $(BIN)/uv pip compile - $(LOCK_FLAGS) $(UPGRADE) -o $(PIP_LOCK)
 
@@ -74,6 +74,12 @@ test: install browser
 	# Two workers, each taking whole files (a file's server fixtures start once): the
 	# drills mostly wait (idle sockets, lapsing leases, restarts), so they overlap well.
 	$(BIN)/pytest -n 2 --dist loadfile --durations=20
+
+# A chat turn's server CPU, throughput and latency next to the bare FastAPI + SSE pattern
+# (benchmarks/turn_cost.py; a few minutes). Options through BENCH, e.g.
+#   make bench BENCH="--config sqlite"      make bench BENCH="--paced --concurrency 100"
+bench: install
+	$(BIN)/python benchmarks/turn_cost.py $(BENCH)
 
 lint: install
 	$(BIN)/ruff check --fix .

@@ -16,7 +16,10 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RUNTIME = [Requirement(line) for line in PYPROJECT["project"]["dependencies"]]
-DEV = [Requirement(line) for line in PYPROJECT["project"]["optional-dependencies"]["dev"]]
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+DEV = [Requirement(line) for line in EXTRAS["dev"]]
+# The benchmark's baseline server (FastAPI, uvicorn): in the dev lock, never the runtime one.
+BENCH = [Requirement(line) for line in EXTRAS["bench"]]
 BUILD = [Requirement(line) for line in PYPROJECT["build-system"]["requires"]]
 
 
@@ -44,7 +47,7 @@ def locked(name: str) -> dict[str, tuple[Version, int]]:
     return pins
 
 
-@pytest.mark.parametrize("requirement", RUNTIME + DEV + BUILD, ids=str)
+@pytest.mark.parametrize("requirement", RUNTIME + DEV + BENCH + BUILD, ids=str)
 def test_every_dependency_has_a_bounded_major_version(requirement: Requirement) -> None:
     assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), (
         f"{requirement} in pyproject.toml has no upper bound: add one below the next major"
@@ -54,7 +57,7 @@ def test_every_dependency_has_a_bounded_major_version(requirement: Requirement) 
 @pytest.mark.parametrize(
     ("lock", "requirements"),
     [
-        ("requirements-dev.txt", RUNTIME + DEV),
+        ("requirements-dev.txt", RUNTIME + DEV + BENCH),
         ("requirements.txt", RUNTIME),
         ("requirements-pip.txt", [Requirement("pip")]),
     ],
@@ -84,3 +87,9 @@ def test_the_runtime_lock_pins_the_versions_the_tests_ran_with() -> None:
         if everything.get(name, (None,))[0] != version
     }
     assert not differ, f"requirements.txt and requirements-dev.txt disagree: {differ}"
+
+
+def test_the_runtime_lock_leaves_out_the_benchmark_only_packages() -> None:
+    runtime = locked("requirements.txt")
+    leaked = [r.name for r in BENCH if canonicalize_name(r.name) in runtime]
+    assert not leaked, f"requirements.txt pins benchmark-only packages: {leaked}"
