@@ -120,6 +120,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await self._send_events([*events, final] if final else events)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels first closes stale database connections for every message, a hop to
+        # the database thread that every socket would make for every batch of tokens
+        # and queue behind the runs' queries; live events never touch the database.
+        if message["type"] == "run.events":
+            await self.run_events(message)
+        else:
+            await super().dispatch(message)
+
     async def run_events(self, message: dict[str, Any]) -> None:
         """Live events of one run, in seq order, from the channel layer (handler for type
         "run.events"); each comes as its frame, encoded once for every socket."""
