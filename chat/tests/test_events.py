@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
 
 from chat import events
 from chat.events import (
@@ -186,3 +187,27 @@ async def test_a_run_cancelled_while_a_batch_is_on_its_way_still_sends_all_it_em
     await stream.publish(final_of(stream))
 
     assert await wire.received(stream.seq) == list(range(1, stream.seq + 1))
+
+
+@needs_redis
+async def test_a_burst_to_300_sockets_of_one_process_loses_nothing(settings) -> None:
+    """channels-redis queues every socket's messages of one process in one Redis key,
+    and drops what arrives while it is full: 300 sockets' events all get through."""
+    layer = RedisChannelLayer(
+        hosts=[REDIS_URL],
+        prefix=f"test-burst-{uuid.uuid4().hex}",
+        capacity=settings.CHANNEL_LAYER_CAPACITY,
+    )
+    try:
+        channels = [await layer.new_channel() for _ in range(300)]
+        for number, channel in enumerate(channels):
+            await layer.group_add(f"conversation.{number}", channel)
+        for number in range(300):  # before this process reads any
+            await layer.group_send(f"conversation.{number}", {"type": "run.events", "n": number})
+
+        for number, channel in enumerate(channels):
+            message = await asyncio.wait_for(layer.receive(channel), timeout=10)
+            assert message["n"] == number
+    finally:
+        await layer.flush()
+        await layer.close_pools()
