@@ -163,11 +163,19 @@ REDIS_CLIENT_OPTIONS = {
     "socket_keepalive": True,
     "health_check_interval": 15,
 }
+# channels-redis queues the messages for all the sockets of one process in one Redis
+# key, and drops (logging at INFO) what is sent while it holds `capacity` of them: a lost
+# final event leaves its client waiting. Its default, 100, is less than one batch of
+# events per socket at 300 sockets a process; this leaves room for ~16 each.
+CHANNEL_LAYER_CAPACITY = 5000
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [{"address": REDIS_URL, **REDIS_CLIENT_OPTIONS}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, **REDIS_CLIENT_OPTIONS}],
+                "capacity": CHANNEL_LAYER_CAPACITY,
+            },
         }
     }
     CACHES = {

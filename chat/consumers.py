@@ -120,20 +120,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await self._send_events([*events, final] if final else events)
 
-    async def run_event(self, message: dict[str, Any]) -> None:
-        """A live event from the channel layer (handler for type "run.event")."""
-        event: Event = message["event"]
-        if event["run"] in self.awaiting_resume and event["run"] not in self.sent_seq:
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels first closes stale database connections for every message, a hop to
+        # the database thread that every socket would make for every batch of tokens
+        # and queue behind the runs' queries; live events never touch the database.
+        if message["type"] == "run.events":
+            await self.run_events(message)
+        else:
+            await super().dispatch(message)
+
+    async def run_events(self, message: dict[str, Any]) -> None:
+        """Live events of one run, in seq order, from the channel layer (handler for type
+        "run.events"); each comes as its frame, encoded once for every socket."""
+        run: str = message["run"]
+        if run in self.awaiting_resume and run not in self.sent_seq:
             # Under way when this socket connected: the client resumes it from the last
             # seq it saw (the session frame named it), so wait for that.
             return
-        sent = self.sent_seq.get(event["run"], 0)
-        if event["seq"] <= sent:
+        seqs: list[int] = message["seqs"]
+        sent = self.sent_seq.get(run, 0)
+        if seqs[-1] <= sent:
             return
-        if event["seq"] > sent + 1:
-            await self._send_events([*await self._log_after(UUID(event["run"]), sent), event])
-        else:
-            await self._send_events([event])
+        if seqs[0] > sent + 1:
+            await self._send_events(await self._log_after(UUID(run), sent))
+        for seq, frame in zip(seqs, message["frames"], strict=True):
+            await self._send_frame(run, seq, frame)
 
     async def _log_after(self, run_id: UUID, seq: int) -> list[Event]:
         try:
@@ -144,6 +155,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _send_events(self, events: list[Event]) -> None:
         for event in events:
-            if event["seq"] > self.sent_seq.get(event["run"], 0):
-                await self.send_json(event)
-                self.sent_seq[event["run"]] = event["seq"]
+            await self._send_frame(event["run"], event["seq"], event)
+
+    async def _send_frame(self, run: str, seq: int, frame: str | Event) -> None:
+        """Send an event (as its frame, or to be encoded) unless this socket has it."""
+        if seq > self.sent_seq.get(run, 0):
+            await self.send(frame if isinstance(frame, str) else await self.encode_json(frame))
+            self.sent_seq[run] = seq

@@ -4,6 +4,10 @@ Each run has exactly one writer (its executor), which numbers the events; the lo
 them for AGENT_EVENT_TTL seconds so a client that drops can resume from the last `seq`
 it saw. The log lives in process memory by default and in Redis streams when
 AGENT_REDIS_URL is set, so that every instance sees every run.
+
+Tokens travel in small batches (see `RunEventStream`): each stays one event with its own
+`seq`, but a batch is one log append and one channel-layer message, not one per token.
+Each event is encoded to JSON once, for the log and every socket alike.
 """
 
 import asyncio
@@ -11,8 +15,8 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 from uuid import UUID
 
 import redis.asyncio as aioredis
@@ -24,12 +28,24 @@ logger = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 
+class Frame(NamedTuple):
+    """An event as its socket frame: the JSON text, encoded once, and its `seq`."""
+
+    seq: int
+    text: str
+
+
+def frames_of(events: Sequence[Event]) -> list[Frame]:
+    return [Frame(event["seq"], json.dumps(event)) for event in events]
+
+
 def conversation_group(conversation_id: UUID | str) -> str:
     return f"conversation.{conversation_id}"
 
 
 class EventLog(Protocol):
-    async def append(self, run_id: UUID, event: Event) -> None: ...
+    async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
+        """Frames of one run, in `seq` order."""
 
     async def after(self, run_id: UUID, seq: int) -> list[Event]: ...
 
@@ -39,19 +55,19 @@ class MemoryEventLog:
 
     def __init__(self, ttl: float) -> None:
         self._ttl = ttl
-        self._runs: dict[UUID, tuple[float, list[Event]]] = {}
+        self._runs: dict[UUID, tuple[float, list[Frame]]] = {}
 
-    async def append(self, run_id: UUID, event: Event) -> None:
+    async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
         now = time.monotonic()
-        _, events = self._runs.get(run_id, (now, []))
-        events.append(event)
-        self._runs[run_id] = (now, events)
-        if event["seq"] == 1:
+        _, logged = self._runs.get(run_id, (now, []))
+        logged.extend(frames)
+        self._runs[run_id] = (now, logged)
+        if frames and frames[0].seq == 1:
             self._forget_expired(now)
 
     async def after(self, run_id: UUID, seq: int) -> list[Event]:
-        _, events = self._runs.get(run_id, (0.0, []))
-        return [event for event in events if event["seq"] > seq]
+        _, logged = self._runs.get(run_id, (0.0, []))
+        return [json.loads(frame.text) for frame in logged if frame.seq > seq]
 
     def _forget_expired(self, now: float) -> None:
         expired = [rid for rid, (touched, _) in self._runs.items() if now - touched > self._ttl]
@@ -82,10 +98,12 @@ class RedisEventLog:
     def _key(run_id: UUID) -> str:
         return f"agentsite:run-events:{run_id}"
 
-    async def append(self, run_id: UUID, event: Event) -> None:
+    async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
+        # One round trip for the whole batch.
         key = self._key(run_id)
         async with self._client().pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"e": json.dumps(event)}, id=f"0-{event['seq']}")
+            for frame in frames:
+                pipe.xadd(key, {"e": frame.text}, id=f"0-{frame.seq}")
             pipe.expire(key, self._ttl)
             await pipe.execute()
 
@@ -109,36 +127,63 @@ def event_log() -> EventLog:
 
 
 async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool = True) -> bool:
-    """Append a run's event to its log and send it to the conversation's sockets. A
-    failure of either (Redis restarting, say) is logged and returns False, never raises:
-    the run goes on, and its outcome still reaches clients, rebuilt from the database
-    when they resume (`chat.lifecycle.final_event_missing`)."""
+    """`events_publish` for one event."""
+    return await events_publish(conversation_id, [event], warn=warn)
+
+
+async def events_publish(
+    conversation_id: UUID | str, events: Sequence[Event], *, warn: bool = True
+) -> bool:
+    """Append events of one run (in `seq` order) to its log and send them to the
+    conversation's sockets as one "run.events" message. A failure of either (Redis
+    restarting, say) is logged and returns False, never raises: the run goes on, and its
+    outcome still reaches clients, rebuilt from the database when they resume
+    (`chat.lifecycle.final_event_missing`)."""
+    run = events[0]["run"]
+    frames = frames_of(events)
+    seqs = f"{frames[0].seq}-{frames[-1].seq}"
     delivered = True
     try:
-        await event_log().append(UUID(event["run"]), event)
+        await event_log().append(UUID(run), frames)
     except Exception as error:
         delivered = False
         if warn:
-            logger.warning("run %s: event %s not logged: %r", event["run"], event["seq"], error)
+            logger.warning("run %s: events %s not logged: %r", run, seqs, error)
     channel_layer = get_channel_layer()
     assert channel_layer is not None
     try:
         await channel_layer.group_send(
-            conversation_group(conversation_id), {"type": "run.event", "event": event}
+            conversation_group(conversation_id),
+            {
+                "type": "run.events",
+                "run": run,
+                "seqs": [frame.seq for frame in frames],
+                "frames": [frame.text for frame in frames],
+            },
         )
     except Exception as error:
         delivered = False
         if warn:
-            logger.warning("run %s: event %s not sent: %r", event["run"], event["seq"], error)
+            logger.warning("run %s: events %s not sent: %r", run, seqs, error)
     return delivered
 
 
 class RunEventStream:
     """The single writer of one run's events.
 
+    Tokens are batched: a token goes out at once when nothing went out for `window`
+    seconds, else with the tokens that follow it within the window (at most `batch_max`
+    of them), so a fast stream costs one log append and one channel-layer message per
+    batch while a slow one is not delayed at all. Every other event (run.started, tool.*,
+    usage, the final event) goes out at once, with the tokens before it. Batches go out
+    one at a time, in `seq` order; a cancelled run still sends every event it emitted.
+
     `ceiling`: the highest seq the run may use before `reserve(seq)` raises it (see
     `Run.event_seq`); 0 for no ceiling. While events cannot be published (Redis is
     down) the run goes on; that is logged once, not per token."""
+
+    window = 0.005
+    batch_max = 32
 
     def __init__(
         self,
@@ -154,24 +199,57 @@ class RunEventStream:
         self.ceiling = ceiling
         self._reserve = reserve
         self._failing = False
+        self._pending: list[Event] = []
+        self._sending = asyncio.Lock()
+        self._sent_at = float("-inf")
+        self._timer: asyncio.Task[None] | None = None
 
     async def emit(self, event_type: str, **data: Any) -> Event:
         if self.ceiling and self.seq + 1 > self.ceiling and self._reserve is not None:
             self.ceiling = await self._reserve(self.seq)
         self.seq += 1
         event: Event = {"type": event_type, "run": str(self.run_id), "seq": self.seq, **data}
-        await self._publish(event)
+        self._pending.append(event)
+        if event_type != "token" or len(self._pending) >= self.batch_max:
+            await self.flush()
+        elif self._timer is None:
+            wait = self._sent_at + self.window - time.monotonic()
+            if wait <= 0:
+                await self.flush()
+            else:
+                self._timer = asyncio.create_task(self._flush_after(wait))
         return event
 
     async def publish(self, event: Event) -> None:
         """Publish an event numbered elsewhere (the final one, numbered when it was
-        recorded); later events follow it."""
+        recorded), after those emitted before it; later events follow it."""
         self.seq = event["seq"]
-        await self._publish(event)
+        self._pending.append(event)
+        await self.flush()
 
-    async def _publish(self, event: Event) -> None:
-        # Quiet while an outage lasts: one warning for it, not one per token.
-        delivered = await event_publish(self.conversation_id, event, warn=not self._failing)
-        if delivered and self._failing:
-            logger.warning("run %s: events published again from seq %d", self.run_id, self.seq)
-        self._failing = not delivered
+    async def flush(self) -> None:
+        """Send what was emitted. Shielded: a cancel of the run does not cut a batch
+        short, and the final event, published next, waits for it."""
+        await asyncio.shield(self._send_pending())
+
+    async def _flush_after(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        self._timer = None
+        await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        async with self._sending:
+            batch, self._pending = self._pending, []
+            if self._timer is not None:  # what it was set for goes out now
+                self._timer.cancel()
+                self._timer = None
+            if not batch:
+                return
+            self._sent_at = time.monotonic()
+            # Quiet while an outage lasts: one warning for it, not one per batch.
+            delivered = await events_publish(self.conversation_id, batch, warn=not self._failing)
+            if delivered and self._failing:
+                logger.warning(
+                    "run %s: events published again from seq %d", self.run_id, batch[0]["seq"]
+                )
+            self._failing = not delivered

@@ -5,7 +5,7 @@ from channels.db import database_sync_to_async
 
 from chat import services
 from chat.agent.history import TOOL_SKIPPED_MESSAGE
-from chat.events import RunEventStream, event_log
+from chat.events import RunEventStream, event_log, frames_of
 from chat.models import Message, Run
 from conftest import open_socket, receive_until, wait_for_runs
 
@@ -189,8 +189,11 @@ async def test_a_run_whose_first_event_was_lost_in_transit_is_replayed_from_the_
     run_id = uuid.uuid4()
     stream = RunEventStream(run_id, conversation.id)
     # Its first two events reach the log but not this socket (a dropped delivery)...
-    await event_log().append(run_id, {"type": "run.started", "run": str(run_id), "seq": 1})
-    await event_log().append(run_id, {"type": "token", "run": str(run_id), "seq": 2, "text": "Hi"})
+    lost = [
+        {"type": "run.started", "run": str(run_id), "seq": 1},
+        {"type": "token", "run": str(run_id), "seq": 2, "text": "Hi"},
+    ]
+    await event_log().append(run_id, frames_of(lost))
     stream.seq = 2
 
     # ...so the next live one brings them along, in order.

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from agentsite.asgi import application
 from agentsite.errors import ApplicationError
 from chat import events, services
-from chat.events import RedisEventLog
+from chat.events import RedisEventLog, frames_of
 from chat.frames import MAX_SEQ, ClientFrame, parse_client_frame
 from conftest import open_socket, receive_until, session_cookie, wait_for_runs
 from tests.servers import REDIS_URL, redis_available
@@ -159,7 +159,7 @@ async def test_the_redis_event_log_takes_the_largest_seq() -> None:
     """MAX_SEQ is what storage accepts: a resume from it asks Redis for `0-2**63`."""
     log = RedisEventLog(REDIS_URL, ttl=60)
     run_id = uuid.uuid4()
-    await log.append(run_id, {"seq": 1})
+    await log.append(run_id, frames_of([{"seq": 1}]))
     assert await log.after(run_id, MAX_SEQ) == []
     assert await log.after(run_id, 0) == [{"seq": 1}]
 
