@@ -36,6 +36,15 @@ def model_info() -> ModelInfo:
     return ModelInfo("offline", OFFLINE_MODEL_NAME, "Offline demo model (no real LLM)")
 
 
+def chat_model_preload() -> None:
+    """Import the configured provider's client where the process starts. It is imported
+    only when configured (the SDKs take about 60 MiB of memory), but not on the first
+    run either: importing it takes a second or more of CPU, which would stall every
+    socket served by the event loop."""
+    if settings.AGENT_MODEL != "offline":
+        from . import providers  # noqa: F401
+
+
 def load_chat_model() -> BaseChatModel:
     provider = settings.AGENT_MODEL
     if provider == "openai":
