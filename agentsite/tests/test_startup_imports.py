@@ -88,3 +88,34 @@ def test_the_offline_server_on_sqlite_loads_no_provider_sdk_postgres_redis_or_ex
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"status": "completed", "loaded": []}
+
+
+def test_a_server_on_one_provider_loads_its_sdk_at_startup_and_not_the_others() -> None:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("AGENT_", "DJANGO_"))
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="agentsite.settings",
+        AGENTSITE_READ_DOTENV="false",
+        DEBUG="true",
+        AGENT_MODEL="openai",
+        AGENT_OPENAI_API_KEY="sk-test",
+    )
+    script = (
+        "import sys, django\n"
+        "django.setup()\n"
+        "import agentsite.asgi\n"
+        "print([name for name in ('openai', 'anthropic') if name in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Loaded before the first run (an import takes seconds of the event loop), alone.
+    assert done.stdout.strip().splitlines()[-1] == "['openai']"
