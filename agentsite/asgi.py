@@ -12,6 +12,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from agentsite.websocket import SameOriginValidator, daphne_fail_with_close_frames  # noqa: E402
+from chat.agent.models import chat_model_preload  # noqa: E402
 from chat.lifecycle import lease_keeper_start_with_server  # noqa: E402
 from chat.metrics import chat_metrics_preinitialise  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
@@ -27,6 +28,7 @@ application = ProtocolTypeRouter(
 # Here, where the server starts: the series exist before the first scrape. (It also
 # loads the agent's tools now rather than on the first run.)
 chat_metrics_preinitialise()
+chat_model_preload()
 
 # Renew this process's run leases and reap runs whose process died from the moment the
 # server runs, before anyone connects.

@@ -16,12 +16,14 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from uuid import UUID
 
-import redis.asyncio as aioredis
 from channels.layers import get_channel_layer
 from django.conf import settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +88,12 @@ class RedisEventLog:
             weakref.WeakKeyDictionary()
         )
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> "aioredis.Redis":
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
+            # Imported here: redis-py takes about 7 MiB that the in-memory log never needs.
+            import redis.asyncio as aioredis
+
             self._clients[loop] = aioredis.Redis.from_url(
                 self._url, **settings.REDIS_CLIENT_OPTIONS
             )

@@ -28,12 +28,11 @@ import logging
 from collections.abc import Sequence
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -42,6 +41,9 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from agentsite.otel import otel_span_id
 
 from .models import Span, Trace
+
+if TYPE_CHECKING:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,11 @@ def enabled() -> bool:
 
 
 @cache
-def _exporter(endpoint: str) -> OTLPSpanExporter:
+def _exporter(endpoint: str) -> "OTLPSpanExporter":
+    # Imported here: the exporter and its protobuf code take about 3 MiB of memory that a
+    # server without an OTLP endpoint never uses.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
     # The environment variable names the collector's base URL; the HTTP exporter wants
     # the traces endpoint itself (as the SDK does when it reads the variable itself).
     return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=10)

@@ -17,12 +17,7 @@ import aiosqlite
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.checkpoint.postgres import PostgresSaver
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 _savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BaseCheckpointSaver] = (
     weakref.WeakKeyDictionary()
@@ -48,6 +43,10 @@ def uses_postgres() -> bool:
 
 
 def postgres_conninfo() -> str:
+    # The Postgres imports are local: psycopg and its saver take about 12 MiB of memory
+    # that a server on SQLite never needs.
+    from psycopg.conninfo import make_conninfo
+
     db = settings.DATABASES["default"]
     return make_conninfo(
         dbname=db["NAME"],
@@ -112,6 +111,10 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
     """A ready saver: on PostgreSQL when `postgres` (a conninfo) is given, else SQLite."""
     saver: BaseCheckpointSaver
     if postgres:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+
         pool: AsyncConnectionPool = AsyncConnectionPool(
             postgres,
             open=False,
@@ -146,6 +149,8 @@ def _sqlite_options() -> dict[str, Any]:
 def delete_thread(thread_id: str) -> None:
     """Forget a conversation's agent memory (called from sync code, outside any loop)."""
     if uses_postgres():
+        from langgraph.checkpoint.postgres import PostgresSaver
+
         with PostgresSaver.from_conn_string(postgres_conninfo()) as saver:
             saver.setup()
             saver.delete_thread(thread_id)

@@ -6,19 +6,32 @@ reaches us here has exhausted those retries or is not worth retrying.
 """
 
 import json
+import sys
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import httpx
-import httpx2
-import openai
 import pydantic
-from langchain_openai import StreamChunkTimeoutError
 
-# The SDKs wrap transport failures in their own errors, except the anthropic SDK while it
-# reads a stream: a read timeout or a dropped connection mid-answer comes out raw, from
-# httpx2 (the HTTP client of the openai and anthropic SDKs) or httpx.
-_TRANSPORT_TIMEOUTS = httpx2.TimeoutException | httpx.TimeoutException
-_TRANSPORT_ERRORS = httpx2.TransportError | httpx.TransportError
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+
+_SDKS = ("openai", "anthropic")
+
+
+def _loaded(attribute: str, *modules: str) -> tuple[type[Any], ...]:
+    """The exception class `attribute` of each of `modules` that is imported. Only an
+    imported SDK can have raised its errors, and only the configured provider imports
+    its SDK: importing the openai and anthropic SDKs here (about 60 MiB of memory) would
+    load them into every server, the offline one included."""
+    return tuple(getattr(sys.modules[name], attribute) for name in modules if name in sys.modules)
+
+
+def _transport(attribute: str) -> tuple[type[Any], ...]:
+    # The SDKs wrap transport failures in their own errors, except the anthropic SDK while
+    # it reads a stream: a read timeout or a dropped connection mid-answer comes out raw,
+    # from httpx2 (the HTTP client of the openai and anthropic SDKs) or httpx.
+    return (*_loaded(attribute, "httpx2"), getattr(httpx, attribute))
 
 
 class ProviderError(Exception):
@@ -61,10 +74,11 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
         return error
     if isinstance(
         error,
-        openai.APITimeoutError
-        | anthropic.APITimeoutError
-        | StreamChunkTimeoutError
-        | _TRANSPORT_TIMEOUTS,
+        (
+            *_loaded("APITimeoutError", *_SDKS),
+            *_loaded("StreamChunkTimeoutError", "langchain_openai"),
+            *_transport("TimeoutException"),
+        ),
     ):
         # StreamChunkTimeoutError: langchain-openai's own watchdog on a stream that stays
         # open (keep-alive comments) but sends no content; a TimeoutError subclass.
@@ -72,31 +86,27 @@ def provider_error_from(error: BaseException) -> ProviderError | None:
             "provider_timeout",
             "The model provider did not answer in time (AGENT_PROVIDER_TIMEOUT).",
         )
-    if isinstance(
-        error, openai.APIConnectionError | anthropic.APIConnectionError | _TRANSPORT_ERRORS
-    ):
+    if isinstance(error, (*_loaded("APIConnectionError", *_SDKS), *_transport("TransportError"))):
         # Raised both when no connection could be made and when one broke off mid-answer.
         return ProviderError(
             "provider_unreachable",
             "Could not connect to the model provider, or the connection broke off before "
             "the answer was complete: check its URL and that it is running.",
         )
-    if (
-        isinstance(error, openai.APIStatusError | anthropic.APIStatusError)
-        and error.status_code >= 400
-    ):
+    if isinstance(error, _loaded("APIStatusError", *_SDKS)) and error.status_code >= 400:
         return _status_error(error.status_code, _detail(error))
     if isinstance(
         error,
-        openai.APIResponseValidationError
-        | anthropic.APIResponseValidationError
-        | json.JSONDecodeError
-        | pydantic.ValidationError,
+        (
+            *_loaded("APIResponseValidationError", *_SDKS),
+            json.JSONDecodeError,
+            pydantic.ValidationError,
+        ),
     ):
         return ProviderError(
             "provider_bad_response", f"The model provider sent a malformed reply: {error}"
         )
-    if isinstance(error, openai.APIError | anthropic.APIError):
+    if isinstance(error, _loaded("APIError", *_SDKS)):
         return _stream_error(error)
     return None
 
@@ -119,7 +129,7 @@ _STATUS_OF_ERROR_TYPE = {
 }
 
 
-def _stream_error(error: openai.APIError | anthropic.APIError) -> ProviderError:
+def _stream_error(error: "openai.APIError | anthropic.APIError") -> ProviderError:
     """An error the provider reported inside a stream that had started with 200: OpenAI
     sends `{"error": ...}` as a chunk (openai.APIError), Anthropic an `error` event
     (an APIStatusError whose status is the stream's 200). Nothing was retried."""
@@ -137,7 +147,7 @@ def _stream_error(error: openai.APIError | anthropic.APIError) -> ProviderError:
     return _status_error(status, detail)
 
 
-def _detail(error: openai.APIError | anthropic.APIError) -> str:
+def _detail(error: "openai.APIError | anthropic.APIError") -> str:
     body = error.body
     if isinstance(body, dict):
         inner = body.get("error", body)

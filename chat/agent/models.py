@@ -9,6 +9,7 @@ from pydantic import SecretStr
 
 from .errors import ProviderError
 from .offline_model import OFFLINE_MODEL_NAME, OfflineChatModel
+from .providers import CapsOutput
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ def model_info() -> ModelInfo:
     return ModelInfo("offline", OFFLINE_MODEL_NAME, "Offline demo model (no real LLM)")
 
 
+def chat_model_preload() -> None:
+    """Import the configured provider's client where the process starts. It is imported
+    only when configured (the SDKs take about 60 MiB of memory), but not on the first
+    run either: importing it takes a second or more of CPU, which would stall every
+    socket served by the event loop."""
+    if settings.AGENT_MODEL == "openai":
+        from . import provider_openai  # noqa: F401
+    elif settings.AGENT_MODEL == "anthropic":
+        from . import provider_anthropic  # noqa: F401
+
+
 def load_chat_model() -> BaseChatModel:
     provider = settings.AGENT_MODEL
     if provider == "openai":
@@ -50,24 +62,13 @@ def output_cap(model: BaseChatModel, max_tokens: int) -> dict[str, Any]:
     less than AGENT_MAX_TOKENS); none for a model that has no such option."""
     if isinstance(model, OfflineChatModel):
         return {"max_tokens": max_tokens}
-    from .providers import AnthropicChatModel, OpenAIChatModel
-
-    if isinstance(model, OpenAIChatModel):
-        # langchain-openai sends it as max_completion_tokens; the extra body, where the
-        # model has one, repeats it as max_tokens for compatible servers (see _openai).
-        if model.extra_body is None:
-            return {"max_tokens": max_tokens}
-        return {
-            "max_tokens": max_tokens,
-            "extra_body": {**model.extra_body, "max_tokens": max_tokens},
-        }
-    if isinstance(model, AnthropicChatModel):
-        return {"max_tokens": max_tokens}
+    if isinstance(model, CapsOutput):
+        return model.output_cap(max_tokens)
     return {}
 
 
 def _openai() -> BaseChatModel:
-    from .providers import OpenAIChatModel
+    from .provider_openai import OpenAIChatModel
 
     api_key = settings.AGENT_OPENAI_API_KEY
     if not api_key and not settings.AGENT_OPENAI_BASE_URL:
@@ -101,7 +102,7 @@ def _openai() -> BaseChatModel:
 
 
 def _anthropic() -> BaseChatModel:
-    from .providers import AnthropicChatModel
+    from .provider_anthropic import AnthropicChatModel
 
     if not settings.AGENT_ANTHROPIC_API_KEY:
         raise ProviderError(

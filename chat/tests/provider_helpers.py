@@ -10,6 +10,7 @@ from channels.testing import WebsocketCommunicator
 from pytest_django.fixtures import Settings
 
 from billing.models import UsageRecord
+from chat.agent.models import chat_model_preload
 from chat.models import Conversation, Message, Run
 from conftest import receive_until, wait_for_runs
 from tests.fakes.base import FakeLLMServer, RecordedRequest
@@ -40,6 +41,7 @@ def serve(
         setattr(settings, f"{prefix}_MODEL", model)
         settings.AGENT_PROVIDER_MAX_RETRIES = MAX_RETRIES
         settings.AGENT_PROVIDER_TIMEOUT = 5.0
+        chat_model_preload()  # as a server configured so does, outside the timed waits
         yield server
         server.assert_script_used()
 
