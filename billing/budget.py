@@ -218,9 +218,7 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
         held = sql.reservation_delete(cursor, reservation_id=reservation.id)
         if not held and UsageRecord.objects.filter(span_id=reservation.id).exists():
             return False
-        price = sql.price_exact(cursor, model=reservation.model) or price_for_model(
-            model=reservation.model
-        )
+        price = price_for_model(model=reservation.model)
         cost = (
             cost_of(
                 price=price,
