@@ -28,6 +28,15 @@ def fresh_rate_limits() -> None:
     limiter_build("memory://").storage.reset()
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache() -> None:
+    """What one test cached (limits and prices of ids that repeat once tables are
+    emptied, sessions) must not leak into the next."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def make_user(db: None) -> Callable[..., AbstractBaseUser]:
     def make(username: str = "alice", password: str = "correct-horse-battery") -> Any:

@@ -5,6 +5,7 @@
 values are configuration only, never code.
 """
 
+import hashlib
 from pathlib import Path
 
 import environ
@@ -168,6 +169,16 @@ REDIS_CLIENT_OPTIONS = {
 # final event leaves its client waiting. Its default, 100, is less than one batch of
 # events per socket at 300 sockets a process; this leaves room for ~16 each.
 CHANNEL_LAYER_CAPACITY = 5000
+# The cache holds rows of the database (sessions, limits, prices): its keys name the
+# database, so two deployments or test runs sharing one Redis never read each other's.
+_CACHE_KEY_PREFIX = (
+    "agentsite:"
+    + hashlib.sha256(
+        "|".join(
+            str(DATABASES["default"].get(part, "")) for part in ("HOST", "PORT", "NAME")
+        ).encode()
+    ).hexdigest()[:12]
+)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -182,19 +193,25 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
+            "KEY_PREFIX": _CACHE_KEY_PREFIX,
             "OPTIONS": {
                 "CLIENT_CLASS": "django_redis.client.DefaultClient",
                 "CONNECTION_POOL_KWARGS": REDIS_CLIENT_OPTIONS,
+                # Everything cached is also in the database: with Redis down, a read
+                # misses and a write is skipped (logged), and pages and turns go on.
+                "IGNORE_EXCEPTIONS": True,
             },
         }
     }
+    DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    # The run event log lives in the cache: one entry per event, so allow plenty.
+    # One process: sessions (one entry per signed-in browser), limits and prices.
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-            "OPTIONS": {"MAX_ENTRIES": 200_000},
+            "KEY_PREFIX": _CACHE_KEY_PREFIX,
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
         }
     }
 
@@ -212,7 +229,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:index"
 LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
-# Database sessions that ignore a cookie Django could not have issued (see the module).
+# Cached database sessions that ignore a cookie Django could not have issued (see the
+# module).
 SESSION_ENGINE = "agentsite.sessions"
 # The request header programs send their API key in (billing.auth.ApiKeyAuth).
 AGENT_API_KEY_HEADER = env.str("AGENT_API_KEY_HEADER", default="X-API-Key")

@@ -18,6 +18,7 @@ from agentsite.admin import ReadOnlyAdmin
 from agentsite.errors import ApplicationError
 from agentsite.formatting import format_count, format_usd
 
+from .cache import billing_cache_invalidate
 from .models import (
     Account,
     ApiKey,
@@ -119,6 +120,27 @@ def _limit_text(value: Decimal | int | None) -> str:
     return format_usd(value) if isinstance(value, Decimal) else format_count(value)
 
 
+class DropsBillingCache(admin.ModelAdmin):
+    """For what the billing cache holds (limits, memberships, prices): every change an
+    operator saves or deletes here reaches the next turn (`billing_cache_invalidate`)."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        billing_cache_invalidate()
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)  # an account's memberships
+        billing_cache_invalidate()
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        super().delete_model(request, obj)
+        billing_cache_invalidate()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        super().delete_queryset(request, queryset)
+        billing_cache_invalidate()
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
@@ -140,7 +162,7 @@ def _limit_column(
 
 
 @admin.register(Plan)
-class PlanAdmin(admin.ModelAdmin):
+class PlanAdmin(DropsBillingCache):
     list_display = (
         "name",
         "default",
@@ -184,7 +206,7 @@ class PlanAdmin(admin.ModelAdmin):
 
 
 @admin.register(Account)
-class AccountAdmin(admin.ModelAdmin):
+class AccountAdmin(DropsBillingCache):
     list_display = ("name", "plan", "member_count", "spend_today", "spend_this_month", "created_at")
     list_filter = ("plan",)
     list_select_related = ("plan",)
@@ -298,7 +320,7 @@ class AccountAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
+class ModelPriceAdmin(DropsBillingCache):
     list_display = (
         "model",
         "input_per_mtok",

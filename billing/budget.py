@@ -35,9 +35,9 @@ from agentsite.errors import ApplicationError
 from agentsite.formatting import format_usd as usd
 
 from . import budget_sql as sql
-from .models import Account, BudgetReservation, ModelPrice, UsageRecord
+from .models import BudgetReservation, ModelPrice, UsageRecord
 from .pricing import cost_of, price_for_model
-from .quotas import account_limits
+from .quotas import AccountLimits
 from .selectors import utc_today
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,7 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
         held = sql.reservation_delete(cursor, reservation_id=reservation.id)
         if not held and UsageRecord.objects.filter(span_id=reservation.id).exists():
             return False
-        price = sql.price_exact(cursor, model=reservation.model) or price_for_model(
-            model=reservation.model
-        )
+        price = price_for_model(model=reservation.model)
         cost = (
             cost_of(
                 price=price,
@@ -279,9 +277,11 @@ def budget_release_stale(*, account_id: int, active_run_ids: Iterable[UUID]) -> 
     a query of them): a finish that failed to settle them. Their calls' usage was never
     reported, so nothing is recorded. (A run whose process died keeps its hold until the
     reaper closes it and settles it for what it streamed.) Returns how many were freed."""
-    stale = BudgetReservation.objects.filter(account_id=account_id).exclude(
-        run_id__in=active_run_ids
+    stale = list(
+        BudgetReservation.objects.filter(account_id=account_id).exclude(run_id__in=active_run_ids)
     )
+    if not stale:  # nearly always: one query, no savepoint
+        return 0
     released = 0
     with transaction.atomic(), connection.cursor() as cursor:
         for reservation in stale:
@@ -338,11 +338,11 @@ def account_lock(*, account_id: int) -> None:
         sql.account_lock(cursor, account_id=account_id)
 
 
-def runs_admit(*, account: Account, active_runs: int) -> None:
+def runs_admit(*, limits: AccountLimits, active_runs: int) -> None:
     """Refuse a new run when the account already has as many under way (`active_runs`)
-    as its limit allows. Count them after `account_lock`, in the transaction that
+    as its `limits` allow. Count them after `account_lock`, in the transaction that
     creates the run, so two simultaneous starts count each other."""
-    limit = account_limits(account=account).concurrent_runs
+    limit = limits.concurrent_runs
     if limit is None:
         return
     if active_runs >= limit:

@@ -212,24 +212,6 @@ def reservation_release(cursor: CursorWrapper, *, reservation: BudgetReservation
     return True
 
 
-def price_exact(cursor: CursorWrapper, *, model: str) -> ModelPrice | None:
-    """The active price named exactly `model` (None: try pricing.price_for_model)."""
-    cursor.execute(
-        f"SELECT input_per_mtok, output_per_mtok, cached_input_per_mtok FROM {PRICE} "
-        "WHERE model = %s AND active",
-        [model],
-    )
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    return ModelPrice(
-        model=model,
-        input_per_mtok=_decimal(row[0]),
-        output_per_mtok=_decimal(row[1]),
-        cached_input_per_mtok=_maybe_decimal(row[2]),
-    )
-
-
 def insert(cursor: CursorWrapper, row: Model) -> None:
     """INSERT `row` as Model.save() would (defaults and auto_now_add applied), without
     reading it back: an auto id stays unset."""

@@ -3,6 +3,9 @@
 from decimal import ROUND_HALF_UP, Decimal
 from fnmatch import fnmatchcase
 
+from agentsite.cache import cache_versioned_get
+
+from .cache import BILLING_CACHE
 from .models import ModelPrice
 
 COST_QUANTUM = Decimal("0.00000001")  # 8 decimals, as stored
@@ -10,21 +13,32 @@ _MILLION = Decimal(1_000_000)
 _WILDCARDS = frozenset("*?[]")
 
 
+_PRICE_FIELDS = ("model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+
+
 def price_for_model(*, model: str) -> ModelPrice | None:
     """The active price for `model`: an exact match, else the most specific matching
-    glob (most literal characters; ties broken by the pattern, for a stable answer)."""
-    # Asked before every LLM call: the exact name alone first, one row, no table scan
-    # into model instances.
-    exact = ModelPrice.objects.filter(active=True, model=model).first()
-    if exact is not None:
-        return exact
-    prices = list(ModelPrice.objects.filter(active=True))
-    matching = [
-        p for p in prices if _WILDCARDS.intersection(p.model) and fnmatchcase(model, p.model)
-    ]
-    if not matching:
-        return None
-    return min(matching, key=lambda p: (-_literal_chars(p.model), p.model))
+    glob (most literal characters; ties broken by the pattern, for a stable answer).
+    Asked after every LLM call and for every budget line: read from the cached table of
+    active prices (dropped when an operator edits one), not the database."""
+    prices = cache_versioned_get(group=BILLING_CACHE, key="prices", read=_active_prices)
+    row = prices.get(model)
+    if row is None:
+        matching = [
+            pattern
+            for pattern in prices
+            if _WILDCARDS.intersection(pattern) and fnmatchcase(model, pattern)
+        ]
+        if not matching:
+            return None
+        row = prices[min(matching, key=lambda pattern: (-_literal_chars(pattern), pattern))]
+    return ModelPrice(**dict(zip(_PRICE_FIELDS, row, strict=True)))
+
+
+def _active_prices() -> dict[str, tuple]:
+    # Plain values, not model instances: smaller to store and to unpickle on every read.
+    rows = ModelPrice.objects.filter(active=True).values_list(*_PRICE_FIELDS)
+    return {row[0]: row for row in rows}
 
 
 def _literal_chars(pattern: str) -> int:

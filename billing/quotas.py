@@ -23,6 +23,14 @@ class AccountLimits:
     concurrent_runs: int | None = None
 
 
+@dataclass(frozen=True)
+class AccountQuotas:
+    """The account a user spends from, and the limits in force for it."""
+
+    account_id: int
+    limits: AccountLimits
+
+
 def account_limits(*, account: Account) -> AccountLimits:
     """The limits in force for `account` (its `plan` should be select_related)."""
     values = {}

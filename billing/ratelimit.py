@@ -25,8 +25,8 @@ from limits.strategies import MovingWindowRateLimiter
 from agentsite.errors import ApplicationError
 
 from .models import Account, ApiKey
-from .quotas import account_limits
-from .services import account_for_user
+from .quotas import AccountLimits, AccountQuotas, account_limits
+from .services import account_quotas_for_user
 
 # Redis keys are "agentsite:ratelimit:rpm/<account|key>/<id>/<N>/1/minute". N is part
 # of the key, so a changed limit starts counting afresh.
@@ -73,14 +73,23 @@ def rate_limit_hit(*, account: Account, api_key: ApiKey | None = None) -> None:
     if api_key is not None and in_force.requests_per_minute_per_key:
         item = RateLimitItemPerMinute(in_force.requests_per_minute_per_key, namespace=NAMESPACE)
         _hit(limiter, item, ("key", str(api_key.pk)), whose="this API key")
-    if in_force.requests_per_minute_per_account:
-        item = RateLimitItemPerMinute(in_force.requests_per_minute_per_account, namespace=NAMESPACE)
-        _hit(limiter, item, ("account", str(account.pk)), whose="this account")
+    _account_hit(limiter, account_id=account.pk, limits=in_force)
 
 
-def rate_limit_hit_for_user(*, user_id: int) -> None:
-    """`rate_limit_hit` for a request made as a signed-in user (a session, the chat)."""
-    rate_limit_hit(account=account_for_user(user_id=user_id))
+def rate_limit_hit_for_user(*, user_id: int) -> AccountQuotas:
+    """`rate_limit_hit` for a request made as a signed-in user (a session, the chat).
+    Returns the account and limits it counted against, for the work it lets in."""
+    quotas = account_quotas_for_user(user_id=user_id)
+    _account_hit(get_limiter(), account_id=quotas.account_id, limits=quotas.limits)
+    return quotas
+
+
+def _account_hit(
+    limiter: MovingWindowRateLimiter, *, account_id: int, limits: AccountLimits
+) -> None:
+    if limits.requests_per_minute_per_account:
+        item = RateLimitItemPerMinute(limits.requests_per_minute_per_account, namespace=NAMESPACE)
+        _hit(limiter, item, ("account", str(account_id)), whose="this account")
 
 
 def _hit(

@@ -13,9 +13,12 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from agentsite.cache import cache_versioned_get
 from agentsite.errors import ApplicationError
 
+from .cache import BILLING_CACHE
 from .models import Account, ApiKey, Membership, Plan
+from .quotas import AccountQuotas, account_limits
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,18 @@ def account_for_user(*, user_id: int) -> Account:
             return account
     except IntegrityError:
         return Membership.objects.select_related("account__plan").get(user_id=user_id).account
+
+
+def account_quotas_for_user(*, user_id: int) -> AccountQuotas:
+    """The user's account and the limits in force for it (`account_for_user`), from the
+    cache: what every chat message and signed-in API request needs before it is let in,
+    without the query that joins membership, account and plan."""
+
+    def read() -> AccountQuotas:
+        account = account_for_user(user_id=user_id)
+        return AccountQuotas(account_id=account.pk, limits=account_limits(account=account))
+
+    return cache_versioned_get(group=BILLING_CACHE, key=f"quotas:{user_id}", read=read)
 
 
 def _account_of(*, user_id: int) -> Account | None:

@@ -11,12 +11,12 @@ import logging
 from typing import Any
 from uuid import UUID
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from agentsite.errors import ApplicationError
 from agentsite.metrics import OPEN_WEBSOCKETS
-from billing.ratelimit import rate_limit_hit_for_user
 
 from . import lifecycle, selectors, services
 from .events import Event, conversation_group, event_log
@@ -41,6 +41,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         with OPEN_WEBSOCKETS.track_inprogress():
             await super().__call__(scope, receive, send)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' own dispatch first closes stale database connections in a thread hop,
+        # for every message: every event of every run this socket follows. Nothing here
+        # touches the database but through database_sync_to_async, which does that
+        # around each call.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']!r}")
+        await handler(message)
+
     async def connect(self) -> None:
         self.sent_seq: dict[str, int] = {}
         # The run under way at connect: followed only once the client resumes it.
@@ -52,22 +62,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        lease_keeper().ensure_started()
         try:
-            self.conversation = await database_sync_to_async(selectors.conversation_get)(
+            joined = await database_sync_to_async(services.conversation_join)(
                 user=user, conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"]
             )
         except ApplicationError:
             await self.close(code=CLOSE_NOT_FOUND)
             return
+        self.conversation = joined.conversation
         self.group = conversation_group(self.conversation.id)
+        # Joined after the lookup (one hop for all of it): a run that starts in between
+        # reaches this socket with its next event, which brings the earlier ones from
+        # the log (run_event).
         await self.channel_layer.group_add(self.group, self.channel_name)
-        # A run whose process died is closed now, not at the next reaper tick: its
-        # final event reaches this socket when the client resumes it.
-        lease_keeper().ensure_started()
-        await lifecycle.runs_reap(conversation_id=self.conversation.id)
-        active = await database_sync_to_async(selectors.run_get_active)(
-            conversation=self.conversation
-        )
+        # Runs whose process died were closed by the lookup: their final events reach
+        # this socket when the client resumes them.
+        for closed in joined.closed:
+            await lifecycle.run_closed_publish(closed)
+        active = joined.active_run
         if active is not None:
             self.awaiting_resume.add(str(active.id))
         await self.send_json(
@@ -95,9 +108,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.type == "message":
             # Starting a run counts like an API request; cancel and resume never do, so
             # a user over the limit can still stop a run and watch it.
-            await database_sync_to_async(rate_limit_hit_for_user)(user_id=self.scope["user"].pk)
             await database_sync_to_async(services.run_create)(
-                conversation=self.conversation, content=frame.content
+                conversation=self.conversation, content=frame.content, count_request=True
             )
         elif frame.type == "cancel":
             await database_sync_to_async(services.run_cancel)(
@@ -119,15 +131,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             run=run, events=events, after_seq=self.sent_seq[key]
         )
         await self._send_events([*events, final] if final else events)
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels first closes stale database connections for every message, a hop to
-        # the database thread that every socket would make for every batch of tokens
-        # and queue behind the runs' queries; live events never touch the database.
-        if message["type"] == "run.events":
-            await self.run_events(message)
-        else:
-            await super().dispatch(message)
 
     async def run_events(self, message: dict[str, Any]) -> None:
         """Live events of one run, in seq order, from the channel layer (handler for type

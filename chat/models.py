@@ -1,4 +1,5 @@
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -23,20 +24,25 @@ class Conversation(models.Model):
         return self.title
 
 
+def lease_held(now: datetime) -> Q:
+    """Of active runs, those a process is executing or a queue holds: their lease is
+    current, or they have none because they wait in a queue."""
+    return Q(lease_expires_at__isnull=True) | Q(lease_expires_at__gte=now)
+
+
+def lease_lapsed(now: datetime) -> Q:
+    """Of active runs, those whose process stopped renewing their lease."""
+    return Q(lease_expires_at__lt=now)
+
+
 class RunQuerySet(models.QuerySet["Run"]):
     """Which runs somebody is executing, by their lease (see `chat.lifecycle`)."""
 
     def alive(self) -> "RunQuerySet":
-        """Active runs a process is executing or a queue holds: their lease is current,
-        or they have none because they wait in a queue."""
-        return self.filter(
-            Q(lease_expires_at__isnull=True) | Q(lease_expires_at__gte=timezone.now()),
-            status__in=Run.ACTIVE_STATUSES,
-        )
+        return self.filter(lease_held(timezone.now()), status__in=Run.ACTIVE_STATUSES)
 
     def lost(self) -> "RunQuerySet":
-        """Active runs whose lease lapsed: the process executing them stopped renewing it."""
-        return self.filter(status__in=Run.ACTIVE_STATUSES, lease_expires_at__lt=timezone.now())
+        return self.filter(lease_lapsed(timezone.now()), status__in=Run.ACTIVE_STATUSES)
 
 
 class Run(models.Model):

@@ -1,24 +1,28 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
+from dataclasses import dataclass
 from functools import partial
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.contrib.auth.models import User
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import transaction
+from django.db.models import Case, Count, F, Q, Value, When
+from django.utils import timezone
 
 from agentsite.errors import ApplicationError
 from agentsite.text import UNSTORABLE
 from billing.budget import account_lock, budget_release_stale, runs_admit
-from billing.services import account_for_user
+from billing.ratelimit import rate_limit_hit_for_user
+from billing.services import account_quotas_for_user
 
-from . import lifecycle
+from . import lifecycle, selectors
 from .agent.checkpointer import delete_thread
 from .agent.executor import get_executor
 from .agent.models import model_info
-from .models import Conversation, Message, Run
+from .models import Conversation, Message, Run, lease_held, lease_lapsed
 
 TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
@@ -86,48 +90,103 @@ def _unstorable_message(what: str) -> str:
     )
 
 
-def run_create(*, conversation: Conversation, content: object) -> Run:
-    """Record the user's message and queue a run to answer it; the run starts on commit."""
+@dataclass(frozen=True)
+class ConversationJoined:
+    conversation: Conversation
+    # The run under way, if any.
+    active_run: Run | None
+    # Runs whose process died, closed now: their final events are the caller's to publish.
+    closed: list[lifecycle.ClosedRun]
+
+
+def conversation_join(
+    *, user: User | AnonymousUser, conversation_id: UUID | str
+) -> ConversationJoined:
+    """What a socket needs when it opens, in one call (one thread hop, two queries
+    nearly always): the conversation if `user` may see it (else `not_found`), its runs
+    whose process died closed now rather than at the next reaper tick, and the run
+    still under way."""
+    conversation = selectors.conversation_get(user=user, conversation_id=conversation_id)
+    active = selectors.run_get_active(conversation=conversation)
+    closed: list[lifecycle.ClosedRun] = []
+    if active is not None:  # a run whose process died is still active until closed
+        closed = lifecycle.runs_close_lapsed(conversation_id=conversation.id)
+        if closed:
+            active = selectors.run_get_active(conversation=conversation)
+    return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
+
+
+def run_create(*, conversation: Conversation, content: object, count_request: bool = False) -> Run:
+    """Record the user's message and queue a run to answer it; the run starts on commit.
+    `count_request`: count it against the account's requests per minute first (the chat
+    socket's messages; nothing else has counted them).
+
+    One transaction of five statements (six on PostgreSQL), nearly always: what is
+    rare (a run whose process died, a hold its run left) costs more only when it is
+    there."""
+    owner = conversation.owner_id
+    quotas = (
+        rate_limit_hit_for_user(user_id=owner)
+        if count_request
+        else account_quotas_for_user(user_id=owner)
+    )
     text = _clean_message(content)
-    account = account_for_user(user_id=conversation.owner_id)
+    title = _clean_title(text[:60])
     with transaction.atomic():
         # The account first, as every writer of its budget does (no deadlocks); then the
-        # conversation, so two tabs cannot start two runs at once.
-        account_lock(account_id=account.pk)
-        conversation = Conversation.objects.select_for_update().get(id=conversation.id)
-        # A run whose process died blocks nothing, and is closed now rather than by the
-        # next reaper tick: before its hold could be taken for stale below.
-        for closed in lifecycle.runs_close_lapsed(conversation_id=conversation.id):
-            transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
+        # conversation's row (this update locks it), so two tabs cannot start two runs
+        # at once.
+        account_lock(account_id=quotas.account_id)
+        touched = Conversation.objects.filter(id=conversation.id).update(
+            title=Case(When(title=DEFAULT_TITLE, then=Value(title)), default=F("title")),
+            updated_at=timezone.now(),
+        )
+        if not touched:
+            raise ApplicationError("not_found", "There is no such conversation.", http_status=404)
+        runs = _runs_under_way(account_id=quotas.account_id, conversation_id=conversation.id)
+        if runs["lost_here"]:
+            # A run whose process died blocks nothing, and is closed now rather than by
+            # the next reaper tick: before its hold could be taken for stale below.
+            for closed in lifecycle.runs_close_lapsed(conversation_id=conversation.id):
+                transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
         budget_release_stale(
-            account_id=account.pk,
+            account_id=quotas.account_id,
             active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
                 "id", flat=True
             ),
         )
-        if conversation.runs.alive().exists():
+        if runs["alive_here"]:
             raise ApplicationError(
                 "run_active",
                 "The agent is still answering the previous message; wait or press stop.",
                 http_status=409,
             )
-        runs_admit(
-            account=account,
-            active_runs=Run.objects.alive()
-            .filter(conversation__owner__membership__account=account)
-            .count(),
-        )
-        if conversation.title == DEFAULT_TITLE:
-            conversation.title = _clean_title(text[:60])
-        conversation.save(update_fields=["title", "updated_at"])
+        runs_admit(limits=quotas.limits, active_runs=runs["alive"])
         run = Run.objects.create(
-            conversation=conversation, model=model_info().name, **lifecycle.run_queued_lease()
+            conversation_id=conversation.id,
+            model=model_info().name,
+            **lifecycle.run_queued_lease(),
         )
         Message.objects.create(
-            conversation=conversation, run=run, role=Message.Role.USER, content=text
+            conversation_id=conversation.id, run=run, role=Message.Role.USER, content=text
         )
         transaction.on_commit(lambda: get_executor().submit(run.id))
     return run
+
+
+def _runs_under_way(*, account_id: int, conversation_id: UUID) -> dict[str, int]:
+    """The account's active runs, counted in one query: `alive` (the account's, held
+    against its limit), `alive_here` and `lost_here` (this conversation's, alive or
+    whose process died)."""
+    now = timezone.now()
+    here = Q(conversation_id=conversation_id)
+    return Run.objects.filter(
+        status__in=Run.ACTIVE_STATUSES, conversation__owner__membership__account_id=account_id
+    ).aggregate(
+        alive=Count("id", filter=lease_held(now)),
+        alive_here=Count("id", filter=lease_held(now) & here),
+        lost_here=Count("id", filter=lease_lapsed(now) & here),
+    )
 
 
 def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) -> Run:

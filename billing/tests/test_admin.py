@@ -17,10 +17,13 @@ from billing.models import (
     Membership,
     ModelPrice,
     Plan,
+    Quotas,
     UsageRecord,
 )
+from billing.pricing import price_for_model
+from billing.ratelimit import RateLimitExceeded, rate_limit_hit_for_user
 from billing.selectors import DayUsage, utc_today
-from billing.services import account_for_user
+from billing.services import account_for_user, account_quotas_for_user
 
 
 def ledger(account, *, day, cost, model="agentsite-offline-demo", **tokens):
@@ -276,3 +279,88 @@ def test_the_ledger_shows_and_filters_estimated_usage(admin_client, make_user, p
     row = "/billing/usagerecord/{}/change/"
     assert row.format(estimated.pk) in only_estimated
     assert row.format(reported.pk) not in only_estimated
+
+
+def quota_form(plan_or_account, **changes):
+    """The change form's fields as the admin would post them back, with `changes`."""
+    data = {"name": plan_or_account.name}
+    for name in Quotas.QUOTA_FIELDS:
+        value = getattr(plan_or_account, name)
+        data[name] = "" if value is None else str(value)
+    data.update({name: str(value) for name, value in changes.items()})
+    return data
+
+
+def test_a_plan_limit_an_operator_lowers_holds_from_the_next_request(admin_client, make_user):
+    user = make_user()
+    account = account_for_user(user_id=user.id)
+    account.plan = Plan.objects.create(name="Busy", requests_per_minute_per_account=5)
+    account.save(update_fields=["plan"])
+    rate_limit_hit_for_user(user_id=user.id)  # the limits are cached from here on
+
+    response = admin_client.post(
+        reverse("admin:billing_plan_change", args=[account.plan_id]),
+        quota_form(account.plan, requests_per_minute_per_account=1),
+    )
+
+    assert response.status_code == 302
+    rate_limit_hit_for_user(user_id=user.id)  # a new limit counts afresh
+    with pytest.raises(RateLimitExceeded, match="allows 1 per minute"):
+        rate_limit_hit_for_user(user_id=user.id)
+
+
+def test_an_account_override_an_operator_sets_holds_from_the_next_run(admin_client, make_user):
+    user = make_user()
+    account = account_for_user(user_id=user.id)
+    assert account_quotas_for_user(user_id=user.id).limits.concurrent_runs != 1
+    membership = account.memberships.get()
+
+    response = admin_client.post(
+        reverse("admin:billing_account_change", args=[account.id]),
+        {
+            **quota_form(account, concurrent_runs=1),
+            "plan": account.plan_id or "",
+            "memberships-TOTAL_FORMS": "1",
+            "memberships-INITIAL_FORMS": "1",
+            "memberships-0-id": str(membership.id),
+            "memberships-0-account": str(account.id),
+            "memberships-0-user": str(user.id),
+            "memberships-0-role": membership.role,
+        },
+    )
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert account_quotas_for_user(user_id=user.id).limits.concurrent_runs == 1
+
+
+def test_a_price_an_operator_edits_prices_the_next_call(admin_client, prices):
+    before = price_for_model(model="agentsite-offline-demo")  # cached from here on
+    price = ModelPrice.objects.get(model="agentsite-offline-demo")
+
+    response = admin_client.post(
+        reverse("admin:billing_modelprice_change", args=[price.id]),
+        {
+            "model": price.model,
+            "input_per_mtok": "3.000000",
+            "output_per_mtok": "9.000000",
+            "cached_input_per_mtok": "",
+            "active": "on",
+        },
+    )
+
+    assert response.status_code == 302
+    after = price_for_model(model="agentsite-offline-demo")
+    assert before.input_per_mtok != Decimal(3)
+    assert (after.input_per_mtok, after.output_per_mtok) == (Decimal(3), Decimal(9))
+
+
+def test_a_price_an_operator_deactivates_is_gone_from_the_next_call(admin_client, prices):
+    assert price_for_model(model="agentsite-offline-demo") is not None
+    price = ModelPrice.objects.get(model="agentsite-offline-demo")
+
+    response = admin_client.post(
+        reverse("admin:billing_modelprice_delete", args=[price.id]), {"post": "yes"}
+    )
+
+    assert response.status_code == 302
+    assert price_for_model(model="agentsite-offline-demo") is None

@@ -2,6 +2,7 @@ from decimal import Decimal
 
 import pytest
 
+from billing.cache import billing_cache_invalidate
 from billing.models import ModelPrice
 from billing.pricing import cost_of, price_for_model
 
@@ -9,12 +10,14 @@ pytestmark = pytest.mark.django_db
 
 
 def price(model="m", input_rate="2.00", output_rate="8.00", cached_rate="0.50"):
-    return ModelPrice.objects.create(
+    created = ModelPrice.objects.create(
         model=model,
         input_per_mtok=Decimal(input_rate),
         output_per_mtok=Decimal(output_rate),
         cached_input_per_mtok=None if cached_rate is None else Decimal(cached_rate),
     )
+    billing_cache_invalidate()  # as the admin does: prices are cached
+    return created
 
 
 def test_cached_input_is_billed_at_the_cached_rate_the_rest_at_the_input_rate():
@@ -59,6 +62,7 @@ def test_an_unknown_or_inactive_model_has_no_price(prices):
     for sibling in ("o3-pro", "gpt-5-pro", "claude-opus-4-5"):
         assert price_for_model(model=sibling) is None
     ModelPrice.objects.filter(model="agentsite-offline-demo").update(active=False)
+    billing_cache_invalidate()
     assert price_for_model(model="agentsite-offline-demo") is None
 
 

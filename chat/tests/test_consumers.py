@@ -1,13 +1,18 @@
+import asyncio
 import uuid
 
 import pytest
 from channels.db import database_sync_to_async
 
+from agentsite.asgi import application
+from billing.services import account_quotas_for_user
 from chat import services
+from chat.agent.executor import get_executor
 from chat.agent.history import TOOL_SKIPPED_MESSAGE
 from chat.events import RunEventStream, event_log, frames_of
+from chat.lifecycle import LeaseKeeper
 from chat.models import Message, Run
-from conftest import open_socket, receive_until, wait_for_runs
+from conftest import open_socket, receive_until, session_cookie, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -318,3 +323,105 @@ async def test_the_wall_clock_limit_stops_a_slow_run(make_user, settings):
     partial = await Message.objects.filter(run=run, role="assistant").afirst()
     assert partial is not None and partial.content  # what streamed before the stop is kept
     await socket.disconnect()
+
+
+class Hops:
+    """Thread hops (sync_to_async calls, by function name) and SQL statements made while
+    it counts, on any thread."""
+
+    def __init__(self, monkeypatch) -> None:
+        from asgiref.sync import SyncToAsync
+        from django.db.backends.utils import CursorWrapper
+
+        self.hops: list[str] = []
+        self.queries: list[str] = []
+        hop, execute = SyncToAsync.__call__, CursorWrapper._execute  # type: ignore[attr-defined]
+
+        async def counted_hop(wrapper, *args, **kwargs):
+            self.hops.append(getattr(wrapper.func, "__name__", type(wrapper.func).__name__))
+            return await hop(wrapper, *args, **kwargs)
+
+        def counted_execute(cursor, sql, *args):
+            self.queries.append(sql)
+            return execute(cursor, sql, *args)
+
+        monkeypatch.setattr(SyncToAsync, "__call__", counted_hop)
+        monkeypatch.setattr(CursorWrapper, "_execute", counted_execute)
+
+        async def no_tick(keeper) -> None:  # the keeper's heartbeat is not the socket's
+            return None
+
+        monkeypatch.setattr(LeaseKeeper, "tick", no_tick)
+
+    def reset(self) -> None:
+        self.hops.clear()
+        self.queries.clear()
+
+
+async def test_connect_is_two_thread_hops_and_three_queries(make_user, monkeypatch):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    cookie = await database_sync_to_async(session_cookie)(user)
+    counted = Hops(monkeypatch)
+
+    socket = await open_socket_with_cookie(f"/ws/chat/{conversation.id}/", cookie)
+    assert (await socket.receive_json_from())["type"] == "session"
+
+    # The user (Channels' auth, the session from the cache), then the conversation and
+    # its run under way (one hop); no query for the session, none for lapsed runs.
+    assert counted.hops == ["get_user", "conversation_join"], counted.hops
+    assert len(counted.queries) == 3, counted.queries
+    await socket.disconnect()
+
+
+async def test_a_message_is_admitted_in_one_hop_and_one_short_transaction(make_user, monkeypatch):
+    counted = Hops(monkeypatch)
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    # As for every message but a user's first: the account exists, its quotas cached.
+    await database_sync_to_async(account_quotas_for_user)(user_id=user.pk)
+    counted.reset()
+    submitted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Only the admission: the run is left queued.
+    monkeypatch.setattr(
+        get_executor(), "submit", lambda run_id: loop.call_soon_threadsafe(submitted.set)
+    )
+
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    await asyncio.wait_for(submitted.wait(), 10)
+
+    # The rate limit, the account's quotas (cached), the admission and the run and its
+    # message: one hop; BEGIN, the conversation, one count of the runs under way, stale
+    # holds, the run and the message (and the account's lock on PostgreSQL).
+    assert counted.hops == ["run_create"], counted.hops
+    assert len(counted.queries) <= 6, counted.queries
+    run = await Run.objects.aget(conversation=conversation)
+    assert run.status == Run.Status.QUEUED
+    await socket.disconnect()
+
+
+async def test_run_events_reach_the_socket_without_a_thread_hop_each(make_user, monkeypatch):
+    counted = Hops(monkeypatch)
+    user = await database_sync_to_async(make_user)()
+    _, socket = await start(user)
+
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    frames = await receive_until(socket, "run.completed")
+    await wait_for_runs()
+
+    # Channels' dispatch would close stale connections in a hop before each handler.
+    assert len(frames) > 5
+    assert not [hop for hop in counted.hops if hop in ("close_old_connections", "no_op")]
+    await socket.disconnect()
+
+
+async def open_socket_with_cookie(path, cookie):
+    from channels.testing import WebsocketCommunicator
+
+    headers = [(b"origin", b"http://localhost"), (b"host", b"localhost")]
+    headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator

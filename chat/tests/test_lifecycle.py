@@ -38,6 +38,17 @@ async def connected(user):
     return conversation, socket
 
 
+@pytest.fixture
+def keeper_held_off(monkeypatch):
+    """For tests that reap an orphan themselves: the keeper the socket starts would
+    race them to it."""
+
+    async def no_tick(keeper) -> None:
+        return None
+
+    monkeypatch.setattr(lifecycle.LeaseKeeper, "tick", no_tick)
+
+
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -84,7 +95,7 @@ def with_hold_and_trace(run: Run, user, *, call_id: uuid.UUID | None = None, **s
 
 
 @pytest.mark.usefixtures("prices")
-async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user):
+async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user, keeper_held_off):
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
     # Its last renewal recorded 9 streamed tokens of the call it was making.
@@ -205,7 +216,9 @@ async def test_runs_with_a_live_lease_or_waiting_in_a_queue_are_not_reaped(make_
     assert {r.id async for r in Run.objects.alive()} == {alive.id, queued.id}
 
 
-async def test_stop_on_a_lost_run_closes_it_with_a_frame_and_a_closed_trace(make_user):
+async def test_stop_on_a_lost_run_closes_it_with_a_frame_and_a_closed_trace(
+    make_user, keeper_held_off
+):
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
     run = await database_sync_to_async(orphan)(conversation)
