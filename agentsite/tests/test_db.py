@@ -12,8 +12,11 @@ from agentsite.asgi import application
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def test_an_http_request_closes_the_connection_its_thread_opened() -> None:
+async def test_an_http_request_closes_the_connection_its_thread_opened(monkeypatch) -> None:
     assert connection.vendor == "sqlite"
+    # As deployed (the test settings close every connection after use); every thread's
+    # connection reads this dict when it opens.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     opened: list[Any] = []
 
     def record(sender: Any, connection: Any, **_: Any) -> None:
