@@ -10,7 +10,9 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.core.signals import request_finished  # noqa: E402
 
+from agentsite.db import request_connections_close  # noqa: E402
 from agentsite.websocket import SameOriginValidator, daphne_fail_with_close_frames  # noqa: E402
 from chat.agent.models import chat_model_preload  # noqa: E402
 from chat.lifecycle import lease_keeper_start_with_server  # noqa: E402
@@ -18,6 +20,7 @@ from chat.metrics import chat_metrics_preinitialise  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
 daphne_fail_with_close_frames()
+request_finished.connect(request_connections_close)
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

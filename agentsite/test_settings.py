@@ -18,3 +18,9 @@ AGENT_CHECKPOINT_SQLITE_PATH = os.path.join(_TEST_DIR, "checkpoints.sqlite3")
 # busy timeout) that the deployed monolith has; shared cache fails at once instead.
 DATABASES["default"]["TEST"] = {"NAME": os.path.join(_TEST_DIR, "test.sqlite3")}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# pytest-django allows each test the database or not. A connection kept open on the
+# thread that runs every test's `database_sync_to_async` calls would carry one test's
+# access into the next, so here each call closes its own, as Django does by default.
+# What the deployed setting keeps open is tested in agentsite/tests/test_db.py and by
+# the drills that start a real server.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405

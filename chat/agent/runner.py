@@ -27,7 +27,7 @@ from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
 
 from .budget import RunBudget, usage_of
-from .checkpointer import checkpointer
+from .checkpointer import CHECKPOINT_DURABILITY, checkpointer
 from .context import Context
 from .errors import provider_error_from
 from .graph import build_graph
@@ -200,7 +200,11 @@ async def _drive_graph(
     async with checkpointer() as saver:
         graph = build_graph(saver, budget=budget)
         parts = graph.astream(
-            graph_input, config, context=context, stream_mode=["messages", "updates"]
+            graph_input,
+            config,
+            context=context,
+            stream_mode=["messages", "updates"],
+            durability=CHECKPOINT_DURABILITY,
         )
         # With several stream modes LangGraph yields (mode, data) pairs.
         async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):

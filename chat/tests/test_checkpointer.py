@@ -1,16 +1,20 @@
 """Conversation memory lives in LangGraph's checkpoint savers, never in process memory."""
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage
+from channels.db import database_sync_to_async
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
-from chat.agent.checkpointer import open_saver
+from chat import services
+from chat.agent.checkpointer import checkpointer, open_saver
 from chat.agent.context import Context
 from chat.agent.graph import build_graph
 from chat.tests.test_graph import ScriptedModel
+from conftest import account_with_limits, wait_for_runs
 from tests.servers import POSTGRES, postgres_available
 
 BACKENDS = [
@@ -32,17 +36,10 @@ BACKENDS = [
 async def turn(saver: Any, thread_id: str, text: str, reply: str) -> ScriptedModel:
     model = ScriptedModel(script=[AIMessage(reply)], prompts=[])
     graph = build_graph(saver, load_model=lambda: model)
-    context = Context(
-        run_id=uuid.uuid4(),
-        conversation_id=uuid.UUID(thread_id),
-        user_id=1,
-        max_steps=4,
-        context_tokens=4000,
-    )
     await graph.ainvoke(
         {"messages": [HumanMessage(text)], "steps": 0},
         {"configurable": {"thread_id": thread_id}},
-        context=context,
+        context=context_of(uuid.UUID(thread_id)),
     )
     return model
 
@@ -80,3 +77,46 @@ async def test_the_postgres_saver_pool_is_bounded(settings) -> None:
         assert saver.conn.max_size == 3
     finally:
         await saver.conn.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_run_saves_its_steps_as_it_goes_so_a_dead_one_resumes_after_its_tool(
+    make_user,
+) -> None:
+    user = await database_sync_to_async(make_user)()
+    await database_sync_to_async(account_with_limits)(user)
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="What is 17 * 23?"
+    )
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    # What a process that died just after the calculator answered would have left.
+    thread = {"configurable": {"thread_id": str(conversation.id)}}
+    async with checkpointer() as saver:
+        history = [s async for s in build_graph(saver).aget_state_history(thread)]
+        [after_tool] = [
+            step
+            for step in history
+            if step.next == ("call_model",) and isinstance(step.values["messages"][-1], ToolMessage)
+        ]
+        assert after_tool.values["messages"][-1].content == "391"
+
+        # Resumed from there, the run asks the model for its answer; the tool is not run.
+        model = ScriptedModel(script=[AIMessage("17 * 23 = 391.")], prompts=[])
+        resumed = await build_graph(saver, load_model=lambda: model).ainvoke(
+            None, after_tool.config, context=context_of(conversation.id)
+        )
+    added = resumed["messages"][len(after_tool.values["messages"]) :]
+    assert [(type(m), m.content) for m in added] == [(AIMessage, "17 * 23 = 391.")]
+    assert isinstance(model.prompts[0][-1], ToolMessage)
+
+
+def context_of(conversation_id: uuid.UUID) -> Context:
+    return Context(
+        run_id=uuid.uuid4(),
+        conversation_id=conversation_id,
+        user_id=1,
+        max_steps=4,
+        context_tokens=4000,
+    )
