@@ -40,6 +40,7 @@ from django.utils import timezone
 from agentsite.formatting import format_usd
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
+from billing.services import account_for_user
 from tracing.capture import trace_status_for
 from tracing.export import schedule_stored
 from tracing.services import trace_close_interrupted
@@ -93,9 +94,19 @@ def run_queued_lease() -> dict[str, Any]:
     return {"lease_owner": PROCESS_ID, "lease_expires_at": _lease_expiry()}
 
 
-def run_start(*, run_id: UUID) -> Run | None:
-    """Mark a queued run running under this process's lease; None if it is no longer
-    queued (cancelled meanwhile)."""
+@dataclass(frozen=True)
+class StartedRun:
+    """A run just started, with what executing it needs (fetched in the same hop)."""
+
+    run: Run  # its conversation selected with it
+    account_id: int
+    user_message: Message | None
+
+
+def run_start(*, run_id: UUID) -> StartedRun | None:
+    """Mark a queued run running under this process's lease, and return it with its
+    account and the message it answers; None if it is no longer queued (cancelled
+    meanwhile)."""
     started = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
         started_at=timezone.now(),
@@ -105,7 +116,12 @@ def run_start(*, run_id: UUID) -> Run | None:
     )
     if not started:
         return None
-    return Run.objects.select_related("conversation").get(id=run_id)
+    run = Run.objects.select_related("conversation").get(id=run_id)
+    return StartedRun(
+        run=run,
+        account_id=account_for_user(user_id=run.conversation.owner_id).pk,
+        user_message=run.messages.filter(role=Message.Role.USER).first(),
+    )
 
 
 def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
