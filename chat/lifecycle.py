@@ -173,7 +173,8 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
     another process): it is left as it is. A run deleted with its conversation while it
     ran has nothing stored, but its final event all the same, for the sockets still
     open on it."""
-    with transaction.atomic():
+    # No savepoint of its own where the finisher's transaction holds it.
+    with transaction.atomic(savepoint=False):
         run = (
             Run.objects.select_for_update(of=("self",))
             .select_related("conversation")

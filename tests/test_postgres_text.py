@@ -39,7 +39,9 @@ run = Run.objects.create(conversation=conversation, model="m", status=Run.Status
 outcome = RunOutcome(status=Run.Status.FAILED, error_code="x", error_message="bad\x00end")
 outcome.record(TextStreamed("before\x00after \ud800"))
 outcome.record(ToolStarted(tool_call_id="c1", name="calculator", args={"expression": "1\x00+1"}))
-outcome.record(ToolFinished(tool_call_id="c1", name="calculator", result="out\x00put", is_error=True))
+outcome.record(
+    ToolFinished(tool_call_id="c1", name="calculator", result="out\x00put", is_error=True)
+)
 assert lifecycle.run_finish(run_id=run.id, outcome=outcome, final_seq=5) is not None
 answer = Message.objects.get(run=run, role=Message.Role.ASSISTANT)
 tool = Message.objects.get(run=run, role=Message.Role.TOOL).tool

@@ -10,11 +10,13 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.db import transaction
 
-from billing.budget import RunCost, Usage, usage_close_run
+from billing.budget import RunCost, Usage, budget_settle, usage_close_run
 from chat import lifecycle
 from chat.events import Event, RunEventStream
 from chat.run_outcome import RunOutcome
 from tracing.capture import RunTracer, trace_status_for
+
+from .budget import RunBudget
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +36,15 @@ async def run_finish_and_publish(
     outcome: RunOutcome,
     stream: RunEventStream | None,
     tracer: RunTracer | None,
-    bill: bool,
+    budget: RunBudget | None,
 ) -> Finished:
     """Record the run's end and publish its final event. `stream`: None if the run never
-    started (nothing to publish to); `bill`: it may hold budget (it started).
+    started (nothing to publish to); `budget`: None if it never got as far as holding
+    any.
 
     Shielded: a late cancel must not lose the recorded outcome, its cost or the final
     event every open socket is waiting for; the finishing goes on and is waited for."""
-    finishing = asyncio.ensure_future(_finish(run_id, outcome, stream, tracer, bill))
+    finishing = asyncio.ensure_future(_finish(run_id, outcome, stream, tracer, budget))
     try:
         return await asyncio.shield(finishing)
     except asyncio.CancelledError:
@@ -53,14 +56,14 @@ async def _finish(
     outcome: RunOutcome,
     stream: RunEventStream | None,
     tracer: RunTracer | None,
-    bill: bool,
+    budget: RunBudget | None,
 ) -> Finished:
     traced = tracer is not None and await _trace_close(tracer, outcome)
     recorded = await database_sync_to_async(run_end_record)(
         run_id=run_id,
         outcome=outcome,
         final_seq=(stream.seq if stream else 0) + 1,
-        bill=bill,
+        budget=budget,
         tracer=tracer if traced else None,
     )
     if recorded.final is not None and stream is not None:
@@ -94,7 +97,12 @@ class RecordedEnd:
 
 
 def run_end_record(
-    *, run_id: UUID, outcome: RunOutcome, final_seq: int, bill: bool, tracer: RunTracer | None
+    *,
+    run_id: UUID,
+    outcome: RunOutcome,
+    final_seq: int,
+    budget: RunBudget | None,
+    tracer: RunTracer | None,
 ) -> RecordedEnd:
     """The run's end, in one transaction: the ledger first (the run's totals become the
     ledger's, so the footer, the run and the ledger agree), then the run and its answer
@@ -102,14 +110,15 @@ def run_end_record(
     its trace, with the ledger's costs. The ledger and the trace each in a savepoint: a
     failure there is logged and loses the cost or the trace, never the answer."""
     with transaction.atomic():
-        cost = _usage_close(run_id, outcome) if bill else None
+        cost = _usage_close(run_id, outcome, budget) if budget is not None else None
         final = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
         traced = tracer is not None and _trace_store(tracer, cost)
     return RecordedEnd(final=final, cost=cost, traced=traced)
 
 
-def _usage_close(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
-    """Settle the run's calls still held into the ledger."""
+def _usage_close(run_id: UUID, outcome: RunOutcome, budget: RunBudget) -> RunCost | None:
+    """Settle the run's calls still held into the ledger: its last call with its usage,
+    calls cut short with what the run saw of them (`usage_close_run`)."""
     seen = Usage(
         input_tokens=outcome.input_tokens,
         output_tokens=outcome.output_tokens,
@@ -117,6 +126,8 @@ def _usage_close(run_id: UUID, outcome: RunOutcome) -> RunCost | None:
     )
     try:
         with transaction.atomic():
+            if budget.unsettled is not None:
+                budget_settle(reservation=budget.unsettled[0], usage=budget.unsettled[1])
             cost = usage_close_run(run_id=run_id, seen=seen)
     except Exception:
         logger.exception("run %s: could not record its usage", run_id)

@@ -60,7 +60,7 @@ def make_model_node(load_model: ModelFactory) -> Callable[..., Awaitable[State]]
             # run's finish settles it with what it streamed.
             response = await _reply(capped, prompt, config)
             response = with_usage_estimate(response, prompt_tokens=reservation.prompt_tokens)
-            await budget.settle(reservation, response)
+            budget.settle(reservation, response)
             if granted < budget.max_output_tokens and stopped_at_output_cap(response):
                 raise BudgetExceeded(
                     f"This answer was cut short at {granted:,} tokens: that is all the "

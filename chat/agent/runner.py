@@ -45,6 +45,7 @@ async def execute_run(run_id: UUID) -> None:
     stream: RunEventStream | None = None
     tracer: RunTracer | None = None
     started: float | None = None
+    context: Context | None = None
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     run_id_var.set(str(run_id))
     try:
@@ -54,6 +55,7 @@ async def execute_run(run_id: UUID) -> None:
         started = time.monotonic()
         metrics.ACTIVE_RUNS.inc()
         run = start.run
+        context = _context(run, account_id=start.account_id)
         tracer = _start_trace(run)
         lifecycle.lease_keeper().attach(run_id, outcome=outcome, tracer=tracer)
         stream = RunEventStream(
@@ -67,7 +69,6 @@ async def execute_run(run_id: UUID) -> None:
             user_message={"id": message.id, "content": message.content} if message else None,
         )
         logger.info("run %s started", run_id)
-        context = _context(run, account_id=start.account_id)
         async with deadline:
             await _drive_graph(context, message.content if message else "", stream, outcome, tracer)
     except asyncio.CancelledError:
@@ -89,7 +90,11 @@ async def execute_run(run_id: UUID) -> None:
     finished = None
     try:
         finished = await run_finish_and_publish(
-            run_id=run_id, outcome=outcome, stream=stream, tracer=tracer, bill=started is not None
+            run_id=run_id,
+            outcome=outcome,
+            stream=stream,
+            tracer=tracer,
+            budget=context.budget if context is not None else None,
         )
     finally:
         if started is not None:  # the run really started
