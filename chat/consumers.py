@@ -23,6 +23,7 @@ from .events import Event, conversation_group, event_log
 from .frames import ClientFrame, parse_client_frame
 from .lifecycle import lease_keeper
 from .models import Conversation
+from .presentation import browser_frame
 
 logger = logging.getLogger(__name__)
 
@@ -145,5 +146,5 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _send_events(self, events: list[Event]) -> None:
         for event in events:
             if event["seq"] > self.sent_seq.get(event["run"], 0):
-                await self.send_json(event)
+                await self.send_json(browser_frame(event))
                 self.sent_seq[event["run"]] = event["seq"]

@@ -111,9 +111,12 @@ def run_end_record(
     failure there is logged and loses the cost or the trace, never the answer."""
     with transaction.atomic():
         cost = _usage_close(run_id, outcome, budget) if budget is not None else None
-        final = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
-        traced = tracer is not None and _trace_store(tracer, cost)
-    return RecordedEnd(final=final, cost=cost, traced=traced)
+        finished = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
+        # A deleted run's trace went with it (and could not be written: the trace
+        # refers to its run).
+        gone = finished is not None and not finished.stored
+        traced = tracer is not None and not gone and _trace_store(tracer, cost)
+    return RecordedEnd(final=finished.final if finished else None, cost=cost, traced=traced)
 
 
 def _usage_close(run_id: UUID, outcome: RunOutcome, budget: RunBudget) -> RunCost | None:

@@ -66,7 +66,7 @@ async def execute_run(run_id: UUID) -> None:
             "run.started",
             model=model_info().label,
             conversation_title=run.conversation.title,
-            user_message={"id": message.id, "content": message.content} if message else None,
+            user_message=lifecycle.message_out(message.id, message.content) if message else None,
         )
         logger.info("run %s started", run_id)
         async with deadline:
