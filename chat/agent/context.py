@@ -7,9 +7,9 @@ from .budget import RunBudget
 @dataclass(frozen=True, kw_only=True)
 class Context:
     """Run-scoped values the graph may read, passed with each run (LangGraph's runtime
-    context), so one compiled graph serves every run. Ids and plain values only: request
-    and consumer objects never enter the graph, so the same graph runs in a web process
-    or on a worker."""
+    context), so one compiled graph serves every run. Ids, plain values and the run's
+    budget meter: request and consumer objects never enter the graph, so the same graph
+    runs in a web process or on a worker."""
 
     run_id: UUID
     conversation_id: UUID
