@@ -165,6 +165,11 @@ def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> lis
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
 
 
+def run_lock(*, run_id: UUID) -> None:
+    """Lock the run's row for the rest of the transaction (no-op for a deleted run)."""
+    list(Run.objects.select_for_update().filter(id=run_id).values_list("id"))
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     final: Event

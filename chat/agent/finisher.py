@@ -110,6 +110,8 @@ def run_end_record(
     its trace, with the ledger's costs. The ledger and the trace each in a savepoint: a
     failure there is logged and loses the cost or the trace, never the answer."""
     with transaction.atomic():
+        # The run's row first, as a reaper closing it takes it before the ledger's.
+        lifecycle.run_lock(run_id=run_id)
         cost = _usage_close(run_id, outcome, budget) if budget is not None else None
         finished = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
         # A deleted run's trace went with it (and could not be written: the trace
