@@ -114,10 +114,10 @@ def run_end_record(
         lifecycle.run_lock(run_id=run_id)
         cost = _usage_close(run_id, outcome, budget) if budget is not None else None
         finished = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
-        # A deleted run's trace went with it (and could not be written: the trace
-        # refers to its run).
-        gone = finished is not None and not finished.stored
-        traced = tracer is not None and not gone and _trace_store(tracer, cost)
+        # Not for a run another process closed (it closed the trace too), nor for one
+        # deleted while it ran (its trace went with it, and refers to it).
+        ours = finished is not None and finished.stored
+        traced = tracer is not None and ours and _trace_store(tracer, cost)
     return RecordedEnd(final=finished.final if finished else None, cost=cost, traced=traced)
 
 
