@@ -89,51 +89,68 @@ def budget_reserve(
     prompt_tokens: int,
     max_output_tokens: int,
     min_output_tokens: int = 1,
+    settle_first: tuple[BudgetReservation, Usage] | None = None,
 ) -> BudgetReservation:
     """Hold the worst case of one LLM call: its prompt and up to `max_output_tokens` of
     output, or as much output as the limits leave if that is less but at least
     `min_output_tokens` (the reservation's `output_tokens` is the cap to call with).
     Otherwise raise `BudgetExceeded` naming the limit. An unpriced model reserves its
     tokens but no money: its cost is unknown, and it is flagged in the ledger when
-    settled."""
+    settled.
+
+    `settle_first`: the run's previous call and its usage, settled (`budget_settle`) in
+    the same transaction, before the check, and kept even if this call is refused. A
+    run's calls come one after another, so settling each with the next reserve (or with
+    the run's close) saves a transaction per call; until then the call stays held at
+    its worst case, which only ever makes the check stricter."""
     day = utc_today()
     least = min(min_output_tokens, max_output_tokens)
     with transaction.atomic(), connection.cursor() as cursor:
+        if settle_first is not None:
+            # The account first, as every writer of its counters does (no deadlocks).
+            sql.account_lock(cursor, account_id=account_id)
+            budget_settle(reservation=settle_first[0], usage=settle_first[1])
         state = sql.account_state_lock(
             cursor, account_id=account_id, run_id=run_id, day=day, model=model
         )
         price = state.price or price_for_model(model=model)
-        if price is None and _has_money_limit(state):
-            raise BudgetExceeded(
-                f"The model {model!r} has no price, so its calls cannot be held against "
-                "the account's money limits.",
-                remedy="An operator can add its price in the admin (Billing → Model prices).",
+        try:
+            if price is None and _has_money_limit(state):
+                raise BudgetExceeded(
+                    f"The model {model!r} has no price, so its calls cannot be held against "
+                    "the account's money limits.",
+                    remedy="An operator can add its price in the admin (Billing → Model prices).",
+                )
+            # Refused only if not even the shortest answer fits; else granted what fits.
+            _check(
+                state,
+                amount=_cost(price, prompt_tokens=prompt_tokens, output_tokens=least),
+                tokens=prompt_tokens + least,
             )
-        # Refused only if not even the shortest answer fits; else granted what fits.
-        _check(
-            state,
-            amount=_cost(price, prompt_tokens=prompt_tokens, output_tokens=least),
-            tokens=prompt_tokens + least,
-        )
-        output_tokens = _grant(
-            state, price=price, prompt_tokens=prompt_tokens, wanted=max_output_tokens
-        )
-        amount = _cost(price, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-        tokens = prompt_tokens + output_tokens
-        sql.daily_hold(cursor, account_id=account_id, day=day, amount=amount, tokens=tokens)
-        reservation = BudgetReservation(
-            id=call_id,
-            account_id=account_id,
-            user_id=user_id,
-            run_id=run_id,
-            day=day,
-            model=model,
-            amount_usd=amount,
-            prompt_tokens=prompt_tokens,
-            tokens=tokens,
-        )
-        sql.insert(cursor, reservation)
-    return reservation
+        except BudgetExceeded as error:
+            # Nothing written for this call; what `settle_first` wrote is committed.
+            refused = error
+        else:
+            output_tokens = _grant(
+                state, price=price, prompt_tokens=prompt_tokens, wanted=max_output_tokens
+            )
+            amount = _cost(price, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+            tokens = prompt_tokens + output_tokens
+            sql.daily_hold(cursor, account_id=account_id, day=day, amount=amount, tokens=tokens)
+            reservation = BudgetReservation(
+                id=call_id,
+                account_id=account_id,
+                user_id=user_id,
+                run_id=run_id,
+                day=day,
+                model=model,
+                amount_usd=amount,
+                prompt_tokens=prompt_tokens,
+                tokens=tokens,
+            )
+            sql.insert(cursor, reservation)
+            return reservation
+    raise refused
 
 
 def _cost(price: ModelPrice | None, *, prompt_tokens: int, output_tokens: int) -> Decimal:
@@ -214,7 +231,8 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     while it still ran) is recorded all the same: what was spent is never lost. False if
     it was recorded before (nothing is counted twice). An unpriced call is recorded with
     its tokens, flagged, never free."""
-    with transaction.atomic(), connection.cursor() as cursor:
+    # No savepoint of its own where a caller's transaction holds it (a reserve, a close).
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
         held = sql.reservation_delete(cursor, reservation_id=reservation.id)
         if not held and UsageRecord.objects.filter(span_id=reservation.id).exists():
             return False

@@ -1,9 +1,11 @@
 """The one line of budget a user sees next to the chat, e.g. "Budget left today: $4.9812
-of $5.00 · this month: $49.9812 of $50.00 · resets 00:00 UTC". The page and the runner's
-final event both use it, so the number reads the same live and after a reload."""
+of $5.00 · this month: $49.9812 of $50.00 · resets 00:00 UTC". The page and the chat
+socket (from a run's final event) both word it here, so it reads the same live and
+after a reload."""
 
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
+from typing import Any
 
 from agentsite.formatting import format_usd
 
@@ -19,17 +21,60 @@ _CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
+class BudgetLeft:
+    """What is left of an account's limits, as (remaining, limit) pairs, None where it
+    has no such limit; `exhausted_*`: not even the smallest answer fits in what that
+    period's limits leave, so the next message will be refused (see billing.budget).
+    Plain values: a run's final event carries them (`as_data`), the page words them
+    (`budget_display`)."""
+
+    day_usd: tuple[Decimal, Decimal] | None
+    month_usd: tuple[Decimal, Decimal] | None
+    tokens_today: tuple[int, int] | None
+    exhausted_today: bool
+    exhausted_month: bool
+
+    def as_data(self) -> dict[str, Any]:
+        """JSON-ready; amounts as decimal strings (exact, unlike JSON numbers)."""
+        return {
+            "day_usd": _money_data(self.day_usd),
+            "month_usd": _money_data(self.month_usd),
+            "tokens_today": list(self.tokens_today) if self.tokens_today else None,
+            "exhausted_today": self.exhausted_today,
+            "exhausted_month": self.exhausted_month,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "BudgetLeft":
+        tokens = data["tokens_today"]
+        return cls(
+            day_usd=_money_from_data(data["day_usd"]),
+            month_usd=_money_from_data(data["month_usd"]),
+            tokens_today=(tokens[0], tokens[1]) if tokens else None,
+            exhausted_today=data["exhausted_today"],
+            exhausted_month=data["exhausted_month"],
+        )
+
+
+def _money_data(pair: tuple[Decimal, Decimal] | None) -> list[str] | None:
+    return [format(amount, "f") for amount in pair] if pair else None
+
+
+def _money_from_data(pair: list[str] | None) -> tuple[Decimal, Decimal] | None:
+    return (Decimal(pair[0]), Decimal(pair[1])) if pair else None
+
+
+@dataclass(frozen=True)
 class BudgetDisplay:
-    """`exhausted`: not even the smallest answer fits in what a limit leaves, so the next
-    message will be refused (see billing.budget)."""
+    """`exhausted`: the next message will be refused (see `BudgetLeft`)."""
 
     text: str
     exhausted: bool
 
 
-def budget_display(
+def budget_left(
     *, summary: UsageSummary, smallest_call_usd: Decimal | None, smallest_call_tokens: int
-) -> BudgetDisplay | None:
+) -> BudgetLeft | None:
     """What is left of the account's daily, monthly and token limits; None without any.
 
     `smallest_call_usd` and `smallest_call_tokens` are a lower bound of what one model
@@ -37,35 +82,57 @@ def budget_display(
     case no money limit can call the budget exhausted (an unpriced call reserves none).
     """
     day, month, tokens = summary.day, summary.month, summary.tokens_today
-    today: list[str] = []
-    blocked_daily = blocked_monthly = False
+    day_usd = month_usd = None
+    tokens_today = None
+    exhausted_today = exhausted_month = False
     if day.limit_usd is not None and day.remaining_usd is not None:
-        today.append(f"{_left(day.remaining_usd)} of {format_usd(day.limit_usd)}")
-        blocked_daily = _short(day.remaining_usd, smallest_call_usd)
+        day_usd = (day.remaining_usd, day.limit_usd)
+        exhausted_today = _short(day.remaining_usd, smallest_call_usd)
     if tokens.limit is not None and tokens.remaining is not None:
-        today.append(f"{tokens.remaining:,} of {tokens.limit:,} tokens")
-        blocked_daily = blocked_daily or tokens.remaining < smallest_call_tokens
-    parts = []
-    if today:
-        parts.append("today: " + " and ".join(today))
+        tokens_today = (tokens.remaining, tokens.limit)
+        exhausted_today = exhausted_today or tokens.remaining < smallest_call_tokens
     if month.limit_usd is not None and month.remaining_usd is not None:
-        parts.append(f"this month: {_left(month.remaining_usd)} of {format_usd(month.limit_usd)}")
-        blocked_monthly = _short(month.remaining_usd, smallest_call_usd)
-    if not parts:
+        month_usd = (month.remaining_usd, month.limit_usd)
+        exhausted_month = _short(month.remaining_usd, smallest_call_usd)
+    if day_usd is None and month_usd is None and tokens_today is None:
         return None
-    # When it renews, the one that matters: a spent month does not come back tomorrow.
-    resets = "resets on the 1st, 00:00 UTC" if blocked_monthly or not today else "resets 00:00 UTC"
-    return BudgetDisplay(
-        text="Budget left " + " · ".join([*parts, resets]),
-        exhausted=blocked_daily or blocked_monthly,
+    return BudgetLeft(
+        day_usd=day_usd,
+        month_usd=month_usd,
+        tokens_today=tokens_today,
+        exhausted_today=exhausted_today,
+        exhausted_month=exhausted_month,
     )
 
 
-def budget_display_for_user(
-    *, user_id: int, model: str, max_output_tokens: int
-) -> BudgetDisplay | None:
-    """`budget_display` for the user's account, for answers by `model`. Two queries
-    (the account, its counters), and a third for the price when a money limit is set."""
+def budget_display(left: BudgetLeft) -> BudgetDisplay:
+    """The line the chat page shows for what is left."""
+    today: list[str] = []
+    if left.day_usd is not None:
+        remaining, limit = left.day_usd
+        today.append(f"{_left(remaining)} of {format_usd(limit)}")
+    if left.tokens_today is not None:
+        remaining_tokens, limit_tokens = left.tokens_today
+        today.append(f"{remaining_tokens:,} of {limit_tokens:,} tokens")
+    parts = []
+    if today:
+        parts.append("today: " + " and ".join(today))
+    if left.month_usd is not None:
+        remaining, limit = left.month_usd
+        parts.append(f"this month: {_left(remaining)} of {format_usd(limit)}")
+    # When it renews, the one that matters: a spent month does not come back tomorrow.
+    resets = (
+        "resets on the 1st, 00:00 UTC" if left.exhausted_month or not today else "resets 00:00 UTC"
+    )
+    return BudgetDisplay(
+        text="Budget left " + " · ".join([*parts, resets]),
+        exhausted=left.exhausted_today or left.exhausted_month,
+    )
+
+
+def budget_left_for_user(*, user_id: int, model: str, max_output_tokens: int) -> BudgetLeft | None:
+    """`budget_left` for the user's account, for answers by `model`. Two queries (the
+    account, its counters), and a third for the price when a money limit is set."""
     summary = usage_summary(account=account_for_user(user_id=user_id))
     smallest_call_usd = None
     if summary.day.limit_usd is not None or summary.month.limit_usd is not None:
@@ -74,7 +141,7 @@ def budget_display_for_user(
             smallest_call_usd = cost_of(
                 price=price, input_tokens=0, output_tokens=max_output_tokens
             )
-    return budget_display(
+    return budget_left(
         summary=summary,
         smallest_call_usd=smallest_call_usd,
         smallest_call_tokens=max_output_tokens,

@@ -7,6 +7,7 @@ Runs that start while the socket is open are followed from their first event; a 
 already under way at connect is followed once the client resumes it.
 """
 
+import json
 import logging
 from typing import Any
 from uuid import UUID
@@ -23,6 +24,7 @@ from .events import Event, conversation_group, event_log
 from .frames import ClientFrame, parse_client_frame
 from .lifecycle import lease_keeper
 from .models import Conversation
+from .presentation import browser_frame, presented
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +148,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if seqs[0] > sent + 1:
             await self._send_events(await self._log_after(UUID(run), sent))
-        for seq, frame in zip(seqs, message["frames"], strict=True):
-            await self._send_frame(run, seq, frame)
+        for seq, kind, frame in zip(seqs, message["types"], message["frames"], strict=True):
+            # The few events the page draws differently (see presentation) are decoded
+            # and rendered; tokens go out as they came.
+            await self._send_frame(run, seq, json.loads(frame) if presented(kind) else frame)
 
     async def _log_after(self, run_id: UUID, seq: int) -> list[Event]:
         try:
@@ -161,7 +165,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_frame(event["run"], event["seq"], event)
 
     async def _send_frame(self, run: str, seq: int, frame: str | Event) -> None:
-        """Send an event (as its frame, or to be encoded) unless this socket has it."""
+        """Send an event unless this socket has it: as its frame, encoded once for every
+        socket, or as the chat page's view of it (`browser_frame`)."""
         if seq > self.sent_seq.get(run, 0):
-            await self.send(frame if isinstance(frame, str) else await self.encode_json(frame))
+            if not isinstance(frame, str):
+                frame = await self.encode_json(browser_frame(frame))
+            await self.send(frame)
             self.sent_seq[run] = seq

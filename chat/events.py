@@ -163,6 +163,7 @@ async def events_publish(
                 "type": "run.events",
                 "run": run,
                 "seqs": [frame.seq for frame in frames],
+                "types": [event["type"] for event in events],
                 "frames": [frame.text for frame in frames],
             },
         )

@@ -37,9 +37,9 @@ from django.db import transaction
 from django.db.models import Case, F, PositiveIntegerField, Value, When
 from django.utils import timezone
 
-from agentsite.formatting import format_usd
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
+from billing.services import account_for_user
 from tracing.capture import trace_status_for
 from tracing.export import schedule_stored
 from tracing.services import trace_close_interrupted
@@ -48,7 +48,6 @@ from . import selectors
 from .events import Event, event_publish
 from .metrics import run_end_observe
 from .models import Conversation, Message, Run
-from .rendering import render_markdown
 from .run_outcome import RunOutcome
 
 logger = logging.getLogger(__name__)
@@ -93,9 +92,19 @@ def run_queued_lease() -> dict[str, Any]:
     return {"lease_owner": PROCESS_ID, "lease_expires_at": _lease_expiry()}
 
 
-def run_start(*, run_id: UUID) -> Run | None:
-    """Mark a queued run running under this process's lease; None if it is no longer
-    queued (cancelled meanwhile)."""
+@dataclass(frozen=True)
+class StartedRun:
+    """A run just started, with what executing it needs (fetched in the same hop)."""
+
+    run: Run  # its conversation selected with it
+    account_id: int
+    user_message: Message | None
+
+
+def run_start(*, run_id: UUID) -> StartedRun | None:
+    """Mark a queued run running under this process's lease, and return it with its
+    account and the message it answers; None if it is no longer queued (cancelled
+    meanwhile)."""
     started = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
         started_at=timezone.now(),
@@ -105,7 +114,12 @@ def run_start(*, run_id: UUID) -> Run | None:
     )
     if not started:
         return None
-    return Run.objects.select_related("conversation").get(id=run_id)
+    run = Run.objects.select_related("conversation").get(id=run_id)
+    return StartedRun(
+        run=run,
+        account_id=account_for_user(user_id=run.conversation.owner_id).pk,
+        user_message=run.messages.filter(role=Message.Role.USER).first(),
+    )
 
 
 def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
@@ -151,13 +165,26 @@ def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> lis
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
 
 
-def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | None:
+def run_lock(*, run_id: UUID) -> None:
+    """Lock the run's row for the rest of the transaction (no-op for a deleted run)."""
+    list(Run.objects.select_for_update().filter(id=run_id).values_list("id"))
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    final: Event
+    # False: the run was deleted (with its conversation) while it ran.
+    stored: bool = True
+
+
+def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> FinishedRun | None:
     """Store what the run produced, close it and return its final event (numbered
     `final_seq`), ready to publish. None if the run was already closed (interrupted by
     another process): it is left as it is. A run deleted with its conversation while it
     ran has nothing stored, but its final event all the same, for the sockets still
     open on it."""
-    with transaction.atomic():
+    # No savepoint of its own where the finisher's transaction holds it.
+    with transaction.atomic(savepoint=False):
         run = (
             Run.objects.select_for_update(of=("self",))
             .select_related("conversation")
@@ -175,7 +202,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
                 error_message=outcome.error_message,
                 event_seq=final_seq,
             )
-            return _final_event(gone, [], with_budget=False)
+            return FinishedRun(_final_event(gone, [], with_budget=False), stored=False)
         if not run.is_active:
             return None
         run.status = outcome.status
@@ -203,7 +230,7 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Event | 
         messages = [_message_from_part(run, part) for part in outcome.parts]
         created = Message.objects.bulk_create([m for m in messages if m is not None])
         Conversation.objects.filter(id=run.conversation_id).update(updated_at=timezone.now())
-    return _final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT])
+    return FinishedRun(_final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT]))
 
 
 def _message_from_part(run: Run, part: dict) -> Message | None:
@@ -305,6 +332,7 @@ def run_final_event_rebuilt(*, run: Run) -> Event:
 
 
 def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = True) -> Event:
+    """Data only: the browser adapter (`chat.presentation`) renders and words it."""
     status = Run.Status(run.status)
     event: Event = {
         "type": FINAL_EVENTS[status],
@@ -319,8 +347,6 @@ def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = Tr
         },
         # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
         "cost_usd": None if run.cost_usd is None else format(run.cost_usd, "f"),
-        # Formatted here so the live footer reads exactly like the reloaded page.
-        "cost_display": "price unknown" if run.cost_usd is None else format_usd(run.cost_usd),
     }
     if run.error_code:
         event["error"] = {"code": run.error_code, "message": run.error_message}
@@ -330,20 +356,19 @@ def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = Tr
 
 
 def _budget_after(run: Run) -> dict[str, Any] | None:
-    """A failure here is logged and loses the line, never the final event."""
+    """`{"left": …}`, the account's `BudgetLeft` data (None: it has no limits). A failure
+    here is logged and loses the line, never the final event."""
     try:
         with transaction.atomic():  # a savepoint, as in `run_close`
-            shown = selectors.budget_line(user_id=run.conversation.owner_id)
+            left = selectors.budget_left(user_id=run.conversation.owner_id)
     except Exception:
         logger.exception("run %s: could not work out the budget left", run.id)
         return None
-    if shown is None:  # the account has no limits
-        return {"display": None, "exhausted": False}
-    return {"display": shown.text, "exhausted": shown.exhausted}
+    return {"left": left.as_data() if left is not None else None}
 
 
 def message_out(message_id: int, content: str) -> dict[str, Any]:
-    return {"id": message_id, "content": content, "html": render_markdown(content)}
+    return {"id": message_id, "content": content}
 
 
 # --- Closing runs nobody executes (async: they publish their final event) --------------

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from agentsite.errors import ApplicationError
-from billing.display import BudgetDisplay, budget_display_for_user
+from billing.display import BudgetDisplay, BudgetLeft, budget_display, budget_left_for_user
 
 from .agent.models import model_info
 from .models import Conversation, Message, Run
@@ -44,9 +44,15 @@ def run_get(*, conversation: Conversation, run_id: UUID | str) -> Run:
         ) from error
 
 
-def budget_line(*, user_id: int) -> BudgetDisplay | None:
-    """What is left of the user's account budget, as the chat page shows it, for
-    answers by the configured model."""
-    return budget_display_for_user(
+def budget_left(*, user_id: int) -> BudgetLeft | None:
+    """What is left of the user's account budget, for answers by the configured model;
+    None if the account has no limits."""
+    return budget_left_for_user(
         user_id=user_id, model=model_info().name, max_output_tokens=settings.AGENT_MAX_TOKENS
     )
+
+
+def budget_line(*, user_id: int) -> BudgetDisplay | None:
+    """`budget_left`, as the chat page shows it."""
+    left = budget_left(user_id=user_id)
+    return budget_display(left) if left is not None else None

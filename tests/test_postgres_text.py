@@ -26,7 +26,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from chat import lifecycle, services
 from chat.models import Message, Run
-from chat.run_outcome import RunOutcome
+from chat.run_outcome import RunOutcome, TextStreamed, ToolFinished, ToolStarted
 from tracing import services as tracing_services
 from tracing.capture import TOOL, RunTracer, SpanRecord, _dt
 from tracing.models import Span, Trace
@@ -37,9 +37,11 @@ conversation = services.conversation_create(owner=user)
 run = Run.objects.create(conversation=conversation, model="m", status=Run.Status.RUNNING)
 
 outcome = RunOutcome(status=Run.Status.FAILED, error_code="x", error_message="bad\x00end")
-outcome.add_text("before\x00after \ud800")
-outcome.add_tool_call(tool_call_id="c1", name="calculator", args={"expression": "1\x00+1"})
-outcome.add_tool_result(tool_call_id="c1", result="out\x00put", is_error=True)
+outcome.record(TextStreamed("before\x00after \ud800"))
+outcome.record(ToolStarted(tool_call_id="c1", name="calculator", args={"expression": "1\x00+1"}))
+outcome.record(
+    ToolFinished(tool_call_id="c1", name="calculator", result="out\x00put", is_error=True)
+)
 assert lifecycle.run_finish(run_id=run.id, outcome=outcome, final_seq=5) is not None
 answer = Message.objects.get(run=run, role=Message.Role.ASSISTANT)
 tool = Message.objects.get(run=run, role=Message.Role.TOOL).tool

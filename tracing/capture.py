@@ -4,7 +4,7 @@ One `RunTracer` per run, passed in the graph config's `callbacks`. The callbacks
 the request path (inline, between tokens and tool calls), so they only note timestamps
 and keep references to the objects they are handed; everything that costs something —
 turning messages into JSON, truncating, counting tokens — happens when a batch of
-finished spans is flushed or at `finish`, in a worker thread of its own (never on the
+finished spans is flushed or at `close`, in a worker thread of its own (never on the
 database thread, which every run's queries share); only the INSERTs go to the database.
 
 Span ids are LangChain's own run ids (already UUIDs, unique per step), so nothing is
@@ -137,6 +137,10 @@ class RunTracer(BaseCallbackHandler):
         self._flushes: list[asyncio.Task[None]] = []
         # Rows already built (and written), kept for the totals and the export.
         self._rows: list[Span] = []
+        # Built by `close`, written by `store`.
+        self._closing: list[Span] = []
+        self._error = ("", "")
+        self._cost_usd: Decimal | None = None
         self._finished = False
         self._started: asyncio.Future[Trace] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,7 +151,7 @@ class RunTracer(BaseCallbackHandler):
     def start(self) -> None:
         """Arrange for the Trace row to exist while the run is going, so a running run is
         listed. Most runs of a fast model end sooner than `visible_after`, and
-        for them the row is written with the spans at `finish` instead: one write, none
+        for them the row is written with the spans at `store` instead: one write, none
         on the request path. The run never waits for this insert; span writes do.
 
         Also makes the root span the current span id of the caller's context, so the
@@ -167,32 +171,21 @@ class RunTracer(BaseCallbackHandler):
                 )
             )
 
-    async def finish(
-        self,
-        *,
-        status: str,
-        error_type: str = "",
-        error_message: str = "",
-        span_costs: Mapping[UUID, Decimal | None] | None = None,
-        span_usage: Mapping[UUID, CallUsage] | None = None,
-        cost_usd: Decimal | None = None,
-    ) -> None:
-        """Close what is still open, write every remaining span and finalize the Trace.
+    async def close(self, *, status: str, error_type: str = "", error_message: str = "") -> None:
+        """Close what is still open and build the rows of every span not written yet (in
+        a worker thread); `store` then writes them. In three steps so that the run's
+        finish writes the trace in its own transaction, with the ledger's numbers.
 
         `status` is the trace's final status (see `trace_status_for`). Spans still open,
         and spans a CancelledError stopped, are closed by it: `cancelled` for a
         cancelled run, otherwise `error` with the run's error type and message (a run
         stopped by its deadline or a limit, a failure that cancelled its siblings). In a
-        run that succeeded, a step the graph itself cancelled stays `cancelled`.
-
-        `span_costs` (LLM span id → USD, None if unpriced), `span_usage` (LLM span id →
-        tokens) and `cost_usd` (the run's total) come from the ledger (billing); tracing
-        only stores them. The ledger is the one truth about a call's tokens: a call cut
-        short reports no usage to the callbacks, yet is billed for what it streamed."""
+        run that succeeded, a step the graph itself cancelled stays `cancelled`."""
         if self._finished:
             return
         self._finished = True
         error_message = text_storable(error_message)
+        self._error = (error_type, error_message)
         now = time.time()
         stopped = CANCELLED if status == CANCELLED else ERROR
         stopped_error = (error_type or stopped, error_message or _STOPPED_MESSAGE)
@@ -223,14 +216,30 @@ class RunTracer(BaseCallbackHandler):
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         batch, self._done = self._done, []
-        new_rows = await asyncio.to_thread(self._build_rows, batch)
+        self._closing = await asyncio.to_thread(self._build_rows, batch)
+
+    def store(
+        self,
+        *,
+        span_costs: Mapping[UUID, Decimal | None] | None = None,
+        span_usage: Mapping[UUID, CallUsage] | None = None,
+        cost_usd: Decimal | None = None,
+    ) -> None:
+        """Write the spans `close` left and finalize the Trace (sync: call it on the
+        database thread, after `close`, in the caller's transaction if it has one).
+
+        `span_costs` (LLM span id → USD, None if unpriced), `span_usage` (LLM span id →
+        tokens) and `cost_usd` (the run's total) come from the ledger (billing); tracing
+        only stores them. The ledger is the one truth about a call's tokens: a call cut
+        short reports no usage to the callbacks, yet is billed for what it streamed."""
+        new_rows, self._closing = self._closing, []
         costs, usage = span_costs or {}, span_usage or {}
         # Spans of earlier batches are written already: those the ledger corrects are
         # updated, the new ones written with the ledger's numbers.
         corrected = services.span_ledger_apply(spans=self._rows, span_costs=costs, span_usage=usage)
         services.span_ledger_apply(spans=new_rows, span_costs=costs, span_usage=usage)
-        self._rows += new_rows
-        await database_sync_to_async(services.trace_finish)(
+        root = self.root
+        services.trace_finish(
             create=self._started is None,
             user_id=self.user_id,
             model=self.model,
@@ -238,14 +247,19 @@ class RunTracer(BaseCallbackHandler):
             run_id=self.run_id,
             spans=new_rows,
             corrected_spans=corrected,
-            status=status,
+            status=str(root.status),
             ended_at=_dt(root.end),
             duration_ms=(root.end - root.start) * 1000,
-            all_spans=self._rows,
-            error_type=error_type,
-            error_message=error_message,
+            all_spans=[*self._rows, *new_rows],
+            error_type=self._error[0],
+            error_message=self._error[1],
             cost_usd=cost_usd,
         )
+        self._rows += new_rows
+        self._cost_usd = cost_usd
+
+    def report(self) -> None:
+        """After `store` committed: the trace's metrics, and its export (not waited for)."""
         metrics.observe_llm_spans(self._rows)
         if export.enabled():
             export.schedule(
@@ -253,7 +267,7 @@ class RunTracer(BaseCallbackHandler):
                 spans=self._rows,
                 conversation_id=self.conversation_id,
                 user_id=self.user_id,
-                cost_usd=cost_usd,
+                cost_usd=self._cost_usd,
             )
 
     # --- Buffering ------------------------------------------------------------------

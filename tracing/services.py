@@ -167,7 +167,8 @@ def trace_finish(
         "error_type": error_type[:200],
         "error_message": error_message,
     }
-    with transaction.atomic():
+    # No savepoint of its own where a caller's transaction holds it (a run's finish).
+    with transaction.atomic(savepoint=False):
         if create:
             assert user_id is not None and started_at is not None
             Trace.objects.create(

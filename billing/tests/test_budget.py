@@ -371,3 +371,22 @@ async def test_a_budget_worth_ten_runs_pays_for_about_ten_runs(make_user, prices
     assert spent >= budget * Decimal("0.8"), (spent, budget, statuses)
     assert statuses.count(Run.Status.COMPLETED) >= 8
     await database_sync_to_async(assert_counters_match_ledger)(account)
+
+
+def test_a_call_settled_with_the_next_reserve_stays_settled_when_that_is_refused(make_user, prices):
+    user = make_user()
+    run_id = uuid.uuid4()
+    first = reserve_for(user, account_with_limits(user), run_id)
+    # The first call spent nearly all the day allows: the next cannot afford a short one.
+    price = price_for_model(model="agentsite-offline-demo")
+    assert price is not None
+    cost = cost_of(price=price, input_tokens=1000, output_tokens=1000)
+    account = account_with_limits(user, money_per_day_usd=cost + Decimal("0.000001"))
+
+    with pytest.raises(BudgetExceeded):
+        reserve_for(user, account, run_id, settle_first=(first, Usage(1000, 1000)))
+
+    [record] = UsageRecord.objects.filter(account=account)
+    assert (record.span_id, record.cost_usd) == (first.id, cost)
+    assert not record.usage_estimated
+    assert_counters_match_ledger(account)

@@ -10,7 +10,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.utils import count_tokens_approximately
 
-from billing.budget import Usage, budget_reserve, budget_settle
+from billing.budget import BudgetExceeded, Usage, budget_reserve
 from billing.models import BudgetReservation
 from tracing.capture import message_tokens
 
@@ -88,8 +88,13 @@ def _has_output(reply: AIMessage) -> bool:
     return bool(reply.text or reply.tool_calls or reply.invalid_tool_calls)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class RunBudget:
+    """Meters one run's model calls. Each call is reserved before it is made; its
+    settling waits for the next call's reserve, or the run's close, and is done in their
+    transaction (`budget_reserve`'s `settle_first`): one hop to the database per call,
+    not two. Until then the call stays held at its worst case."""
+
     account_id: int
     user_id: int
     run_id: UUID
@@ -97,21 +102,33 @@ class RunBudget:
     max_output_tokens: int
     # The least output a call may be granted (a short answer); below it, refused.
     min_output_tokens: int = 1
+    # The last call, made and not settled yet, with its usage.
+    unsettled: tuple[BudgetReservation, Usage] | None = None
 
     async def reserve(self, *, call_id: UUID, prompt: Sequence[BaseMessage]) -> BudgetReservation:
         """Hold the call's worst case, or raise billing's `BudgetExceeded`; the
         reservation's `output_tokens` is the output cap to call with."""
         prompt_tokens = prompt_tokens_estimate(prompt)
-        return await database_sync_to_async(budget_reserve)(
-            account_id=self.account_id,
-            user_id=self.user_id,
-            run_id=self.run_id,
-            call_id=call_id,
-            model=self.model,
-            prompt_tokens=prompt_tokens,
-            max_output_tokens=self.max_output_tokens,
-            min_output_tokens=self.min_output_tokens,
-        )
+        try:
+            reservation = await database_sync_to_async(budget_reserve)(
+                account_id=self.account_id,
+                user_id=self.user_id,
+                run_id=self.run_id,
+                call_id=call_id,
+                model=self.model,
+                prompt_tokens=prompt_tokens,
+                max_output_tokens=self.max_output_tokens,
+                min_output_tokens=self.min_output_tokens,
+                settle_first=self.unsettled,
+            )
+        except BudgetExceeded:
+            self.unsettled = None  # refused, but settled all the same
+            raise
+        # Cut short before this (a cancel, a failure), it is the run's close that settles
+        # the last call; settling twice counts nothing twice (`budget_settle`).
+        self.unsettled = None
+        return reservation
 
-    async def settle(self, reservation: BudgetReservation, reply: AIMessage) -> None:
-        await database_sync_to_async(budget_settle)(reservation=reservation, usage=usage_of(reply))
+    def settle(self, reservation: BudgetReservation, reply: AIMessage) -> None:
+        """The call is over: settled with the next reserve, or the run's close."""
+        self.unsettled = (reservation, usage_of(reply))

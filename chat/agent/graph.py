@@ -4,6 +4,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import cache
 from typing import Literal
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -17,7 +18,7 @@ from langgraph.runtime import Runtime
 
 from billing.budget import BudgetExceeded
 
-from .budget import RunBudget, with_usage_estimate
+from .budget import with_usage_estimate
 from .context import Context
 from .errors import ProviderError
 from .history import fit_to_budget, skipped_tool_result
@@ -33,10 +34,9 @@ logger = logging.getLogger(__name__)
 ModelFactory = Callable[[], BaseChatModel]
 
 
-def make_model_node(
-    load_model: ModelFactory, budget: RunBudget | None
-) -> Callable[..., Awaitable[State]]:
+def make_model_node(load_model: ModelFactory) -> Callable[..., Awaitable[State]]:
     async def call_model(state: State, runtime: Runtime[Context]) -> State:
+        budget = runtime.context.budget
         chat_model = load_model()
         model = chat_model.bind_tools(TOOLS)
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -60,7 +60,7 @@ def make_model_node(
             # run's finish settles it with what it streamed.
             response = await _reply(capped, prompt, config)
             response = with_usage_estimate(response, prompt_tokens=reservation.prompt_tokens)
-            await budget.settle(reservation, response)
+            budget.settle(reservation, response)
             if granted < budget.max_output_tokens and stopped_at_output_cap(response):
                 raise BudgetExceeded(
                     f"This answer was cut short at {granted:,} tokens: that is all the "
@@ -141,14 +141,13 @@ AgentGraph = CompiledStateGraph[State, Context, State, State]
 
 
 def build_graph(
-    checkpointer: BaseCheckpointSaver | None = None,
-    load_model: ModelFactory = load_chat_model,
-    budget: RunBudget | None = None,
+    checkpointer: BaseCheckpointSaver | None = None, load_model: ModelFactory = load_chat_model
 ) -> AgentGraph:
-    """The agent. Without a `budget` its calls are not metered (tests of the graph
-    alone); every run the runner executes has one."""
+    """The agent. Everything a run brings (its ids, limits and budget) comes with the
+    run, in its `Context`: without a budget its calls are not metered (tests of the
+    graph alone); every run the runner executes has one."""
     builder = StateGraph(State, context_schema=Context)
-    builder.add_node("call_model", make_model_node(load_model, budget))
+    builder.add_node("call_model", make_model_node(load_model))
     builder.add_node("tools", ToolNode(TOOLS, handle_tool_errors=tool_error_message))
     builder.add_node("answer_invalid_tool_calls", answer_invalid_tool_calls)
     builder.add_node("stop_at_step_limit", stop_at_step_limit)
@@ -158,3 +157,17 @@ def build_graph(
     builder.add_edge("tools", "call_model")
     builder.add_edge("stop_at_step_limit", END)
     return builder.compile(checkpointer=checkpointer, name="agentsite")
+
+
+@cache
+def _compiled() -> AgentGraph:
+    return build_graph()
+
+
+def agent_graph(checkpointer: BaseCheckpointSaver) -> AgentGraph:
+    """The agent, compiled once per process, saving to `checkpointer` (async savers are
+    bound to their event loop, so the saver comes with each run). Compiling costs
+    milliseconds (LangGraph inspects every node's code); a copy that only swaps the saver
+    costs microseconds and shares the compiled nodes, which hold nothing of a run: what a
+    run brings comes in its `Context`."""
+    return _compiled().copy(update={"checkpointer": checkpointer})

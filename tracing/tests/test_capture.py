@@ -227,7 +227,7 @@ async def test_a_run_stopped_at_the_step_limit_leaves_a_consistent_tree(make_use
 
 
 async def test_the_run_logs_with_its_trace_and_root_span_ids(make_user, caplog):
-    caplog.set_level(logging.INFO, logger="chat.agent.runner")
+    caplog.set_level(logging.INFO, logger="chat.agent")
     caplog.handler.addFilter(ContextFilter())
     user = await database_sync_to_async(make_user)()
     run, _, _ = await run_message(user, "What is 2*3?")
@@ -238,7 +238,7 @@ async def test_the_run_logs_with_its_trace_and_root_span_ids(make_user, caplog):
     lines = {
         record.getMessage(): (record.run_id, record.trace_id, record.span_id)
         for record in caplog.records
-        if record.name == "chat.agent.runner"
+        if record.name in ("chat.agent.runner", "chat.agent.finisher")
     }
     ids = (str(run.id), f"{run.id.int:032x}", f"{otel_span_id(root.id):016x}")
     assert lines[f"run {run.id} started"] == ids

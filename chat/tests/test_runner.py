@@ -1,0 +1,74 @@
+"""Executing runs: one graph, compiled once, serves every run; what a run brings (its
+ids, its account's budget) travels with the run, never in the shared graph."""
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from billing.models import BudgetReservation, UsageRecord
+from billing.services import account_for_user
+from chat import services
+from chat.agent import graph
+from chat.models import Message, Run
+from conftest import account_with_limits, wait_for_runs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def start_run(user, content: str) -> Run:
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    return await database_sync_to_async(services.run_create)(
+        conversation=conversation, content=content
+    )
+
+
+async def test_every_run_is_served_by_the_graph_compiled_once(make_user, monkeypatch):
+    compiled = []
+    build = graph.build_graph
+    monkeypatch.setattr(
+        graph, "build_graph", lambda *args, **kw: compiled.append(1) or build(*args, **kw)
+    )
+    graph._compiled.cache_clear()
+    user = await database_sync_to_async(make_user)()
+
+    runs = [await start_run(user, f"What is {n} * 3?") for n in (2, 4)]
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    for run, product in zip(runs, ("6", "12"), strict=True):
+        await run.arefresh_from_db()
+        assert run.status == Run.Status.COMPLETED
+        tool = await Message.objects.aget(run=run, role=Message.Role.TOOL)
+        assert tool.tool["result"] == product
+    assert len(compiled) == 1
+
+
+async def test_runs_at_once_each_spend_from_their_own_budget(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02  # slow enough that the runs overlap
+    alice, bob, carol = [
+        await database_sync_to_async(make_user)(name) for name in ("alice", "bob", "carol")
+    ]
+    for user in (alice, bob):
+        await database_sync_to_async(account_with_limits)(user)
+    # Carol's account cannot pay for a single call.
+    await database_sync_to_async(account_with_limits)(carol, tokens_per_day=1)
+
+    runs = await asyncio.gather(
+        start_run(alice, "What is 17 * 23?"),
+        start_run(bob, "What is 19 * 21?"),
+        start_run(carol, "What is 2 * 3?"),
+    )
+    await asyncio.wait_for(wait_for_runs(), timeout=60)
+
+    statuses = []
+    for run, user in zip(runs, (alice, bob, carol), strict=True):
+        await run.arefresh_from_db()
+        statuses.append(run.status)
+        account = await database_sync_to_async(account_for_user)(user_id=user.pk)
+        rows = [r async for r in UsageRecord.objects.filter(run_id=run.id)]
+        # Every call of a run is billed to its own account and user, at what it used.
+        assert all((r.account_id, r.user_id) == (account.pk, user.pk) for r in rows)
+        assert sum(r.input_tokens + r.output_tokens for r in rows) == run.total_tokens
+        assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
+    assert statuses == [Run.Status.COMPLETED, Run.Status.COMPLETED, Run.Status.BUDGET_EXCEEDED]
+    assert [await UsageRecord.objects.filter(run_id=run.id).acount() for run in runs] == [2, 2, 0]
