@@ -26,6 +26,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -159,7 +160,10 @@ def runs_renew(*, progress: dict[UUID, tuple[int, int]]) -> set[UUID]:
 
 
 def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> list[UUID]:
-    runs = Run.objects.lost()
+    # A run this process is executing is not lost, however late its renewal: the keeper
+    # renews it at its next tick, and a reaper elsewhere that closes it meanwhile stops it
+    # here (`runs_renew`).
+    runs = Run.objects.lost().exclude(id__in=_keeper.held())
     if conversation_id is not None:
         runs = runs.filter(conversation_id=conversation_id)
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
@@ -459,6 +463,9 @@ class LeaseKeeper:
     def release(self, run_id: UUID) -> None:
         self._held.pop(run_id, None)
 
+    def held(self) -> list[UUID]:
+        return list(self._held)
+
     def ensure_started(self) -> None:
         """Start on the running loop, unless running there already (call it from it)."""
         loop = asyncio.get_running_loop()
@@ -478,7 +485,7 @@ class LeaseKeeper:
 
     async def tick(self) -> None:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in list(self._held.items())}
-        lost = await database_sync_to_async(runs_renew)(progress=progress)
+        lost = await _renew(progress=progress)
         for run_id in lost:
             lease = self._held.pop(run_id, None)
             if lease is not None:
@@ -497,6 +504,12 @@ def _progress(outcome: RunOutcome | None) -> tuple[int, int]:
 
 
 _keeper = LeaseKeeper()
+# Renewals have a thread (and a database connection) of their own rather than the
+# database thread every run's queries queue on: with hundreds of runs at once that queue
+# can fall more than a lease behind, and the leases of runs this process is executing
+# would lapse, for other processes to close them.
+_renewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-lease-renewer")
+_renew = database_sync_to_async(runs_renew, thread_sensitive=False, executor=_renewer)
 
 
 def lease_keeper() -> LeaseKeeper:

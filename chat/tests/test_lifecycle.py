@@ -2,6 +2,8 @@
 died reaped as `interrupted` (hold settled, trace closed, final event published), and
 final events rebuilt from the database when the event log lost them."""
 
+import asyncio
+import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -288,6 +290,48 @@ async def test_a_run_outlives_its_lease_while_its_process_renews_it(make_user, s
     assert frames[-1]["status"] == "completed"
     assert (await Run.objects.aget(conversation=conversation)).status == Run.Status.COMPLETED
     await socket.disconnect()
+
+
+async def test_a_run_keeps_its_lease_while_the_database_thread_lags(make_user, settings):
+    # Hundreds of runs at once can keep the one database thread seconds behind. The
+    # process is alive and executing its runs all the while: they must not be reaped.
+    settings.AGENT_RUN_LEASE_SECONDS = 1.5
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    await receive_until(socket, "token")
+
+    # Every call to the database thread now waits behind 3 s of others' work: twice
+    # the lease between one renewal and the next reap.
+    lagging = time.monotonic() + 6
+
+    async def busy() -> None:
+        while time.monotonic() < lagging:
+            await database_sync_to_async(time.sleep)(0.05)
+
+    await asyncio.gather(*(busy() for _ in range(60)))
+    frames = await receive_until(socket, "run.completed", wait=20)
+
+    assert frames[-1]["status"] == "completed"
+    assert (await Run.objects.aget(conversation=conversation)).status == Run.Status.COMPLETED
+    await socket.disconnect()
+
+
+async def test_the_reaper_leaves_a_lapsed_run_its_own_process_is_executing(
+    make_user, keeper_held_off
+):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(orphan)(conversation)
+    lifecycle.lease_keeper().hold(run.id, on_lost=lambda: None)
+    try:
+        assert await lifecycle.runs_reap() == 0
+    finally:
+        lifecycle.lease_keeper().release(run.id)
+
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.RUNNING
+    assert await lifecycle.runs_reap() == 1
 
 
 async def test_spans_are_written_while_the_run_goes(make_user, settings):
