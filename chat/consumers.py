@@ -76,7 +76,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.group = conversation_group(self.conversation.id)
         # Joined after the lookup (one hop for all of it): a run that starts in between
         # reaches this socket with its next event, which brings the earlier ones from
-        # the log (run_event).
+        # the log (run_events).
         await self.channel_layer.group_add(self.group, self.channel_name)
         # Runs whose process died were closed by the lookup: their final events reach
         # this socket when the client resumes them.

@@ -40,7 +40,7 @@ from django.utils import timezone
 
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
-from billing.services import account_for_user
+from billing.services import account_quotas_for_user
 from tracing.capture import trace_status_for
 from tracing.export import schedule_stored
 from tracing.services import trace_close_interrupted
@@ -118,7 +118,7 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
     run = Run.objects.select_related("conversation").get(id=run_id)
     return StartedRun(
         run=run,
-        account_id=account_for_user(user_id=run.conversation.owner_id).pk,
+        account_id=account_quotas_for_user(user_id=run.conversation.owner_id).account_id,
         user_message=run.messages.filter(role=Message.Role.USER).first(),
     )
 
@@ -160,10 +160,7 @@ def runs_renew(*, progress: dict[UUID, tuple[int, int]]) -> set[UUID]:
 
 
 def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> list[UUID]:
-    # A run this process is executing is not lost, however late its renewal: the keeper
-    # renews it at its next tick, and a reaper elsewhere that closes it meanwhile stops it
-    # here (`runs_renew`).
-    runs = Run.objects.lost().exclude(id__in=_keeper.held())
+    runs = Run.objects.lost()
     if conversation_id is not None:
         runs = runs.filter(conversation_id=conversation_id)
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
@@ -276,8 +273,10 @@ def run_close(
 
     The hold of the call it was making when its process stopped is billed the prompt
     estimate and the output it had streamed by its last renewal, as a cancel is (the
-    provider processed that much); a call that had streamed nothing is released. Calls
-    that had finished were settled when they finished."""
+    provider processed that much); a call that had streamed nothing is released. A call
+    that had finished is settled with the next call's reservation or at the run's finish
+    (one hop per call, not two); if the process dies before that, it is billed like a
+    cut call, from the usage recorded at the last renewal."""
     now = timezone.now()
     runs = Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES)
     if lapsed_only:
@@ -411,9 +410,9 @@ def runs_close_lapsed(*, conversation_id: UUID | None = None) -> list[ClosedRun]
     return [run for run in closed if run is not None]
 
 
-async def runs_reap(*, conversation_id: UUID | None = None) -> int:
+async def runs_reap() -> int:
     """`runs_close_lapsed`, then their final events; how many."""
-    closed = await database_sync_to_async(runs_close_lapsed)(conversation_id=conversation_id)
+    closed = await database_sync_to_async(runs_close_lapsed)()
     for run in closed:
         await run_closed_publish(run)
     return len(closed)
@@ -462,9 +461,6 @@ class LeaseKeeper:
 
     def release(self, run_id: UUID) -> None:
         self._held.pop(run_id, None)
-
-    def held(self) -> list[UUID]:
-        return list(self._held)
 
     def ensure_started(self) -> None:
         """Start on the running loop, unless running there already (call it from it)."""

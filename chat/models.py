@@ -38,9 +38,6 @@ def lease_lapsed(now: datetime) -> Q:
 class RunQuerySet(models.QuerySet["Run"]):
     """Which runs somebody is executing, by their lease (see `chat.lifecycle`)."""
 
-    def alive(self) -> "RunQuerySet":
-        return self.filter(lease_held(timezone.now()), status__in=Run.ACTIVE_STATUSES)
-
     def lost(self) -> "RunQuerySet":
         return self.filter(lease_lapsed(timezone.now()), status__in=Run.ACTIVE_STATUSES)
 

@@ -1,7 +1,7 @@
 """A server loads only the libraries its configuration uses.
 
 Each of these takes megabytes of memory in every process that imports it (measured with
-benchmarks/server_memory.py): a server on the embedded defaults (the offline model,
+benchmarks/turn_cost.py, idle RSS): a server on the embedded defaults (the offline model,
 SQLite, no Redis, no OTLP endpoint) never calls them, and used to hold them all, about
 80 MiB of its 200. Checked in a fresh interpreter that starts the app as Daphne does and
 answers one chat turn.
