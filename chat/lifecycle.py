@@ -412,7 +412,7 @@ def runs_close_lapsed(*, conversation_id: UUID | None = None) -> list[ClosedRun]
 
 async def runs_reap() -> int:
     """`runs_close_lapsed`, then their final events; how many."""
-    closed = await database_sync_to_async(runs_close_lapsed)()
+    closed = await _on_keeper_thread(runs_close_lapsed)()
     for run in closed:
         await run_closed_publish(run)
     return len(closed)
@@ -481,7 +481,7 @@ class LeaseKeeper:
 
     async def tick(self) -> None:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in list(self._held.items())}
-        lost = await _renew(progress=progress)
+        lost = await _on_keeper_thread(runs_renew)(progress=progress)
         for run_id in lost:
             lease = self._held.pop(run_id, None)
             if lease is not None:
@@ -500,12 +500,15 @@ def _progress(outcome: RunOutcome | None) -> tuple[int, int]:
 
 
 _keeper = LeaseKeeper()
-# Renewals have a thread (and a database connection) of their own rather than the
-# database thread every run's queries queue on: with hundreds of runs at once that queue
-# can fall more than a lease behind, and the leases of runs this process is executing
-# would lapse, for other processes to close them.
-_renewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-lease-renewer")
-_renew = database_sync_to_async(runs_renew, thread_sensitive=False, executor=_renewer)
+# The keeper renews and reaps on a thread (and a database connection) of its own rather
+# than the database thread every run's queries queue on: with hundreds of runs at once
+# that queue can fall more than a lease behind, and this process's reaper (or another's)
+# would find the leases of runs this process is executing lapsed, and close them.
+_keeper_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-lease-keeper")
+
+
+def _on_keeper_thread(func: Callable[..., Any]) -> Callable[..., Any]:
+    return database_sync_to_async(func, thread_sensitive=False, executor=_keeper_thread)
 
 
 def lease_keeper() -> LeaseKeeper:
