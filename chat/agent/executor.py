@@ -74,22 +74,22 @@ class InProcessExecutor:
         if self._single_instance():
             await execute_run(run_id)
             return
-        listener = asyncio.create_task(self._listen_for_cancel(run_id))
+        layer = get_channel_layer()
+        assert layer is not None
+        channel = await layer.new_channel()
+        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
         try:
             await execute_run(run_id)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await _stop_listening(listener, channel)
 
-    async def _listen_for_cancel(self, run_id: UUID) -> None:
-        """Cancels broadcast by any instance, until the run ends. The run never waits
-        for this: when Redis is down or restarts (forgetting the group), the run goes on
-        and this subscribes again."""
+    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
+        """Cancels broadcast by any instance, until the run ends ("run.done"). The run
+        never waits for this: when Redis is down or restarts (forgetting the group), the
+        run goes on and this subscribes again."""
         layer = get_channel_layer()
         assert layer is not None
         group = run_control_group(run_id)
-        channel = await layer.new_channel()
         try:
             while True:
                 try:
@@ -98,6 +98,8 @@ class InProcessExecutor:
                         message = await layer.receive(channel)
                         if message.get("type") == "run.cancel":
                             await self._cancel_local(run_id)
+                            return
+                        if message.get("type") == "run.done":
                             return
                 except Exception as error:
                     logger.warning("run %s: cancel listener lost Redis: %r", run_id, error)
@@ -139,6 +141,27 @@ class InProcessExecutor:
 
     def active_run_ids(self) -> list[UUID]:
         return list(self._tasks)
+
+
+async def _stop_listening(listener: asyncio.Task[None], channel: str) -> None:
+    """End a cancel listener by a message, not by cancelling it: channels-redis receives
+    for all of a process's channels in whichever receive() holds its lock, and a receive
+    cancelled while its pop is in flight loses the message it popped, which may be
+    another socket's (it was, one run in a few hundred: the final event, published just
+    before the run's listener stopped). Cancelled only if the message cannot be sent."""
+    layer = get_channel_layer()
+    assert layer is not None
+    if not listener.done():
+        try:
+            await layer.send(channel, {"type": "run.done"})
+            await asyncio.wait_for(asyncio.shield(listener), timeout=5)
+        except Exception:  # Redis is down, say: then no message is in flight to lose
+            pass
+        finally:
+            if not listener.done():
+                listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
 
 
 _executor = InProcessExecutor()

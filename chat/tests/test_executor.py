@@ -1,6 +1,7 @@
 """Runs across instances: with a Redis channel layer, events reach a socket served by any
 instance and a cancel reaches the instance executing the run."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -9,7 +10,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from chat import services
-from chat.agent.executor import InProcessExecutor
+from chat.agent.executor import InProcessExecutor, _stop_listening
 from chat.models import Run
 from conftest import open_socket, receive_until
 from tests.servers import REDIS_URL, redis_available
@@ -56,3 +57,26 @@ async def test_a_cancel_from_another_instance_stops_the_run(
     run = await Run.objects.aget(id=run_id)
     assert run.status == Run.Status.CANCELLED
     await socket.disconnect()
+
+
+async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_channel_layer):
+    # One receive() pops for all of a process's channels; the run's cancel listener is
+    # often the one popping when its run ends, right as the final event goes out to
+    # the conversation's sockets (the pattern of a run's end, many times over).
+    layer = redis_channel_layer
+    executor = InProcessExecutor()
+    lost = 0
+    for _ in range(30):
+        socket = await layer.new_channel()
+        waiting = asyncio.ensure_future(layer.receive(socket))
+        run_channel = await layer.new_channel()
+        listener = asyncio.create_task(executor._listen_for_cancel(uuid.uuid4(), run_channel))
+        await asyncio.sleep(0.02)  # both receiving; one of them pops for both
+        await layer.send(socket, {"type": "run.events", "final": True})
+        await _stop_listening(listener, run_channel)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), timeout=2)
+        except TimeoutError:
+            lost += 1
+            waiting.cancel()
+    assert lost == 0
