@@ -145,13 +145,30 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
         connection = await aiosqlite.connect(sqlite_path, **_sqlite_options())
         try:
             await connection.execute("PRAGMA synchronous=NORMAL")  # WAL: safe, shorter locks
-            saver = AsyncSqliteSaver(connection)
+            saver = _CommittingSqliteSaver(connection)
             await saver.setup()
         except BaseException:
             # A cancel or a lock timeout here must not leave its thread behind.
             await connection.close()
             raise
     return saver
+
+
+class _CommittingSqliteSaver(AsyncSqliteSaver):
+    """LangGraph's saver, its writes shielded from cancels. A cancel (a user's stop, a
+    deadline) that lands between a write's statement and its commit leaves the shared
+    connection inside a write transaction, holding the file's write lock against every
+    other connection, another process's or a later one's, until something commits on
+    it; they wait out their busy timeout and fail with `database is locked`."""
+
+    async def aput(self, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.shield(super().aput(*args, **kwargs))
+
+    async def aput_writes(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.shield(super().aput_writes(*args, **kwargs))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.shield(super().adelete_thread(thread_id))
 
 
 def _sqlite_options() -> dict[str, Any]:

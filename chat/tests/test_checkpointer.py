@@ -1,6 +1,8 @@
 """Conversation memory lives in LangGraph's checkpoint savers, never in process memory."""
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -8,6 +10,7 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.base import empty_checkpoint
 
 from chat import services
 from chat.agent.checkpointer import checkpointer, open_saver
@@ -120,3 +123,29 @@ def context_of(conversation_id: uuid.UUID) -> Context:
         max_steps=4,
         context_tokens=4000,
     )
+
+
+async def test_a_cancelled_checkpoint_write_leaves_the_file_unlocked(tmp_path):
+    # A user's stop lands while the run's checkpoint is being written: the file must
+    # not stay locked against every other connection (another process, a delete).
+    path = tmp_path / "checkpoints.sqlite3"
+    saver = await open_saver(postgres=None, sqlite_path=path)
+    try:
+        for step in range(5):
+            config: Any = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+            checkpoint = {**empty_checkpoint(), "id": str(uuid.uuid4())}
+            write = asyncio.ensure_future(saver.aput(config, checkpoint, {"step": step}, {}))
+            await asyncio.sleep(0)  # its statement is on the connection's thread now
+            write.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await write
+        await asyncio.sleep(0.2)
+
+        other = sqlite3.connect(path, timeout=1)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # `database is locked` if one is left open
+            other.rollback()
+        finally:
+            other.close()
+    finally:
+        await saver.conn.close()  # type: ignore[attr-defined]
