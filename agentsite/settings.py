@@ -163,7 +163,14 @@ if REDIS_READ_TIMEOUT < 2 * CHANNEL_LAYER_BLOCKING_POP:
         f"chat sockets wait on the channel layer in {CHANNEL_LAYER_BLOCKING_POP} s blocking "
         "pops, and a read timeout near that closes them while they are idle."
     )
+# redis-py 8's asyncio pools open at most 100 connections unless told, then fail with
+# `Too many connections`: 300 runs publishing at once held more (each command in flight
+# holds one), and sockets closed with 1011. The channel layer's and the event log's pools
+# may each open this many per process: keep instances x 2 x this under Redis's
+# `maxclients` (10,000 by default).
+REDIS_MAX_CONNECTIONS = env.int("AGENT_REDIS_MAX_CONNECTIONS", default=1000)
 REDIS_CLIENT_OPTIONS = {
+    "max_connections": REDIS_MAX_CONNECTIONS,
     "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
     "socket_timeout": REDIS_READ_TIMEOUT,
     "socket_keepalive": True,

@@ -78,3 +78,31 @@ def test_a_read_timeout_the_blocking_pop_would_hit_refuses_to_start() -> None:
     result = run_with_redis("import agentsite.settings", AGENT_REDIS_READ_TIMEOUT="5")
     assert result.returncode != 0
     assert "AGENT_REDIS_READ_TIMEOUT must be at least 10 seconds" in result.stderr
+
+
+BURST = """
+import asyncio
+import django
+django.setup()
+from channels.layers import get_channel_layer
+from chat.events import event_log
+
+async def burst():
+    # 300 runs publishing at once: each command in flight holds a connection.
+    layer = get_channel_layer()
+    await asyncio.gather(
+        *(layer.group_send(f"burst-{i}", {"type": "run.events"}) for i in range(300))
+    )
+    client = event_log()._client()
+    await asyncio.gather(*(client.ping() for _ in range(300)))
+
+asyncio.run(burst())
+print("ok")
+"""
+
+
+def test_three_hundred_commands_at_once_find_a_connection() -> None:
+    # redis-py 8's asyncio pools stop at 100 connections ("Too many connections").
+    result = run_with_redis(BURST)
+
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
