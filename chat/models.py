@@ -99,6 +99,10 @@ class Run(models.Model):
     def is_active(self) -> bool:
         return self.status in self.ACTIVE_STATUSES
 
+    def lease_lapsed(self) -> bool:
+        """Whether the process executing it stopped renewing its lease (see `lease_lapsed`)."""
+        return self.lease_expires_at is not None and self.lease_expires_at < timezone.now()
+
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens

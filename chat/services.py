@@ -109,10 +109,11 @@ def conversation_join(
     conversation = selectors.conversation_get(user=user, conversation_id=conversation_id)
     active = selectors.run_get_active(conversation=conversation)
     closed: list[lifecycle.ClosedRun] = []
-    if active is not None:  # a run whose process died is still active until closed
+    # A run whose process died is still active until closed: by us now, or by a reaper
+    # (this process's keeper runs on its own thread) in the meantime; read it again.
+    if active is not None and active.lease_lapsed():
         closed = lifecycle.runs_close_lapsed(conversation_id=conversation.id)
-        if closed:
-            active = selectors.run_get_active(conversation=conversation)
+        active = selectors.run_get_active(conversation=conversation)
     return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
 
 
