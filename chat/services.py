@@ -1,8 +1,10 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
@@ -28,8 +30,12 @@ TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
 
 
-def conversation_create(*, owner: User, title: str = "") -> Conversation:
-    return Conversation.objects.create(owner=owner, title=_clean_title(title or DEFAULT_TITLE))
+def conversation_create(
+    *, owner: User, title: str = "", source: Conversation.Source = Conversation.Source.BROWSER
+) -> Conversation:
+    return Conversation.objects.create(
+        owner=owner, title=_clean_title(title or DEFAULT_TITLE), source=source
+    )
 
 
 def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
@@ -83,6 +89,15 @@ def _clean_message(content: object) -> str:
     return content
 
 
+def _clean_turn(index: int, content: object) -> str:
+    try:
+        return _clean_message(content)
+    except ApplicationError as error:
+        raise ApplicationError(
+            error.code, error.message, error.http_status, **error.extra, turn=index
+        ) from error
+
+
 def _unstorable_message(what: str) -> str:
     return (
         f"The {what} contains a character that cannot be stored (a NUL character or an "
@@ -117,10 +132,32 @@ def conversation_join(
     return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
 
 
-def run_create(*, conversation: Conversation, content: object, count_request: bool = False) -> Run:
+@dataclass(frozen=True)
+class Turn:
+    """A turn of earlier conversation a caller brings with its message (an OpenAI client
+    sends the whole history with every request)."""
+
+    role: Literal["user", "assistant"]
+    content: object
+
+
+def run_create(
+    *,
+    conversation: Conversation,
+    content: object,
+    history: Sequence[Turn] = (),
+    instructions: str = "",
+    count_request: bool = False,
+) -> Run:
     """Record the user's message and queue a run to answer it; the run starts on commit.
     `count_request`: count it against the account's requests per minute first (the chat
     socket's messages; nothing else has counted them).
+
+    `history`: earlier turns the agent has not seen, stored with the run (`imported`)
+    and fed to it before the message; for a conversation whose agent memory is empty
+    (the caller keeps the history, not us). `instructions`: the caller's own, given to
+    the model after the agent's system prompt (see `Run.instructions`). A turn that is
+    not valid text is refused like the message, its error naming it (`turn`: its index).
 
     One transaction of five statements (six on PostgreSQL), nearly always: what is
     rare (a run whose process died, a hold its run left) costs more only when it is
@@ -132,7 +169,11 @@ def run_create(*, conversation: Conversation, content: object, count_request: bo
         else account_quotas_for_user(user_id=owner)
     )
     text = _clean_message(content)
-    title = _clean_title(text[:60])
+    turns = [(turn.role, _clean_turn(index, turn.content)) for index, turn in enumerate(history)]
+    if instructions:
+        instructions = _clean_message(instructions)
+    first = next((said for role, said in turns if role == Message.Role.USER), text)
+    title = _clean_title(first[:60])
     with transaction.atomic():
         # The account first, as every writer of its budget does (no deadlocks); then the
         # conversation's row (this update locks it), so two tabs cannot start two runs
@@ -166,10 +207,26 @@ def run_create(*, conversation: Conversation, content: object, count_request: bo
         run = Run.objects.create(
             conversation_id=conversation.id,
             model=model_info().name,
+            instructions=instructions,
             **lifecycle.run_queued_lease(),
         )
-        Message.objects.create(
-            conversation_id=conversation.id, run=run, role=Message.Role.USER, content=text
+        # In this order: the conversation reads them by creation.
+        Message.objects.bulk_create(
+            [
+                *(
+                    Message(
+                        conversation_id=conversation.id,
+                        run=run,
+                        role=role,
+                        content=said,
+                        imported=True,
+                    )
+                    for role, said in turns
+                ),
+                Message(
+                    conversation_id=conversation.id, run=run, role=Message.Role.USER, content=text
+                ),
+            ]
         )
         transaction.on_commit(lambda: get_executor().submit(run.id))
     return run
