@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from chat.openai_compat.api import api as openai_api
+
 from .api import api
 from .health import healthz, readyz
 from .metrics import metrics_view
@@ -9,6 +11,7 @@ from .metrics import metrics_view
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", api.urls),
+    path("openai/v1/", openai_api.urls),
     path("metrics", metrics_view, name="metrics"),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from uuid import UUID
 
@@ -259,3 +259,27 @@ class RunEventStream:
                     "run %s: events published again from seq %d", self.run_id, batch[0]["seq"]
                 )
             self._failing = not delivered
+
+
+# TEMPORARY (branch openai): a stand-in for the "events" branch's `follow`, with its
+# signature, so the OpenAI-compatible endpoint can be built and tested before that lands;
+# replaced by it when main is merged. Polls the log; no rebuilt final event.
+async def follow(
+    run_id: UUID, after_seq: int = 0, *, idle: float | None = None
+) -> AsyncIterator["Frame | None"]:
+    final = {"run.completed", "run.failed", "run.cancelled", "run.limit_reached"}
+    final |= {"run.budget_exceeded", "run.interrupted"}
+    waited = 0.0
+    while True:
+        events = await event_log().after(run_id, after_seq)
+        for event in events:
+            after_seq = event["seq"]
+            waited = 0.0
+            yield Frame(event["seq"], json.dumps(event))
+            if event["type"] in final:
+                return
+        await asyncio.sleep(0.02)
+        waited += 0.02
+        if idle is not None and waited >= idle:
+            waited = 0.0
+            yield None

@@ -232,6 +232,24 @@ def run_create(
     return run
 
 
+def conversation_start(
+    *,
+    owner: User,
+    source: Conversation.Source,
+    content: object,
+    history: Sequence[Turn] = (),
+    instructions: str = "",
+) -> Run:
+    """A new conversation and the run answering its first message (see `run_create`),
+    in one transaction: a run refused (a limit, bad input) leaves no empty conversation
+    behind."""
+    with transaction.atomic():
+        conversation = conversation_create(owner=owner, source=source)
+        return run_create(
+            conversation=conversation, content=content, history=history, instructions=instructions
+        )
+
+
 def _runs_under_way(*, account_id: int, conversation_id: UUID) -> dict[str, int]:
     """The account's active runs, counted in one query: `alive` (the account's, held
     against its limit), `alive_here` and `lost_here` (this conversation's, alive or

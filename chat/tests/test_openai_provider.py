@@ -467,9 +467,7 @@ async def test_a_call_the_budget_cannot_fully_cover_is_made_with_a_lower_output_
 # -- a run that brings earlier turns (the OpenAI-compatible endpoint's) -------------------
 
 
-async def test_a_run_feeds_the_history_it_brings_and_the_callers_instructions(
-    llm, make_user
-):
+async def test_a_run_feeds_the_history_it_brings_and_the_callers_instructions(llm, make_user):
     from chat import lifecycle, services
 
     user = await database_sync_to_async(make_user)()
