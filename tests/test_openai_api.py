@@ -4,6 +4,7 @@ its own throwaway database: the agent on the built-in offline model, which reall
 its calculator; and a second server whose agent talks to a fake OpenAI provider, to see
 what the model was given and how a provider failure reaches the client."""
 
+import http.client
 import json
 import sqlite3
 import subprocess
@@ -291,6 +292,49 @@ def test_a_client_that_leaves_mid_answer_stops_the_run(server: Server) -> None:
     assert server.run_status(run_id) == "cancelled"
 
 
+def test_a_client_that_leaves_before_a_whole_answer_stops_the_run(server: Server) -> None:
+    question = "Waiting for all of this. " * 200
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    connection.request(
+        "POST",
+        "/openai/v1/chat/completions",
+        body=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": question}]}),
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+    )
+    title = question[:60].strip()
+    runs: list[tuple[Any, ...]] = []
+    deadline = time.monotonic() + WAIT
+    while not runs and time.monotonic() < deadline:
+        runs = server.query(
+            "SELECT r.id FROM chat_run r JOIN chat_conversation c ON r.conversation_id = c.id "
+            "WHERE c.title = ? AND r.status = 'running'",
+            title,
+        )
+    [(run_id,)] = runs
+
+    connection.close()  # before the answer: a timeout, a closed tab
+
+    while server.run_status(run_id) == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.run_status(run_id) == "cancelled"
+
+
+def test_a_conversation_still_answering_is_busy(server: Server) -> None:
+    client = server.client()
+    long_question = "Tell me all of this again. " * 120
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=[{"role": "user", "content": long_question}], stream=True
+    ) as answering:
+        conversation = answering.headers["x-agentsite-conversation"]
+        with pytest.raises(openai.ConflictError) as refused:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=ASK_ARITHMETIC,
+                extra_headers={"X-Agentsite-Conversation": conversation},
+            )
+    assert refused.value.code == "run_active"
+
+
 # -- what the model is given (a fake OpenAI provider behind the agent) ------------------
 
 
@@ -359,6 +403,22 @@ def test_no_key_at_all_is_an_openai_shaped_401(server: Server) -> None:
     response = httpx.post(server.url + "/openai/v1/chat/completions", json={}, timeout=WAIT)
     assert response.status_code == 401
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status"), [(b"{not json", 400), (b'{"messages": "' + b"x" * 3_000_000 + b'"}', 413)]
+)
+def test_a_body_that_is_not_json_or_too_large_is_refused_openais_way(
+    server: Server, body: bytes, status: int
+) -> None:
+    response = httpx.post(
+        server.url + "/openai/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+        timeout=WAIT,
+    )
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_key_without_the_runs_scope_is_refused(server: Server) -> None:

@@ -120,6 +120,7 @@ def http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
 
 @api.exception_handler(RequestDataTooBig)
 def too_big(request: HttpRequest, error: RequestDataTooBig) -> HttpResponse:
+    # Over DATA_UPLOAD_MAX_MEMORY_SIZE (Django's own limit on a body read at once).
     return _error_response(
         request, wire.OpenAIError(413, "The request body is too large.", code="too_large")
     )

@@ -222,8 +222,8 @@ def _budget_retry_after(final: Event) -> dict[str, str]:
     now = datetime.now(UTC)
     midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
     if left.get("exhausted_month"):
-        reset = (now.replace(day=28) + timedelta(days=4)).replace(day=1)
-        reset = datetime(reset.year, reset.month, 1, tzinfo=UTC)
+        next_month = now.replace(day=28) + timedelta(days=4)
+        reset = datetime(next_month.year, next_month.month, 1, tzinfo=UTC)
     elif left.get("exhausted_today"):
         reset = midnight
     else:
