@@ -179,7 +179,9 @@ async def chat_completions(
     await database_sync_to_async(api_key_require_scope)(request, ApiKey.Scope.RUNS)
     _model_check(body.model)
     if body.n not in (None, 1):
-        raise wire.OpenAIError(400, "Only one choice (n=1) is made.", param="n")
+        raise wire.OpenAIError(
+            400, "Only one choice (n=1) is made.", code="invalid_request", param="n"
+        )
     if body.tools or body.functions:
         raise wire.OpenAIError(
             400,
@@ -189,10 +191,10 @@ async def chat_completions(
         )
     prompt = wire.prompt_of(body.messages)
     assert isinstance(request.user, User)
+    lease_keeper().ensure_started()
     run = await database_sync_to_async(_run_start)(
         user=request.user, prompt=prompt, bound=request.headers.get(CONVERSATION_HEADER)
     )
-    lease_keeper().ensure_started()
     headers = {
         RUN_HEADER: str(run.id),
         CONVERSATION_HEADER: str(run.conversation_id),
