@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -192,8 +192,10 @@ async def chat_completions(
     prompt = wire.prompt_of(body.messages)
     assert isinstance(request.user, User)
     lease_keeper().ensure_started()
-    run = await database_sync_to_async(_run_start)(
-        user=request.user, prompt=prompt, bound=request.headers.get(CONVERSATION_HEADER)
+    run = await _started(
+        database_sync_to_async(_run_start)(
+            user=request.user, prompt=prompt, bound=request.headers.get(CONVERSATION_HEADER)
+        )
     )
     headers = {
         RUN_HEADER: str(run.id),
@@ -248,6 +250,22 @@ def _run_start(*, user: User, prompt: wire.Prompt, bound: str | None) -> Run:
         if error.code == "not_found":
             refused.code, refused.param = "conversation_not_found", CONVERSATION_HEADER
         raise refused from error
+
+
+async def _started(start: Awaitable[Run]) -> Run:
+    """The run `start` creates. A client that leaves meanwhile (this request is
+    cancelled) does not leave it running unwatched: it is stopped once it exists."""
+    starting = asyncio.ensure_future(start)
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        starting.add_done_callback(_stop_once_started)
+        raise
+
+
+def _stop_once_started(starting: "asyncio.Future[Run]") -> None:
+    if not starting.cancelled() and starting.exception() is None:
+        _cancel_in_background(starting.result())
 
 
 async def _answer(run: Run) -> tuple[str, Event]:
