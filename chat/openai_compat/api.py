@@ -277,7 +277,7 @@ async def _answer(run: Run) -> tuple[str, Event]:
             texts.append(event["text"])
         elif event["type"] in FINAL_TYPES:
             return "".join(texts), event
-    raise RuntimeError(f"run {run.id}: its events ended without a final one")
+    raise wire.run_gone()
 
 
 async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
@@ -298,6 +298,7 @@ async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
                 yield chunks.usage(event)
             yield wire.DONE
             return
+    yield wire.sse(wire.run_gone().body())
 
 
 async def _events(run: Run) -> AsyncIterator[Event | None]:
@@ -312,6 +313,7 @@ async def _events(run: Run) -> AsyncIterator[Event | None]:
             event: Event = json.loads(frame.text)
             finished = event["type"] in FINAL_TYPES
             yield event
+        finished = True  # without a final event: the run was deleted meanwhile
     finally:
         if not finished:
             _cancel_in_background(run)

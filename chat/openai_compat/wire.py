@@ -215,6 +215,17 @@ def run_error(final: Event) -> OpenAIError:
     return OpenAIError(http_status, message, code=code, headers=NO_RETRY)
 
 
+def run_gone() -> OpenAIError:
+    """A run whose events ended without a final one: it was deleted (with its
+    conversation) while it answered."""
+    return OpenAIError(
+        404,
+        "The conversation was deleted while the agent answered.",
+        code="conversation_not_found",
+        headers=NO_RETRY,
+    )
+
+
 def _budget_retry_after(final: Event) -> dict[str, str]:
     """Until the exhausted budget's period starts again (UTC days and months), if the
     final event says which one it is."""
