@@ -36,3 +36,16 @@ async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monk
     created.set()
     await asyncio.wait_for(stopping.wait(), timeout=30)
     assert stopped == [run]
+
+
+@pytest.mark.django_db
+def test_its_schema_is_its_own_and_declares_its_errors(client):
+    schema = client.get("/openai/v1/openapi.json").json()
+    assert sorted(schema["paths"]) == [
+        "/openai/v1/chat/completions",
+        "/openai/v1/models",
+        "/openai/v1/models/{model_id}",
+    ]
+    declared = schema["paths"]["/openai/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "409", "429", "502"} <= set(declared)
+    assert "/openai/v1/models" not in client.get("/api/openapi.json").json()["paths"]
