@@ -155,7 +155,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _log_after(self, run_id: UUID, seq: int) -> list[Event]:
         try:
-            return await event_log().after(run_id, seq)
+            return [frame.event() for frame in await event_log().after(run_id, seq)]
         except Exception as error:  # Redis is down: what the database knows still comes
             logger.warning("run %s: event log unreadable: %r", run_id, error)
             return []

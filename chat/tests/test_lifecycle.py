@@ -129,7 +129,7 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user, keeper_
     assert trace.span_count == 2
     assert await Span.objects.filter(trace_id=run.id, parent_id=run.id).acount() == 1
     # Its log has the final event for any socket that resumes later.
-    assert [e["type"] for e in await event_log().after(run.id, 0)] == ["run.interrupted"]
+    assert [f.type for f in await event_log().after(run.id, 0)] == ["run.interrupted"]
     # The conversation is usable again.
     await socket.send_json_to({"type": "message", "content": "Hello again"})
     assert (await receive_until(socket, "run.completed"))[-1]["status"] == "completed"
