@@ -97,8 +97,10 @@ class MemoryEventLog:
             self._forget_expired(now)
         while self._events > self._max_events and len(self._runs) > 1:
             self._forget(next(iter(self._runs)))
-        for waiter in self._waiters.get(run_id, ()):
-            waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+        for waiter in list(self._waiters.get(run_id, ())):
+            loop = waiter.get_loop()
+            if not loop.is_closed():  # a follower left behind by a loop that ended
+                loop.call_soon_threadsafe(_wake, waiter)
 
     async def after(self, run_id: UUID, seq: int) -> list[Frame]:
         _, logged = self._runs.get(run_id, (0.0, []))
