@@ -1,4 +1,4 @@
-"""Run events: numbered, logged for replay, and broadcast to the conversation's sockets.
+"""Run events: numbered, logged, and followed by whoever reads them.
 
 Each run has exactly one writer (its executor), which numbers the events; the log keeps
 them for AGENT_EVENT_TTL seconds so a client that drops can resume from the last `seq`
@@ -224,8 +224,10 @@ def event_log() -> EventLog:
 # its final event may never reach the log (Redis down or restarted, the log expired).
 FOLLOW_CHECK_INTERVAL = 5.0
 # How long after a run is recorded as over its last events may still be on their way to
-# the log, before a follower stops waiting for them and rebuilds the final event.
-FOLLOW_FINAL_GRACE = 2.0
+# the log (milliseconds, normally), before a follower stops waiting for them and
+# rebuilds the final event: a client resuming right after a run ended waits this long
+# for it when the log lost it.
+FOLLOW_FINAL_GRACE = 1.0
 # The longest pause between reads while the log cannot be read.
 FOLLOW_RETRY_MAX = 5.0
 
@@ -304,11 +306,11 @@ async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool
 async def events_publish(
     conversation_id: UUID | str, events: Sequence[Event], *, warn: bool = True
 ) -> bool:
-    """Append events of one run (in `seq` order) to its log and send them to the
-    conversation's sockets as one "run.events" message. A failure of either (Redis
-    restarting, say) is logged and returns False, never raises: the run goes on, and its
-    outcome still reaches clients, rebuilt from the database when they resume
-    (`chat.lifecycle.final_event_missing`)."""
+    """Append events of one run (in `seq` order) to its log and tell the conversation's
+    sockets, in one "run.events" message, that the run has new events. A failure of
+    either (Redis restarting, say) is logged and returns False, never raises: the run
+    goes on, and its outcome still reaches its followers, rebuilt from the database
+    (`follow`)."""
     run = events[0]["run"]
     frames = frames_of(events)
     seqs = f"{frames[0].seq}-{frames[-1].seq}"
@@ -325,11 +327,11 @@ async def events_publish(
         await channel_layer.group_send(
             conversation_group(conversation_id),
             {
+                # Sockets read the events themselves from the log (`follow`): this
+                # tells them which run has new ones.
                 "type": "run.events",
                 "run": run,
                 "seqs": [frame.seq for frame in frames],
-                "types": [frame.type for frame in frames],
-                "frames": [frame.text for frame in frames],
             },
         )
     except Exception as error:
