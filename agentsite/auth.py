@@ -84,7 +84,8 @@ def owned_or_404(
     **lookup: Any,
 ) -> M:
     """The one object of `queryset` matching `lookup` that `principal`'s user owns
-    (`owner_field` is the model's FK to the user). Anything else — missing, malformed
+    (`owner_field` is the path to the owning user's FK: "owner" for a Conversation,
+    "conversation__owner" for a Run, "user" for a Trace). Anything else — missing, malformed
     id, someone else's — is the same 404 `not_found` ("There is no such {name}."), so
     ids cannot be probed for existence."""
     try:
