@@ -148,10 +148,12 @@ def run_create(
     history: Sequence[Turn] = (),
     instructions: str = "",
     count_request: bool = False,
+    api_key_id: int | None = None,
 ) -> Run:
     """Record the user's message and queue a run to answer it; the run starts on commit.
     `count_request`: count it against the account's requests per minute first (the chat
-    socket's messages; nothing else has counted them).
+    socket's messages; nothing else has counted them). `api_key_id`: the key whose
+    request started it (None: the browser), recorded on the run and its ledger rows.
 
     `history`: earlier turns the agent has not seen, stored with the run (`imported`)
     and fed to it before the message; for a conversation whose agent memory is empty
@@ -206,6 +208,7 @@ def run_create(
         runs_admit(limits=quotas.limits, active_runs=runs["alive"])
         run = Run.objects.create(
             conversation_id=conversation.id,
+            api_key_id=api_key_id,
             model=model_info().name,
             instructions=instructions,
             **lifecycle.run_queued_lease(),
@@ -239,6 +242,7 @@ def conversation_start(
     content: object,
     history: Sequence[Turn] = (),
     instructions: str = "",
+    api_key_id: int | None = None,
 ) -> Run:
     """A new conversation and the run answering its first message (see `run_create`),
     in one transaction: a run refused (a limit, bad input) leaves no empty conversation
@@ -246,7 +250,11 @@ def conversation_start(
     with transaction.atomic():
         conversation = conversation_create(owner=owner, source=source)
         return run_create(
-            conversation=conversation, content=content, history=history, instructions=instructions
+            conversation=conversation,
+            content=content,
+            history=history,
+            instructions=instructions,
+            api_key_id=api_key_id,
         )
 
 

@@ -16,13 +16,12 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.urls import reverse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
-from ninja.security import HttpBearer
 
+from agentsite.auth import Principal, require_scope
 from agentsite.errors import ApplicationError
-from billing.auth import api_key_require_scope
+from agentsite.sse import SSE_HEARTBEAT, sse_response
+from billing.auth import ApiKeyBearerAuth
 from billing.models import ApiKey
-from billing.ratelimit import rate_limit_hit
-from billing.services import api_key_verify
 from chat import selectors, services
 from chat.agent.models import model_info
 from chat.events import Event, follow
@@ -45,22 +44,12 @@ FINAL_TYPES = frozenset(FINAL_EVENTS.values())
 ERRORS = {status: ErrorOut for status in (400, 401, 403, 404, 409, 413, 429, 500, 502, 503)}
 
 
-class ApiKeyBearer(HttpBearer):
-    """An Agentsite API key as the bearer token, as the OpenAI SDKs send theirs; counted
-    against the key's and the account's requests per minute."""
-
-    def authenticate(self, request: HttpRequest, token: str) -> ApiKey:
-        api_key = api_key_verify(raw_key=token)
-        rate_limit_hit(account=api_key.account, api_key=api_key)
-        request.user = api_key.created_by
-        return api_key
-
-
 api = NinjaAPI(
     title="Agentsite OpenAI-compatible API",
     version="1",
     urls_namespace="openai",
-    auth=ApiKeyBearer(),
+    # An Agentsite API key as the bearer token, as the OpenAI SDKs send theirs.
+    auth=ApiKeyBearerAuth(),
     docs_url=None,
     openapi_url="/openapi.json",
 )
@@ -176,7 +165,7 @@ def _model_check(model_id: str | None) -> None:
 async def chat_completions(
     request: HttpRequest, body: ChatCompletionIn
 ) -> HttpResponse | StreamingHttpResponse:
-    await database_sync_to_async(api_key_require_scope)(request, ApiKey.Scope.RUNS)
+    caller = require_scope(request, ApiKey.Scope.RUNS)
     _model_check(body.model)
     if body.n not in (None, 1):
         raise wire.OpenAIError(
@@ -190,11 +179,15 @@ async def chat_completions(
             param="tools" if body.tools else "functions",
         )
     prompt = wire.prompt_of(body.messages)
+    # The key's user (set by its auth): what it starts is theirs, as in the browser.
     assert isinstance(request.user, User)
     lease_keeper().ensure_started()
     run = await _started(
         database_sync_to_async(_run_start)(
-            user=request.user, prompt=prompt, bound=request.headers.get(CONVERSATION_HEADER)
+            user=request.user,
+            caller=caller,
+            prompt=prompt,
+            bound=request.headers.get(CONVERSATION_HEADER),
         )
     )
     headers = {
@@ -212,12 +205,9 @@ async def chat_completions(
             model=run.model,
             include_usage=bool(options and options.include_usage),
         )
-        response = StreamingHttpResponse(
-            _stream(run, chunks), content_type="text/event-stream", headers=headers
-        )
-        # No buffering on the way (nginx), no caching: each chunk goes out as it comes.
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
+        response = sse_response(_stream(run, chunks))
+        for name, value in headers.items():
+            response[name] = value
         return response
     content, final = await _answer(run)
     try:
@@ -230,7 +220,7 @@ async def chat_completions(
     return JsonResponse(answer, headers=headers)
 
 
-def _run_start(*, user: User, prompt: wire.Prompt, bound: str | None) -> Run:
+def _run_start(*, user: User, caller: Principal, prompt: wire.Prompt, bound: str | None) -> Run:
     try:
         if bound is None:
             return services.conversation_start(
@@ -239,11 +229,15 @@ def _run_start(*, user: User, prompt: wire.Prompt, bound: str | None) -> Run:
                 content=prompt.content,
                 history=prompt.history,
                 instructions=prompt.instructions,
+                api_key_id=caller.api_key_id,
             )
         # The agent remembers the stored conversation: only the last message is new.
         conversation = selectors.conversation_get(user=user, conversation_id=bound)
         return services.run_create(
-            conversation=conversation, content=prompt.content, instructions=prompt.instructions
+            conversation=conversation,
+            content=prompt.content,
+            instructions=prompt.instructions,
+            api_key_id=caller.api_key_id,
         )
     except ApplicationError as error:
         refused = wire.error_of(error, prompt=prompt)
@@ -284,7 +278,7 @@ async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
     yield chunks.delta({"role": "assistant", "content": ""})
     async for event in _events(run):
         if event is None:
-            yield wire.KEEP_ALIVE
+            yield SSE_HEARTBEAT
         elif event["type"] == "token":
             yield chunks.delta({"content": event["text"]})
         elif event["type"] in FINAL_TYPES:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from agentsite.errors import ApplicationError
+from agentsite.sse import sse_message
 from chat.events import Event
 from chat.services import Turn
 
@@ -294,11 +295,9 @@ class Chunks:
         return self._chunk([], usage=usage_of(final))
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+def sse(data: dict[str, Any]) -> str:
+    return sse_message(json.dumps(data))
 
 
-DONE = sse("[DONE]")
-# An SSE comment: keeps proxies from cutting a stream while the agent works silently;
-# clients skip it.
-KEEP_ALIVE = ": keep-alive\n\n"
+# The end of a whole answer, as OpenAI marks it.
+DONE = sse_message("[DONE]")

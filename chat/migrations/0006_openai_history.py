@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('chat', '0004_run_lease'),
+        ('chat', '0005_api_key'),
     ]
 
     operations = [
