@@ -180,11 +180,20 @@ def test_an_answer_that_uses_a_tool_with_its_usage_and_its_run(server: Server) -
         "SELECT COUNT(*) FROM tracing_span WHERE trace_id = ?", hex_id(run_id)
     )
     assert traced > 1
-    # Priced: a ledger row for each of its two model calls (before and after the tool).
-    [(priced,)] = server.query(
-        "SELECT COUNT(*) FROM billing_usagerecord WHERE run_id = ?", hex_id(run_id)
+    # Priced: a ledger row for each of its two model calls (before and after the tool),
+    # each naming the key that caused it, as the run does.
+    key_prefix = server.keys["alice"][: len("ak_") + 8]
+    rows = server.query(
+        "SELECT k.prefix FROM billing_usagerecord u JOIN billing_apikey k ON u.api_key_id = k.id "
+        "WHERE u.run_id = ?",
+        hex_id(run_id),
     )
-    assert priced == 2
+    assert rows == [(key_prefix,), (key_prefix,)]
+    assert server.query(
+        "SELECT k.prefix FROM chat_run r JOIN billing_apikey k ON r.api_key_id = k.id "
+        "WHERE r.id = ?",
+        hex_id(run_id),
+    ) == [(key_prefix,)]
 
 
 def test_a_streamed_answer_in_chunks_with_usage_last(server: Server) -> None:
@@ -419,6 +428,12 @@ def test_a_body_that_is_not_json_or_too_large_is_refused_openais_way(
     )
     assert response.status_code == status
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_path_that_is_no_endpoint_is_an_openai_shaped_404(server: Server) -> None:
+    response = httpx.get(server.url + "/openai/v1/completions", timeout=WAIT)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_url"
 
 
 def test_a_key_without_the_runs_scope_is_refused(server: Server) -> None:

@@ -14,6 +14,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -122,6 +123,13 @@ def unexpected(request: HttpRequest, error: Exception) -> HttpResponse:
         request,
         wire.OpenAIError(500, "Something went wrong on our side; it has been logged."),
     )
+
+
+@csrf_exempt
+def route_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Any path under /openai/ that names no operation (mounted after the API's routes)."""
+    error = wire.OpenAIError(404, f"There is no endpoint at {request.path}.", code="unknown_url")
+    return JsonResponse(error.body(), status=error.status)
 
 
 # -- models -----------------------------------------------------------------------------
