@@ -277,7 +277,7 @@ async def _answer(run: Run) -> tuple[str, Event]:
             continue
         if event["type"] == "token":
             texts.append(event["text"])
-        elif event["type"] in FINAL_TYPES:
+        else:
             return "".join(texts), event
     raise wire.run_gone()
 
@@ -289,7 +289,7 @@ async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
             yield SSE_HEARTBEAT
         elif event["type"] == "token":
             yield chunks.delta({"content": event["text"]})
-        elif event["type"] in FINAL_TYPES:
+        else:
             try:
                 finish_reason = wire.finish_reason_of(event)
             except wire.OpenAIError as error:
@@ -304,17 +304,17 @@ async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
 
 
 async def _events(run: Run) -> AsyncIterator[Event | None]:
-    """The run's events, from its first, and None when it is silent for a while. A
-    client that leaves before the final one (the request is cancelled) stops the run."""
+    """The run's tokens and final event, from its first, and None when it is silent for
+    a while. A client that leaves before the final one (the request is cancelled) stops
+    the run."""
     finished = False
     try:
         async for frame in follow(run.id, idle=HEARTBEAT):
             if frame is None:
                 yield None
-                continue
-            event: Event = json.loads(frame.text)
-            finished = event["type"] in FINAL_TYPES
-            yield event
+            elif frame.type == "token" or frame.type in FINAL_TYPES:
+                finished = frame.type in FINAL_TYPES
+                yield json.loads(frame.text)
         finished = True  # without a final event: the run was deleted meanwhile
     finally:
         if not finished:
