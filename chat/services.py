@@ -4,7 +4,7 @@ forgetting agent memory) happen on commit."""
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
@@ -89,12 +89,14 @@ def _clean_message(content: object) -> str:
     return content
 
 
-def _clean_turn(index: int, content: object) -> str:
+def _clean_part(content: object, **where: Any) -> str:
+    """`_clean_message` for a part of a run's input other than its message, its error
+    saying `where` (a turn of history, the instructions)."""
     try:
         return _clean_message(content)
     except ApplicationError as error:
         raise ApplicationError(
-            error.code, error.message, error.http_status, **error.extra, turn=index
+            error.code, error.message, error.http_status, **error.extra, **where
         ) from error
 
 
@@ -159,7 +161,8 @@ def run_create(
     and fed to it before the message; for a conversation whose agent memory is empty
     (the caller keeps the history, not us). `instructions`: the caller's own, given to
     the model after the agent's system prompt (see `Run.instructions`). A turn that is
-    not valid text is refused like the message, its error naming it (`turn`: its index).
+    not valid text is refused like the message, its error naming it (`turn`: its index;
+    `instructions`: true).
 
     One transaction of five statements (six on PostgreSQL), nearly always: what is
     rare (a run whose process died, a hold its run left) costs more only when it is
@@ -171,9 +174,11 @@ def run_create(
         else account_quotas_for_user(user_id=owner)
     )
     text = _clean_message(content)
-    turns = [(turn.role, _clean_turn(index, turn.content)) for index, turn in enumerate(history)]
+    turns = [
+        (turn.role, _clean_part(turn.content, turn=index)) for index, turn in enumerate(history)
+    ]
     if instructions:
-        instructions = _clean_message(instructions)
+        instructions = _clean_part(instructions, instructions=True)
     first = next((said for role, said in turns if role == Message.Role.USER), text)
     title = _clean_title(first[:60])
     with transaction.atomic():

@@ -458,6 +458,22 @@ def test_a_key_without_the_runs_scope_is_refused(server: Server) -> None:
             "messages[0].content[0]",
         ),
         ([{"role": "user", "content": "x" * 9000}], "messages[0].content"),
+        (
+            [
+                {"role": "user", "content": "x" * 9000},
+                {"role": "assistant", "content": "Too long."},
+                {"role": "user", "content": "Sorry."},
+            ],
+            "messages[0].content",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "x" * 9000},
+                {"role": "user", "content": "Hi?"},
+            ],
+            "messages[1].content",
+        ),
         ([{"role": "user", "content": "  "}], "messages[0].content"),
         ([{"role": "user"}], "messages[0].content"),
         ([{"content": "Hi"}], "messages[0].role"),

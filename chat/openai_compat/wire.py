@@ -77,7 +77,7 @@ def error_of(error: ApplicationError, *, prompt: "Prompt | None" = None) -> Open
         headers.update(NO_RETRY)  # waiting seconds does not raise a budget
     param = None
     if error.code in _MESSAGE_CODES and prompt is not None:
-        param = prompt.param_of(error.extra.get("turn"))
+        param = prompt.param_of(error.extra)
     return OpenAIError(
         status,
         error.message,
@@ -101,19 +101,29 @@ class Prompt:
     content: str
     # Where each turn, then the message, is in the request's `messages`.
     indexes: list[int] = field(default_factory=list)
+    # Where the first system message is (its instructions' errors name it).
+    instructions_index: int | None = None
 
-    def param_of(self, turn: int | None) -> str:
-        index = self.indexes[-1] if turn is None else self.indexes[turn]
+    def param_of(self, where: dict[str, Any]) -> str:
+        """The message an input error of `chat.services.run_create` is about."""
+        if where.get("instructions"):
+            index = self.instructions_index
+        elif "turn" in where:
+            index = self.indexes[where["turn"]]
+        else:
+            index = self.indexes[-1]
         return f"messages[{index}].content"
 
 
 def prompt_of(messages: list[ChatMessage]) -> Prompt:
     instructions: list[str] = []
+    instructions_index = None
     turns: list[tuple[int, Turn]] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if message.role in ("system", "developer"):
             instructions.append(_text_of(message, where))
+            instructions_index = index if instructions_index is None else instructions_index
         elif message.role in ("user", "assistant"):
             if message.tool_calls:
                 raise _refused(
@@ -143,6 +153,7 @@ def prompt_of(messages: list[ChatMessage]) -> Prompt:
         history=[turn for _, turn in history],
         content=str(last.content),
         indexes=[index for index, _ in turns],
+        instructions_index=instructions_index,
     )
 
 

@@ -528,4 +528,9 @@ async def test_a_turn_of_history_that_is_not_text_is_refused_by_its_index(make_u
         )
     assert refused.value.code == "empty_message"
     assert refused.value.extra == {"turn": 1}
+    with pytest.raises(ApplicationError) as refused:
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="And now?", instructions="x" * 9000
+        )
+    assert (refused.value.code, refused.value.extra) == ("message_too_long", {"instructions": True})
     assert not await Run.objects.filter(conversation=conversation).aexists()
