@@ -115,3 +115,32 @@ async def test_events_that_end_without_a_final_one_mean_the_run_is_gone(monkeypa
         await api._answer(Run())
     assert (gone.value.status, gone.value.code) == (404, "conversation_not_found")
     assert stopped == []  # nothing left to stop
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stream_silent_for_a_while_carries_keep_alives(make_user, settings, monkeypatch):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    monkeypatch.setattr(api, "HEARTBEAT", 0.01)  # much shorter than between two tokens
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_for_user)(user_id=user.pk)
+    _, key = await database_sync_to_async(api_key_create)(
+        account=account, created_by=user, name="k", scopes=["runs"]
+    )
+    response = await AsyncClient().post(
+        "/openai/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello"}], "stream": True},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    body = "".join([part.decode() async for part in response.streaming_content])
+
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert ": keep-alive\n\n" in body
+    messages = [m for m in body.split("\n\n") if m.startswith("data: ")]
+    assert messages[-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(m[len("data: ") :])["choices"][0]["delta"].get("content") or ""
+        for m in messages[:-1]
+    )
+    assert text.endswith("> Hello")
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
