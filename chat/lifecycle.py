@@ -97,7 +97,7 @@ def run_queued_lease() -> dict[str, Any]:
 class StartedRun:
     """A run just started, with what executing it needs (fetched in the same hop)."""
 
-    run: Run  # its conversation selected with it
+    run: Run  # its conversation and API key selected with it
     account_id: int
     user_message: Message | None
 
@@ -115,7 +115,8 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
     )
     if not started:
         return None
-    run = Run.objects.select_related("conversation").get(id=run_id)
+    # Its key with it: the budget names it on every ledger row.
+    run = Run.objects.select_related("conversation", "api_key").get(id=run_id)
     return StartedRun(
         run=run,
         account_id=account_quotas_for_user(user_id=run.conversation.owner_id).account_id,
