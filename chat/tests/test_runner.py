@@ -11,7 +11,7 @@ from billing.services import account_for_user
 from chat import services
 from chat.agent import graph
 from chat.events import follow
-from chat.models import Message, Run
+from chat.models import Conversation, Message, Run
 from conftest import account_with_limits, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -84,9 +84,9 @@ def checkpoints_of(thread_id: str) -> int:
 
 
 async def test_a_run_deleted_with_its_conversation_leaves_no_agent_memory(make_user, settings):
-    # Deleting a user in the admin deletes their conversations in the database, runs
-    # and all, without stopping a run in flight; what that run checkpoints afterwards
-    # would be memory of a conversation that no longer exists.
+    # A conversation deleted in the database (a cascade, an operator's cleanup), runs
+    # and all, without its run in flight being stopped: what that run checkpoints
+    # afterwards would be memory of a conversation that no longer exists.
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()
     run = await start_run(user, "Tell me a long story.")
@@ -95,7 +95,7 @@ async def test_a_run_deleted_with_its_conversation_leaves_no_agent_memory(make_u
         if frame is not None and frame.type == "token":
             break
 
-    await user.adelete()
+    await Conversation.objects.filter(id=run.conversation_id).adelete()
     await asyncio.wait_for(wait_for_runs(), timeout=60)
 
     assert not await Run.objects.filter(id=run.id).aexists()
