@@ -11,6 +11,7 @@ from ninja.errors import AuthenticationError, ValidationError
 
 from billing.api import router as billing_router
 from billing.auth import ApiKeyAuth, SessionAuth
+from chat.runs_api import router as runs_router
 from tracing.api import router as tracing_router
 
 from .errors import ApplicationError
@@ -66,3 +67,4 @@ def authentication_error(request: HttpRequest, error: AuthenticationError) -> Ht
 
 api.add_router("/v1/", tracing_router)
 api.add_router("/v1/", billing_router)
+api.add_router("/v1/", runs_router)

@@ -1,0 +1,285 @@
+"""The runs endpoints of the JSON API: start a run in a conversation (wait for it,
+stream it, or leave it in the background), read it, cancel it, and follow its events.
+
+A run is detached from the request that started it: a client that disconnects from
+`wait` or `stream` only stops reading; the run goes on, and `GET /runs/{id}/events`
+(with `Last-Event-ID`) picks up where the client left off.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Any, cast
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.urls import reverse
+from ninja import Query, Router, Schema, Status
+from ninja.params import Header
+
+from agentsite.errors import ApplicationError
+from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request, json_response
+from agentsite.idempotency.services import (
+    IdempotentRequest,
+    StoredResponse,
+    idempotency_record,
+    in_flight,
+)
+from billing.auth import api_key_of, api_key_require_scope
+from billing.services import account_quotas_for_user
+
+from . import selectors, services
+from .follow_interim import HEARTBEAT, follow, sse_message
+from .frames import MAX_SEQ
+from .models import Message, Run
+from .schemas import ErrorOut, RunIn, RunOut
+
+router = Router(tags=["runs"])
+
+SCOPE = "runs"
+# Seconds of silence after which a stream sends a comment, so that proxies (nginx cuts
+# an idle response after 60 s by default) keep it open.
+HEARTBEAT_SECONDS = 15.0
+# Which header links a `wait` or `stream` response to its run.
+RUN_HEADER = "X-Agentsite-Run"
+
+_SSE_200 = {
+    "responses": {
+        "200": {
+            "description": (
+                "Server-Sent Events: `id:` the event's seq, `event:` its type, `data:` the "
+                "event as JSON; `: heartbeat` comments while the run is silent. The stream "
+                "ends after the run's final event (`run.completed`, `run.failed`, "
+                "`run.cancelled`, ...)."
+            ),
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+}
+
+
+@router.post(
+    "/conversations/{conversation_id}/runs",
+    response={
+        200: RunOut,
+        202: RunOut,
+        frozenset({400, 401, 403, 404, 409, 422, 429}): ErrorOut,
+    },
+    openapi_extra={
+        "parameters": [
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "description": (
+                    "Retry safely: a retry with the same key and body gets the first "
+                    "response again (header `Idempotent-Replayed: true`) and starts "
+                    "nothing. 422: the key was used for another request; 409: the first "
+                    "is still answering (`wait`, `stream`: until its run is over). Keys "
+                    "are the account's for 24 hours."
+                ),
+            }
+        ],
+        **_SSE_200,
+    },
+)
+async def run_create(
+    request: HttpRequest, conversation_id: UUID, payload: RunIn
+) -> HttpResponseBase:
+    """Send a message in a conversation: the agent answers it in a new run. 200 with the
+    finished run (`wait`), 200 with its events as they happen (`stream`), or 202 at once
+    (`background`, the run's URL in `Location`). 409 `run_active` while the
+    conversation's previous run is under way."""
+    api_key_require_scope(request, SCOPE)
+    submitted, idempotency = await database_sync_to_async(_submit)(
+        request, conversation_id, payload
+    )
+    run = submitted.run
+    if submitted.response is not None:  # background's 202, or a replay's stored response
+        return json_response(submitted.response, replayed=submitted.replayed)
+    assert run is not None  # (the service refuses a lost run without a response)
+    if submitted.replayed and run.is_active:
+        raise in_flight(run=str(run.id))
+    if payload.mode == "stream":
+        return _event_stream(run.id, after_seq=0, replayed=submitted.replayed)
+    if not submitted.replayed:
+        await _over(run.id)
+    response = await database_sync_to_async(_finished)(
+        user_id=_user_id(request), run_id=run.id, idempotency=idempotency
+    )
+    return json_response(response, replayed=submitted.replayed)
+
+
+def _submit(
+    request: HttpRequest, conversation_id: UUID, payload: RunIn
+) -> tuple[services.RunSubmitted, IdempotentRequest | None]:
+    conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
+    idempotency = idempotent_request(
+        request, account_id=_account_id(request), caller=_user_id(request)
+    )
+    respond = _accepted if payload.mode == "background" else _unknown_yet
+    submitted = services.run_submit(
+        conversation=conversation,
+        content=payload.message,
+        idempotency=idempotency,
+        respond=respond,
+    )
+    return submitted, idempotency
+
+
+def _accepted(run: Run) -> StoredResponse:
+    return StoredResponse(202, run_out(run), {"Location": _run_url(run.id)})
+
+
+def _unknown_yet(run: Run) -> None:
+    # `wait` and `stream` answer once the run is over: their response is derived from
+    # the run then (see `_finished`), by the first request or by a retry.
+    return None
+
+
+def _finished(
+    *, user_id: int, run_id: UUID, idempotency: IdempotentRequest | None
+) -> StoredResponse:
+    """The `wait` response of a run that is over, stored for the key's retries."""
+    run = selectors.run_get_for_user(user_id=user_id, run_id=run_id)
+    response = StoredResponse(200, run_out(run), {RUN_HEADER: str(run.id)})
+    if idempotency is not None:
+        idempotency_record(request=idempotency, response=response)
+    return response
+
+
+async def _over(run_id: UUID) -> None:
+    """Read the run's events until its final one."""
+    async for _ in follow(run_id, 0):
+        pass
+
+
+@router.get(
+    "/runs/{run_id}",
+    response={200: RunOut, frozenset({401, 403, 404}): ErrorOut},
+    url_name="run_get",
+)
+def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
+    """A run: its status, answer, messages, usage, cost and error."""
+    api_key_require_scope(request, SCOPE)
+    return run_out(selectors.run_get_for_user(user_id=_user_id(request), run_id=run_id))
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    response={202: RunOut, frozenset({401, 403, 404, 409}): ErrorOut},
+)
+def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
+    """Stop a run under way (its spending stops at once); 202 with the run as it was
+    when asked: its final event and status follow. 409 if it is over already."""
+    api_key_require_scope(request, SCOPE)
+    run = selectors.run_get_for_user(user_id=_user_id(request), run_id=run_id)
+    services.run_cancel(conversation=run.conversation, run_id=run.id)
+    return Status(202, run_out(run))
+
+
+class EventsParams(Schema):
+    after_seq: int | None = None
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response={frozenset({400, 401, 403, 404, 422}): ErrorOut},
+    openapi_extra=_SSE_200,
+)
+async def run_events(
+    request: HttpRequest,
+    run_id: UUID,
+    params: Query[EventsParams],
+    last_event_id: Header[str | None] = None,  # type: ignore[type-arg]
+) -> HttpResponseBase:
+    """The run's events as Server-Sent Events: every event after `Last-Event-ID` (or
+    `after_seq`; from the first without either), replayed and then live, each once and
+    in order, ending after the final event."""
+    api_key_require_scope(request, SCOPE)
+    after_seq = _after_seq(last_event_id, params.after_seq)
+    run = await database_sync_to_async(selectors.run_get_for_user)(
+        user_id=_user_id(request), run_id=run_id
+    )
+    return _event_stream(run.id, after_seq=after_seq, replayed=False)
+
+
+def _after_seq(last_event_id: str | None, after_seq: int | None) -> int:
+    value: object = after_seq if last_event_id is None else last_event_id.strip()
+    try:
+        seq = 0 if value is None else int(cast(str | int, value))
+    except ValueError:
+        seq = -1
+    if not 0 <= seq <= MAX_SEQ:
+        raise ApplicationError(
+            "invalid_last_event_id",
+            f"Last-Event-ID and after_seq are the seq of the last event seen: 0 to {MAX_SEQ}.",
+            http_status=400,
+        )
+    return seq
+
+
+def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingHttpResponse:
+    async def messages() -> AsyncIterator[str]:
+        async for frame in follow(run_id, after_seq, idle=HEARTBEAT_SECONDS):
+            yield HEARTBEAT if frame is None else sse_message(frame)
+
+    response = StreamingHttpResponse(messages(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    response[RUN_HEADER] = str(run_id)
+    if replayed:
+        response[REPLAYED_HEADER] = "true"
+    return response
+
+
+def run_out(run: Run) -> dict[str, Any]:
+    """The run as RunOut's JSON data (also what an Idempotency-Key stores)."""
+    messages = list(run.messages.all())
+    answers = [m.content for m in messages if m.role == Message.Role.ASSISTANT and m.content]
+    data = {
+        "id": run.id,
+        "conversation": run.conversation_id,
+        "status": run.status,
+        "model": run.model,
+        "answer": "\n\n".join(answers) if answers else None,
+        "messages": [
+            {
+                "id": m.id,
+                "role": m.role,
+                "content": m.content,
+                "tool": m.tool,
+                "created_at": m.created_at,
+            }
+            for m in messages
+        ],
+        "steps": run.steps,
+        "usage": {
+            "input_tokens": run.input_tokens,
+            "output_tokens": run.output_tokens,
+            "total_tokens": run.total_tokens,
+        },
+        "cost_usd": None if run.cost_usd is None else format(run.cost_usd, "f"),
+        "error": {"code": run.error_code, "message": run.error_message} if run.error_code else None,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }
+    return RunOut.model_validate(data).model_dump(mode="json")
+
+
+def _run_url(run_id: UUID) -> str:
+    return reverse("api:run_get", kwargs={"run_id": run_id})
+
+
+def _user_id(request: HttpRequest) -> int:
+    # Only an authenticated user gets this far (the API's auth), so pk is set.
+    return cast(int, request.user.pk)
+
+
+def _account_id(request: HttpRequest) -> int:
+    api_key = api_key_of(request)
+    if api_key is not None:
+        return api_key.account_id
+    return account_quotas_for_user(user_id=_user_id(request)).account_id

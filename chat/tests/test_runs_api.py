@@ -1,0 +1,303 @@
+"""The runs endpoints of the JSON API, through the real ASGI application in-process
+(Django's AsyncClient: the views run on the test's loop, as the executor's runs do)."""
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import AsyncClient
+
+from billing.models import UsageRecord
+from billing.services import account_for_user, api_key_create
+from chat import services
+from chat.models import Conversation, Run
+from conftest import account_with_limits, wait_for_runs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HEADER = "X-API-Key"
+FINAL = {"run.completed", "run.failed", "run.cancelled", "run.interrupted"}
+
+
+class KeyClient(AsyncClient):
+    """An AsyncClient that sends these headers with every request (AsyncClient's own
+    `headers=` default turns them into WSGI names, which ASGI requests drop)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__()
+        self.always = headers
+
+    def generic(self, method, path, *args, headers=None, **kwargs):
+        return super().generic(
+            method, path, *args, headers={**self.always, **(headers or {})}, **kwargs
+        )
+
+
+class Caller:
+    """A user with an API key, and a client that sends it."""
+
+    def __init__(self, user, key: str) -> None:
+        self.user = user
+        self.key = key
+        self.client = KeyClient({HEADER: key})
+
+    async def start(self, conversation, message="What is 17 * 23?", mode="wait", **headers):
+        return await self.client.post(
+            f"/api/v1/conversations/{conversation.id}/runs",
+            {"message": message, "mode": mode},
+            content_type="application/json",
+            headers=headers,
+        )
+
+    async def conversation(self):
+        return await database_sync_to_async(services.conversation_create)(owner=self.user)
+
+
+def _caller(make_user, name="alice", scopes=("runs",)):
+    user = make_user(name)
+    account_with_limits(user)
+    _, key = api_key_create(
+        account=account_for_user(user_id=user.pk), created_by=user, name="k", scopes=scopes
+    )
+    return Caller(user, key)
+
+
+@pytest.fixture
+async def alice(make_user):
+    caller = await database_sync_to_async(_caller)(make_user)
+    yield caller
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+
+@pytest.fixture
+async def bob(make_user):
+    return await database_sync_to_async(_caller)(make_user, "bob")
+
+
+async def sse_events(response) -> list[dict]:
+    """The events of an SSE response (heartbeats skipped), checking id/event lines."""
+    text = "".join(
+        [chunk.decode() if isinstance(chunk, bytes) else chunk async for chunk in response]
+    )
+    return parse_sse(text)
+
+
+def parse_sse(text: str) -> list[dict]:
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":")
+        )
+        if fields:
+            event = json.loads(fields["data"])
+            assert fields["id"] == str(event["seq"]) and fields["event"] == event["type"]
+            events.append(event)
+    return events
+
+
+async def poll_run(caller, run_id, *, until=lambda run: run["status"] not in ("queued", "running")):
+    for _ in range(600):
+        response = await caller.client.get(f"/api/v1/runs/{run_id}")
+        assert response.status_code == 200
+        if until(response.json()):
+            return response.json()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not get there: {response.json()}")
+
+
+async def test_wait_answers_with_the_finished_run(alice):
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "What is 17 * 23?", mode="wait")
+    assert response.status_code == 200, response.content
+    run = response.json()
+    assert run["status"] == "completed" and run["conversation"] == str(conversation.id)
+    assert "391" in run["answer"]
+    assert [m["role"] for m in run["messages"]][0] == "user"
+    assert "tool" in [m["role"] for m in run["messages"]]
+    assert (
+        run["usage"]["total_tokens"] == run["usage"]["input_tokens"] + run["usage"]["output_tokens"]
+    )
+    assert run["error"] is None and run["finished_at"] is not None
+    assert response["X-Agentsite-Run"] == run["id"]
+
+
+async def test_wait_is_the_default_mode(alice):
+    conversation = await alice.conversation()
+    response = await alice.client.post(
+        f"/api/v1/conversations/{conversation.id}/runs",
+        {"message": "hello"},
+        content_type="application/json",
+    )
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+
+
+async def test_background_answers_202_with_the_run_and_its_url_then_it_finishes(alice):
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "hello there", mode="background")
+    assert response.status_code == 202, response.content
+    run = response.json()
+    assert run["status"] in ("queued", "running")
+    assert response["Location"] == f"/api/v1/runs/{run['id']}"
+    finished = await poll_run(alice, run["id"])
+    assert finished["status"] == "completed" and finished["answer"]
+    assert finished["cost_usd"] is None or isinstance(finished["cost_usd"], str)
+
+
+async def test_stream_gives_every_event_in_order_ending_with_the_final_one(alice):
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "What is 17 * 23?", mode="stream")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert response["Cache-Control"] == "no-cache"
+    events = await sse_events(response.streaming_content)
+    types = [e["type"] for e in events]
+    assert types[0] == "run.started" and types[-1] == "run.completed"
+    assert "token" in types and "tool.started" in types
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["run"] for e in events} == {response["X-Agentsite-Run"]}
+
+
+async def test_events_resume_after_the_last_event_id_and_after_seq(alice):
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "What is 17 * 23?")).json()
+    everything = await sse_events(
+        (await alice.client.get(f"/api/v1/runs/{run['id']}/events")).streaming_content
+    )
+    assert everything[-1]["type"] == "run.completed"
+    middle = len(everything) // 2
+    for request in (
+        {"headers": {"Last-Event-ID": str(middle)}},
+        {"data": {"after_seq": middle}},
+    ):
+        response = await alice.client.get(f"/api/v1/runs/{run['id']}/events", **request)
+        assert await sse_events(response.streaming_content) == everything[middle:]
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", str(2**63)])
+async def test_events_refuse_a_bad_last_event_id(alice, bad):
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "hi")).json()
+    response = await alice.client.get(
+        f"/api/v1/runs/{run['id']}/events", headers={"Last-Event-ID": bad}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_last_event_id"
+
+
+async def test_cancel_stops_a_run_under_way_and_refuses_one_that_is_over(alice, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "tell me a long story " * 5, mode="background")).json()
+    await poll_run(alice, run["id"], until=lambda r: r["status"] == "running")
+    response = await alice.client.post(f"/api/v1/runs/{run['id']}/cancel")
+    assert response.status_code == 202, response.content
+    assert response.json()["id"] == run["id"]
+    over = await poll_run(alice, run["id"])
+    assert over["status"] == "cancelled" and over["error"]["code"] == "cancelled"
+    again = await alice.client.post(f"/api/v1/runs/{run['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "no_active_run"
+
+
+async def test_a_second_run_while_one_is_under_way_is_409(alice, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    conversation = await alice.conversation()
+    first = (await alice.start(conversation, "tell me a long story " * 5, mode="background")).json()
+    second = await alice.start(conversation, "and another", mode="background")
+    assert second.status_code == 409 and second.json()["error"]["code"] == "run_active"
+    await alice.client.post(f"/api/v1/runs/{first['id']}/cancel")
+
+
+async def test_a_client_that_leaves_a_stream_does_not_stop_the_run(alice, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "tell me a story", mode="stream")
+    stream = response.streaming_content
+    async for chunk in stream:
+        if b"event: token" in (chunk if isinstance(chunk, bytes) else chunk.encode()):
+            break
+    await stream.aclose()
+    over = await poll_run(alice, response["X-Agentsite-Run"])
+    assert over["status"] == "completed"
+
+
+# --- Who may do what --------------------------------------------------------------------
+
+
+async def test_another_users_run_and_conversation_are_not_found(alice, bob):
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "hi")).json()
+    for response in (
+        await bob.client.get(f"/api/v1/runs/{run['id']}"),
+        await bob.client.post(f"/api/v1/runs/{run['id']}/cancel"),
+        await bob.client.get(f"/api/v1/runs/{run['id']}/events"),
+        await bob.start(conversation, "hijack", mode="background"),
+    ):
+        assert response.status_code == 404, response.content
+        assert run["id"] not in response.content.decode()
+    missing = await alice.client.get(f"/api/v1/runs/{uuid.uuid4()}")
+    assert missing.status_code == 404
+    assert (
+        missing.json()["error"]["code"]
+        == (await bob.client.get(f"/api/v1/runs/{run['id']}")).json()["error"]["code"]
+    )
+    assert await Run.objects.filter(conversation=conversation).acount() == 1
+
+
+async def test_missing_invalid_and_unscoped_keys_are_refused(alice, make_user):
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "hi")).json()
+    anonymous = AsyncClient()
+    invalid = KeyClient({HEADER: "ak_00000000_" + "x" * 43})
+    unscoped = await database_sync_to_async(_caller)(make_user, "carol", scopes=("usage",))
+    paths = [
+        ("post", f"/api/v1/conversations/{conversation.id}/runs"),
+        ("get", f"/api/v1/runs/{run['id']}"),
+        ("post", f"/api/v1/runs/{run['id']}/cancel"),
+        ("get", f"/api/v1/runs/{run['id']}/events"),
+    ]
+    for method, path in paths:
+        kwargs = (
+            {"data": {"message": "x"}, "content_type": "application/json"}
+            if method == "post"
+            else {}
+        )
+        assert (await getattr(anonymous, method)(path, **kwargs)).status_code == 401
+        refused = await getattr(invalid, method)(path, **kwargs)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        forbidden = await getattr(unscoped.client, method)(path, **kwargs)
+        assert forbidden.status_code == 403
+        assert forbidden.json()["error"]["code"] == "insufficient_scope"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"message": "hi", "mode": "sideways"}, 422, "invalid_request"),
+        ({"mode": "wait"}, 422, "invalid_request"),
+        ({"message": "   "}, 400, "empty_message"),
+        ({"message": "x" * 100_000}, 400, "message_too_long"),
+        ({"message": "nul \x00 here"}, 400, "invalid_message"),
+    ],
+)
+async def test_bad_input_is_refused_and_starts_nothing(alice, body, status, code):
+    conversation = await alice.conversation()
+    response = await alice.client.post(
+        f"/api/v1/conversations/{conversation.id}/runs", body, content_type="application/json"
+    )
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+    assert not await Run.objects.filter(conversation=conversation).aexists()
+
+
+async def test_a_session_may_start_runs_too(alice):
+    conversation = await alice.conversation()
+    client = AsyncClient(enforce_csrf_checks=False)
+    await client.aforce_login(alice.user)
+    response = await client.post(
+        f"/api/v1/conversations/{conversation.id}/runs",
+        {"message": "hi", "mode": "wait"},
+        content_type="application/json",
+    )
+    assert response.status_code == 200 and response.json()["status"] == "completed"
