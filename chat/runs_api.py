@@ -235,7 +235,7 @@ def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingH
 
 
 def run_out(run: Run) -> dict[str, Any]:
-    """The run as RunOut's JSON data (also what an Idempotency-Key stores)."""
+    """The run as RunOut's data (also what an Idempotency-Key stores)."""
     messages = list(run.messages.all())
     answers = [m.content for m in messages if m.role == Message.Role.ASSISTANT and m.content]
     data = {
@@ -266,7 +266,7 @@ def run_out(run: Run) -> dict[str, Any]:
         "started_at": run.started_at,
         "finished_at": run.finished_at,
     }
-    return RunOut.model_validate(data).model_dump(mode="json")
+    return RunOut.model_validate(data).model_dump()
 
 
 def _run_url(run_id: UUID) -> str:

@@ -1,3 +1,4 @@
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils import timezone
 
@@ -15,7 +16,9 @@ class IdempotencyKey(models.Model):
     resource = models.CharField(max_length=200, blank=True)
     # The first request's response; null while it is not known (see `resource`).
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.JSONField(null=True, blank=True)
+    # Encoded as the API encodes its responses (DjangoJSONEncoder, as ninja's), so a
+    # replay is byte for byte what the first request answered.
+    response_body = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
     response_headers = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -30,7 +30,7 @@ class IdempotentRequest:
 @dataclass(frozen=True)
 class StoredResponse:
     status: int
-    body: Any  # JSON data
+    body: Any  # what DjangoJSONEncoder encodes (as the API's responses)
     headers: dict[str, str] = field(default_factory=dict)
 
 

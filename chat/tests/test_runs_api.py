@@ -12,7 +12,7 @@ from django.test import AsyncClient
 from billing.models import UsageRecord
 from billing.services import account_for_user, api_key_create
 from chat import services
-from chat.models import Conversation, Run
+from chat.models import Run
 from conftest import account_with_limits, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -114,7 +114,7 @@ async def test_wait_answers_with_the_finished_run(alice):
     run = response.json()
     assert run["status"] == "completed" and run["conversation"] == str(conversation.id)
     assert "391" in run["answer"]
-    assert [m["role"] for m in run["messages"]][0] == "user"
+    assert next(m["role"] for m in run["messages"]) == "user"
     assert "tool" in [m["role"] for m in run["messages"]]
     assert (
         run["usage"]["total_tokens"] == run["usage"]["input_tokens"] + run["usage"]["output_tokens"]
@@ -301,3 +301,154 @@ async def test_a_session_may_start_runs_too(alice):
         content_type="application/json",
     )
     assert response.status_code == 200 and response.json()["status"] == "completed"
+
+
+# --- Idempotency-Key ------------------------------------------------------------------
+
+
+async def runs_and_ledger(conversation) -> tuple[int, int]:
+    runs = [run.id async for run in Run.objects.filter(conversation=conversation)]
+    return len(runs), await UsageRecord.objects.filter(run_id__in=runs).acount()
+
+
+async def test_a_retried_background_request_gets_the_first_response_and_starts_nothing(alice):
+    conversation = await alice.conversation()
+    first = await alice.start(conversation, "hello", mode="background", **{"Idempotency-Key": "k1"})
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first
+    await poll_run(alice, first.json()["id"])
+    await wait_for_runs()
+    before = await runs_and_ledger(conversation)
+    assert before[1] > 0  # the run's LLM calls are on the ledger
+
+    again = await alice.start(conversation, "hello", mode="background", **{"Idempotency-Key": "k1"})
+    assert again.status_code == 202
+    assert again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()  # the original response, queued status and all
+    assert again["Location"] == first["Location"]
+    await wait_for_runs()
+    assert await runs_and_ledger(conversation) == before
+
+
+async def test_a_json_body_counts_by_its_content_not_its_spelling(alice):
+    conversation = await alice.conversation()
+    path = f"/api/v1/conversations/{conversation.id}/runs"
+    key = {"Idempotency-Key": "spelling"}
+    first = await alice.client.post(
+        path, '{"message": "hi", "mode": "background"}', "application/json", headers=key
+    )
+    again = await alice.client.post(
+        path, '{ "mode":"background","message":"hi" }', "application/json", headers=key
+    )
+    assert first.status_code == 202 and again["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+
+
+async def test_a_key_reused_for_a_different_request_is_422_and_starts_nothing(alice):
+    conversation = await alice.conversation()
+    other = await alice.conversation()
+    key = {"Idempotency-Key": "k2"}
+    first = await alice.start(conversation, "hello", mode="background", **key)
+    await poll_run(alice, first.json()["id"])
+    for response in (
+        await alice.start(conversation, "something else", mode="background", **key),
+        await alice.start(conversation, "hello", mode="wait", **key),
+        await alice.start(other, "hello", mode="background", **key),
+    ):
+        assert response.status_code == 422, response.content
+        assert response.json()["error"]["code"] == "idempotency_key_reused"
+    assert (await runs_and_ledger(conversation))[0] == 1
+    assert (await runs_and_ledger(other))[0] == 0
+
+
+async def test_a_retry_while_the_first_wait_is_answering_is_409_then_a_replay(alice, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    conversation = await alice.conversation()
+    key = {"Idempotency-Key": "k3"}
+    first = asyncio.create_task(alice.start(conversation, "tell me a story", mode="wait", **key))
+    run = await poll_run(
+        alice,
+        await _only_run_id(conversation),
+        until=lambda r: r["status"] == "running",
+    )
+    busy = await alice.start(conversation, "tell me a story", mode="wait", **key)
+    assert busy.status_code == 409
+    assert busy.json()["error"]["code"] == "idempotency_in_flight"
+    assert busy.json()["error"]["details"] == {"run": run["id"]}
+
+    answered = await asyncio.wait_for(first, timeout=60)
+    assert answered.status_code == 200 and answered.json()["status"] == "completed"
+    replay = await alice.start(conversation, "tell me a story", mode="wait", **key)
+    assert replay.status_code == 200 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == answered.json()
+    assert (await runs_and_ledger(conversation))[0] == 1
+
+
+async def _only_run_id(conversation) -> str:
+    for _ in range(600):
+        run = await Run.objects.filter(conversation=conversation).afirst()
+        if run is not None:
+            return str(run.id)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no run was created")
+
+
+async def test_a_wait_whose_client_left_is_replayed_from_its_run(alice, settings):
+    """The request died before it stored a response (its client left mid-answer): the
+    run went on, and a retry gets the finished run, not a 409 forever."""
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    conversation = await alice.conversation()
+    key = {"Idempotency-Key": "k4"}
+    first = asyncio.create_task(alice.start(conversation, "tell me a story", mode="wait", **key))
+    run_id = await _only_run_id(conversation)
+    await poll_run(alice, run_id, until=lambda r: r["status"] == "running")
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    finished = await poll_run(alice, run_id)
+    replay = await alice.start(conversation, "tell me a story", mode="wait", **key)
+    assert replay.status_code == 200 and replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == finished
+    assert (await runs_and_ledger(conversation))[0] == 1
+
+
+async def test_a_retried_stream_replays_the_same_runs_events(alice):
+    conversation = await alice.conversation()
+    key = {"Idempotency-Key": "k5"}
+    first = await alice.start(conversation, "What is 17 * 23?", mode="stream", **key)
+    events = await sse_events(first.streaming_content)
+    replay = await alice.start(conversation, "What is 17 * 23?", mode="stream", **key)
+    assert replay.status_code == 200 and replay["Idempotent-Replayed"] == "true"
+    assert await sse_events(replay.streaming_content) == events
+    assert (await runs_and_ledger(conversation))[0] == 1
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 256])
+async def test_a_blank_or_overlong_key_is_400_and_starts_nothing(alice, key):
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "hi", mode="background", **{"Idempotency-Key": key})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_idempotency_key"
+    assert (await runs_and_ledger(conversation))[0] == 0
+
+
+async def test_keys_are_each_accounts_own(alice, bob):
+    key = {"Idempotency-Key": "k" * 255}
+    mine = await alice.start(await alice.conversation(), "hi", mode="background", **key)
+    theirs = await bob.start(await bob.conversation(), "hi", mode="background", **key)
+    assert mine.status_code == theirs.status_code == 202
+    assert "Idempotent-Replayed" not in theirs
+    assert mine.json()["id"] != theirs.json()["id"]
+
+
+async def test_a_failed_request_keeps_no_key(alice, settings):
+    """Nothing was created (409 run_active): the same key later starts the run."""
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    conversation = await alice.conversation()
+    busy = (await alice.start(conversation, "tell me a long story", mode="background")).json()
+    key = {"Idempotency-Key": "k6"}
+    refused = await alice.start(conversation, "next", mode="background", **key)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "run_active"
+    await alice.client.post(f"/api/v1/runs/{busy['id']}/cancel")
+    await poll_run(alice, busy["id"])
+    started = await alice.start(conversation, "next", mode="background", **key)
+    assert started.status_code == 202 and "Idempotent-Replayed" not in started
