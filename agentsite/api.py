@@ -17,8 +17,9 @@ from tracing.api import router as tracing_router
 from .errors import ApplicationError
 
 # Every way a caller may authenticate, tried in order. Both count the request against
-# the caller's requests-per-minute limits.
-AUTH = [SessionAuth(), ApiKeyAuth()]
+# the caller's requests-per-minute limits. The key first: ninja's session auth checks
+# CSRF before it looks for a session, so a program's POST with a key was refused 403.
+AUTH = [ApiKeyAuth(), SessionAuth()]
 
 api = NinjaAPI(
     title="Agentsite API",

@@ -17,7 +17,7 @@ class IdempotencyKey(models.Model):
     # The first request's response; null while it is not known (see `resource`).
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)
     # Encoded as the API encodes its responses (DjangoJSONEncoder, as ninja's), so a
-    # replay is byte for byte what the first request answered.
+    # replay is the JSON the first request answered (datetimes to the millisecond).
     response_body = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
     response_headers = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
