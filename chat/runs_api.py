@@ -14,8 +14,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.urls import reverse
-from ninja import Query, Router, Schema, Status
-from ninja.params import Header
+from ninja import Header, Query, Router, Schema, Status
 
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request, json_response
@@ -192,7 +191,7 @@ async def run_events(
     request: HttpRequest,
     run_id: UUID,
     params: Query[EventsParams],
-    last_event_id: Header[str | None] = None,  # type: ignore[type-arg]
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> HttpResponseBase:
     """The run's events as Server-Sent Events: every event after `Last-Event-ID` (or
     `after_seq`; from the first without either), replayed and then live, each once and

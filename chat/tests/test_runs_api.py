@@ -18,7 +18,7 @@ from conftest import account_with_limits, wait_for_runs
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HEADER = "X-API-Key"
-FINAL = {"run.completed", "run.failed", "run.cancelled", "run.interrupted"}
+LONG_STORY = "tell me a long story " * 5
 
 
 class KeyClient(AsyncClient):
@@ -452,3 +452,54 @@ async def test_a_failed_request_keeps_no_key(alice, settings):
     await poll_run(alice, busy["id"])
     started = await alice.start(conversation, "next", mode="background", **key)
     assert started.status_code == 202 and "Idempotent-Replayed" not in started
+
+
+# --- Limits and the schema ------------------------------------------------------------
+
+
+async def test_over_the_request_limit_is_429_with_retry_after(alice):
+    await database_sync_to_async(account_with_limits)(alice.user, requests_per_minute_per_account=1)
+    conversation = await alice.conversation()
+    assert (await alice.start(conversation, "hi", mode="background")).status_code == 202
+    refused = await alice.start(conversation, "again", mode="background")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused["Retry-After"]) >= 1
+
+
+async def test_over_the_concurrent_runs_limit_is_429(alice, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    await database_sync_to_async(account_with_limits)(alice.user, concurrent_runs=1)
+    busy = (await alice.start(await alice.conversation(), LONG_STORY, mode="background")).json()
+    other = await alice.conversation()
+    refused = await alice.start(other, "hi", mode="background")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "concurrent_runs_limit"
+    assert not await Run.objects.filter(conversation=other).aexists()
+    await alice.client.post(f"/api/v1/runs/{busy['id']}/cancel")
+
+
+async def test_the_schema_declares_every_status_and_the_event_stream(alice):
+    schema = (await alice.client.get("/api/openapi.json")).json()
+    paths = schema["paths"]
+    create = paths["/api/v1/conversations/{conversation_id}/runs"]["post"]
+    assert set(create["responses"]) == {
+        "200",
+        "202",
+        "400",
+        "401",
+        "403",
+        "404",
+        "409",
+        "422",
+        "429",
+    }
+    assert "text/event-stream" in create["responses"]["200"]["content"]
+    assert {p["name"] for p in create["parameters"]} >= {"Idempotency-Key"}
+    events = paths["/api/v1/runs/{run_id}/events"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    assert {p["name"] for p in events["parameters"]} >= {"Last-Event-ID", "after_seq"}
+    assert set(paths["/api/v1/runs/{run_id}"]["get"]["responses"]) == {"200", "401", "403", "404"}
+    cancel = paths["/api/v1/runs/{run_id}/cancel"]["post"]
+    assert set(cancel["responses"]) == {"202", "401", "403", "404", "409"}
+    assert {op["tags"][0] for op in (create, events, cancel)} == {"runs"}
