@@ -254,7 +254,7 @@ def run_submit(
     with transaction.atomic():
         earlier = idempotency_claim(request=idempotency) if idempotency is not None else None
         if earlier is not None:
-            run = Run.objects.prefetch_related("messages").filter(id=earlier.resource).first()
+            run = Run.objects.filter(id=earlier.resource).first()
             response = stored_response(earlier)
             if run is None and response is None:  # deleted with its conversation since
                 raise ApplicationError("run_not_found", "There is no such run.", http_status=404)

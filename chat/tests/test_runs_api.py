@@ -159,6 +159,23 @@ async def test_stream_gives_every_event_in_order_ending_with_the_final_one(alice
     assert {e["run"] for e in events} == {response["X-Agentsite-Run"]}
 
 
+async def test_a_silent_stream_sends_heartbeats(alice, settings, monkeypatch):
+    monkeypatch.setattr("chat.runs_api.HEARTBEAT_SECONDS", 0.05)
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.5  # silent between tokens
+    conversation = await alice.conversation()
+    response = await alice.start(conversation, "hi", mode="stream")
+    heartbeats = 0
+    async for chunk in response.streaming_content:
+        text = chunk.decode() if isinstance(chunk, bytes) else chunk
+        if text.startswith(":"):
+            heartbeats += 1
+            if heartbeats == 2:
+                break
+    await response.streaming_content.aclose()
+    assert heartbeats == 2
+    await alice.client.post(f"/api/v1/runs/{response['X-Agentsite-Run']}/cancel")
+
+
 async def test_events_resume_after_the_last_event_id_and_after_seq(alice):
     conversation = await alice.conversation()
     run = (await alice.start(conversation, "What is 17 * 23?")).json()
