@@ -6,6 +6,7 @@ A run is detached from the request that started it: a client that disconnects fr
 (with `Last-Event-ID`) picks up where the client left off.
 """
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any, cast
 from uuid import UUID
@@ -205,10 +206,13 @@ async def run_events(
 
 
 def _after_seq(last_event_id: str | None, after_seq: int | None) -> int:
-    value: object = after_seq if last_event_id is None else last_event_id.strip()
-    try:
-        seq = 0 if value is None else int(cast(str | int, value))
-    except ValueError:
+    """Where a follower resumes: the Last-Event-ID header (what EventSource sends back),
+    else `after_seq`, else from the first event."""
+    if last_event_id is None:
+        seq = after_seq or 0
+    elif _DIGITS.fullmatch(last_event_id.strip()):
+        seq = int(last_event_id)
+    else:  # int() would take "+1", "1_0" and other scripts' digits
         seq = -1
     if not 0 <= seq <= MAX_SEQ:
         raise ApplicationError(
@@ -217,6 +221,9 @@ def _after_seq(last_event_id: str | None, after_seq: int | None) -> int:
             http_status=400,
         )
     return seq
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingHttpResponse:

@@ -35,10 +35,13 @@ class StoredResponse:
 
 
 def idempotency_key_clean(*, key: str) -> str:
-    if not key.strip() or len(key) > KEY_MAX_CHARS:
+    # Printable ASCII, as a header value should be (a UUID is the usual key): a NUL, say,
+    # is not a key, and PostgreSQL could not store it.
+    if not key.strip() or len(key) > KEY_MAX_CHARS or not (key.isascii() and key.isprintable()):
         raise ApplicationError(
             "invalid_idempotency_key",
-            f"An Idempotency-Key is 1 to {KEY_MAX_CHARS} characters, not blank.",
+            f"An Idempotency-Key is 1 to {KEY_MAX_CHARS} printable ASCII characters, not "
+            "blank (a UUID, say).",
             http_status=400,
         )
     return key

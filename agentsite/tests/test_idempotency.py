@@ -130,7 +130,7 @@ def test_prune_deletes_only_expired_keys(capsys):
     assert not IdempotencyKey.objects.exists()
 
 
-@pytest.mark.parametrize("key", ["", " ", "\t", "k" * 256])
+@pytest.mark.parametrize("key", ["", " ", "\t", "k" * 256, "nul\x00", "caf\u00e9", "a\tb"])
 def test_a_blank_or_overlong_key_is_400(key):
     with pytest.raises(ApplicationError) as refused:
         idempotency_key_clean(key=key)

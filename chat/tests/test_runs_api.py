@@ -192,7 +192,7 @@ async def test_events_resume_after_the_last_event_id_and_after_seq(alice):
         assert await sse_events(response.streaming_content) == everything[middle:]
 
 
-@pytest.mark.parametrize("bad", ["-1", "x", str(2**63)])
+@pytest.mark.parametrize("bad", ["-1", "x", str(2**63), "+1", "1_0", "9" * 40])
 async def test_events_refuse_a_bad_last_event_id(alice, bad):
     conversation = await alice.conversation()
     run = (await alice.start(conversation, "hi")).json()
