@@ -1,27 +1,39 @@
-"""The JSON API: one NinjaAPI for the project, mounted at /api/.
+"""The JSON API: one NinjaAPI for the project, mounted at /api/ (the composition root:
+it alone imports every app's router and billing's auth classes).
 
 Routes live under /api/v1/ (each app contributes a Router); the OpenAPI schema and its
 docs are served at /api/openapi.json and /api/docs, outside the versioned prefix, so
 one page documents every version.
 """
 
-from django.http import HttpRequest, HttpResponse
+from typing import Any
+
 from ninja import NinjaAPI, Swagger
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.openapi.schema import OpenAPISchema
 
 from billing.api import router as billing_router
-from billing.auth import ApiKeyAuth, SessionAuth
+from billing.auth import ApiKeyBearerAuth, ApiKeyHeaderAuth, SessionAuth
+from chat.runs_api import RUN_EVENT_SCHEMAS
 from chat.runs_api import router as runs_router
 from tracing.api import router as tracing_router
 
-from .errors import ApplicationError
+from .api_errors import error_handlers_install
 
-# Every way a caller may authenticate, tried in order. Both count the request against
-# the caller's requests-per-minute limits. The key first: ninja's session auth checks
-# CSRF before it looks for a session, so a program's POST with a key was refused 403.
-AUTH = [ApiKeyAuth(), SessionAuth()]
+# Every way a caller may authenticate, tried in order; each sets request.auth to an
+# agentsite.auth.Principal and counts the request against the caller's limits. Keys
+# first: the session class checks CSRF, which a program sending a key has no token for.
+AUTH = [ApiKeyHeaderAuth(), ApiKeyBearerAuth(), SessionAuth()]
 
-api = NinjaAPI(
+
+class AgentsiteAPI(NinjaAPI):
+    def get_openapi_schema(self, **kwargs: Any) -> OpenAPISchema:
+        schema = super().get_openapi_schema(**kwargs)
+        # What the event streams carry (their `data:`), which no operation returns as JSON.
+        schema.add_schema_definitions(RUN_EVENT_SCHEMAS)
+        return schema
+
+
+api = AgentsiteAPI(
     title="Agentsite API",
     version="1",
     urls_namespace="api",
@@ -32,39 +44,7 @@ api = NinjaAPI(
     docs=Swagger(settings={"validatorUrl": None}),
     openapi_url="/openapi.json",
 )
-
-
-@api.exception_handler(ApplicationError)
-def application_error(request: HttpRequest, error: ApplicationError) -> HttpResponse:
-    response = api.create_response(request, {"error": error.as_dict()}, status=error.http_status)
-    if "retry_after" in error.extra:  # 429 rate_limited: whole seconds, as RFC 9110 wants
-        response["Retry-After"] = str(error.extra["retry_after"])
-    return response
-
-
-@api.exception_handler(ValidationError)
-def validation_error(request: HttpRequest, error: ValidationError) -> HttpResponse:
-    return api.create_response(
-        request,
-        {
-            "error": {
-                "code": "invalid_request",
-                "message": "The request is not valid.",
-                "details": error.errors,
-            }
-        },
-        status=422,
-    )
-
-
-@api.exception_handler(AuthenticationError)
-def authentication_error(request: HttpRequest, error: AuthenticationError) -> HttpResponse:
-    return api.create_response(
-        request,
-        {"error": {"code": "unauthenticated", "message": "Sign in or send an API key."}},
-        status=401,
-    )
-
+error_handlers_install(api)
 
 api.add_router("/v1/", tracing_router)
 api.add_router("/v1/", billing_router)

@@ -2,28 +2,27 @@
 
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Query, Router
 
-from .auth import api_key_require_scope
+from agentsite.api_errors import errors
+from agentsite.auth import require_scope
+
 from .schemas import UsageOut, UsageParams
-from .selectors import daily_usage, usage_summary
-from .services import account_for_user
+from .selectors import account_get, daily_usage, usage_summary
 
 router = Router(tags=["usage"])
 
 
-@router.get("/usage", response=UsageOut)
+@router.get("/usage", response={200: UsageOut, **errors(401, 403, 422, 429)})
 def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     """The caller's account: today's and this month's spend and tokens against its
     limits (days and months are UTC), and its spend per day: this month's, or the last
     `days` days'."""
-    api_key_require_scope(request, "usage")
-    # Only an authenticated user gets this far (the API's auth), so pk is set.
-    account = account_for_user(user_id=cast(int, request.user.pk))
+    account = account_get(account_id=require_scope(request, "usage").account_id)
     now = timezone.now()
     summary = usage_summary(account=account, now=now)
     today = summary.day.start.date()

@@ -58,6 +58,11 @@ class DayUsage:
     unpriced_calls: int
 
 
+def account_get(*, account_id: int) -> Account:
+    """An account with its plan (what its limits are read from)."""
+    return Account.objects.select_related("plan").get(pk=account_id)
+
+
 def utc_today() -> date:
     """The UTC date: the day budgets are counted on."""
     return _utc(None).date()

@@ -129,7 +129,8 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
 
 
 def api_key_verify(*, raw_key: str) -> ApiKey:
-    """The key `raw_key` names, if it may be used now; else an `invalid_api_key` error.
+    """The key `raw_key` names, if it may be used now; else a 401 error: `api_key_revoked`,
+    `api_key_expired`, or `invalid_api_key` for anything else.
 
     Why a key is refused (revoked, expired) is said only once the caller has shown the
     whole secret: a prefix alone is not secret and must not reveal a key's state."""
@@ -145,10 +146,10 @@ def api_key_verify(*, raw_key: str) -> ApiKey:
         raise invalid
     now = timezone.now()
     if api_key.revoked_at is not None:
-        raise ApplicationError("invalid_api_key", "The API key has been revoked.", http_status=401)
+        raise ApplicationError("api_key_revoked", "The API key has been revoked.", http_status=401)
     if api_key.expires_at is not None and api_key.expires_at <= now:
         raise ApplicationError(
-            "invalid_api_key",
+            "api_key_expired",
             f"The API key expired at {api_key.expires_at.isoformat()}.",
             http_status=401,
         )

@@ -8,7 +8,7 @@ A run is detached from the request that started it: a client that disconnects fr
 
 import re
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
@@ -17,6 +17,8 @@ from django.http.response import HttpResponseBase
 from django.urls import reverse
 from ninja import Header, Query, Router, Schema, Status
 
+from agentsite.api_errors import errors
+from agentsite.auth import Principal, owned_or_404, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request, json_response
 from agentsite.idempotency.services import (
@@ -25,14 +27,14 @@ from agentsite.idempotency.services import (
     idempotency_record,
     in_flight,
 )
-from billing.auth import api_key_of, api_key_require_scope
-from billing.services import account_quotas_for_user
+from agentsite.sse import SSE_HEARTBEAT, sse_message, sse_response
 
-from . import selectors, services
-from .follow_interim import HEARTBEAT, follow, sse_message
+from . import services
+from .event_schemas import run_event_adapter
+from .events import follow
 from .frames import MAX_SEQ
-from .models import Message, Run
-from .schemas import ErrorOut, RunIn, RunOut
+from .models import Conversation, Message, Run
+from .schemas import RunIn, RunOut
 
 router = Router(tags=["runs"])
 
@@ -43,57 +45,59 @@ HEARTBEAT_SECONDS = 15.0
 # Which header links a `wait` or `stream` response to its run.
 RUN_HEADER = "X-Agentsite-Run"
 
-_SSE_200 = {
-    "responses": {
-        "200": {
-            "description": (
-                "Server-Sent Events: `id:` the event's seq, `event:` its type, `data:` the "
-                "event as JSON; `: heartbeat` comments while the run is silent. The stream "
-                "ends after the run's final event (`run.completed`, `run.failed`, "
-                "`run.cancelled`, ...)."
-            ),
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        }
-    }
+# The run events, for the API's components: no operation returns one as JSON, so ninja
+# would not list them (agentsite.api adds them).
+_EVENT_SCHEMA = run_event_adapter.json_schema(ref_template="#/components/schemas/{model}")
+RUN_EVENT_SCHEMAS = {
+    "RunEvent": {key: value for key, value in _EVENT_SCHEMA.items() if key != "$defs"},
+    **_EVENT_SCHEMA["$defs"],
+}
+_EVENT_STREAM = (
+    "Server-Sent Events, one per run event: `id:` its seq (send it back as "
+    "`Last-Event-ID` to resume), `event:` its type, `data:` the event (a RunEvent) as JSON; "
+    "a comment line after 15 s of silence. The stream ends after the run's final event "
+    "(`run.completed`, `run.failed`, `run.cancelled`, ...)."
+)
+_SSE_CONTENT = {"text/event-stream": {"schema": {"$ref": "#/components/schemas/RunEvent"}}}
+_IDEMPOTENCY_KEY = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": (
+        "Retry safely: a retry with the same key and body gets the first response again "
+        "(header `Idempotent-Replayed: true`) and starts nothing. 422: the key was used for "
+        "another request; 409: the first is still answering (`wait`, `stream`: until its "
+        "run is over). Keys are the account's for 24 hours; 1 to 255 printable ASCII "
+        "characters (a UUID, say)."
+    ),
 }
 
 
 @router.post(
     "/conversations/{conversation_id}/runs",
-    response={
-        200: RunOut,
-        202: RunOut,
-        frozenset({400, 401, 403, 404, 409, 422, 429}): ErrorOut,
-    },
+    response={200: RunOut, 202: RunOut, **errors(400, 401, 403, 404, 409, 413, 422, 429)},
     openapi_extra={
-        "parameters": [
-            {
-                "in": "header",
-                "name": "Idempotency-Key",
-                "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                "description": (
-                    "Retry safely: a retry with the same key and body gets the first "
-                    "response again (header `Idempotent-Replayed: true`) and starts "
-                    "nothing. 422: the key was used for another request; 409: the first "
-                    "is still answering (`wait`, `stream`: until its run is over). Keys "
-                    "are the account's for 24 hours."
-                ),
+        "parameters": [_IDEMPOTENCY_KEY],
+        "responses": {
+            200: {
+                "description": f"`wait`: the finished run. `stream`: {_EVENT_STREAM}",
+                "content": _SSE_CONTENT,
             }
-        ],
-        **_SSE_200,
+        },
     },
 )
 async def run_create(
     request: HttpRequest, conversation_id: UUID, payload: RunIn
 ) -> HttpResponseBase:
     """Send a message in a conversation: the agent answers it in a new run. 200 with the
-    finished run (`wait`), 200 with its events as they happen (`stream`), or 202 at once
-    (`background`, the run's URL in `Location`). 409 `run_active` while the
-    conversation's previous run is under way."""
-    api_key_require_scope(request, SCOPE)
+    finished run (`wait`, the default), 200 with its events as they happen (`stream`), or
+    202 at once (`background`, the run's URL in `Location`). 409 `run_active` while the
+    conversation's previous run is under way. A client that disconnects only stops
+    reading: the run goes on (follow it on `/runs/{id}/events`)."""
+    caller = require_scope(request, SCOPE)
     submitted, idempotency = await database_sync_to_async(_submit)(
-        request, conversation_id, payload
+        request, caller, conversation_id, payload
     )
     run = submitted.run
     if submitted.response is not None:  # background's 202, or a replay's stored response
@@ -106,24 +110,24 @@ async def run_create(
     if not submitted.replayed:
         await _over(run.id)
     response = await database_sync_to_async(_finished)(
-        user_id=_user_id(request), run_id=run.id, idempotency=idempotency
+        caller=caller, run_id=run.id, idempotency=idempotency
     )
     return json_response(response, replayed=submitted.replayed)
 
 
 def _submit(
-    request: HttpRequest, conversation_id: UUID, payload: RunIn
+    request: HttpRequest, caller: Principal, conversation_id: UUID, payload: RunIn
 ) -> tuple[services.RunSubmitted, IdempotentRequest | None]:
-    conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
-    idempotency = idempotent_request(
-        request, account_id=_account_id(request), caller=_user_id(request)
+    conversation = owned_or_404(
+        Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
     )
-    respond = _accepted if payload.mode == "background" else _unknown_yet
+    idempotency = idempotent_request(request, account_id=caller.account_id, caller=caller.user_id)
     submitted = services.run_submit(
         conversation=conversation,
         content=payload.message,
+        api_key_id=caller.api_key_id,
         idempotency=idempotency,
-        respond=respond,
+        respond=_accepted if payload.mode == "background" else _unknown_yet,
     )
     return submitted, idempotency
 
@@ -139,11 +143,10 @@ def _unknown_yet(run: Run) -> None:
 
 
 def _finished(
-    *, user_id: int, run_id: UUID, idempotency: IdempotentRequest | None
+    *, caller: Principal, run_id: UUID, idempotency: IdempotentRequest | None
 ) -> StoredResponse:
     """The `wait` response of a run that is over, stored for the key's retries."""
-    run = selectors.run_get_for_user(user_id=user_id, run_id=run_id)
-    response = StoredResponse(200, run_out(run), {RUN_HEADER: str(run.id)})
+    response = StoredResponse(200, run_out(_run_get(caller, run_id)), {RUN_HEADER: str(run_id)})
     if idempotency is not None:
         idempotency_record(request=idempotency, response=response)
     return response
@@ -157,24 +160,19 @@ async def _over(run_id: UUID) -> None:
 
 @router.get(
     "/runs/{run_id}",
-    response={200: RunOut, frozenset({401, 403, 404}): ErrorOut},
+    response={200: RunOut, **errors(401, 403, 404, 429)},
     url_name="run_get",
 )
 def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """A run: its status, answer, messages, usage, cost and error."""
-    api_key_require_scope(request, SCOPE)
-    return run_out(selectors.run_get_for_user(user_id=_user_id(request), run_id=run_id))
+    return run_out(_run_get(require_scope(request, SCOPE), run_id))
 
 
-@router.post(
-    "/runs/{run_id}/cancel",
-    response={202: RunOut, frozenset({401, 403, 404, 409}): ErrorOut},
-)
+@router.post("/runs/{run_id}/cancel", response={202: RunOut, **errors(401, 403, 404, 409, 429)})
 def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
     """Stop a run under way (its spending stops at once); 202 with the run as it was
     when asked: its final event and status follow. 409 if it is over already."""
-    api_key_require_scope(request, SCOPE)
-    run = selectors.run_get_for_user(user_id=_user_id(request), run_id=run_id)
+    run = _run_get(require_scope(request, SCOPE), run_id)
     services.run_cancel(conversation=run.conversation, run_id=run.id)
     return Status(202, run_out(run))
 
@@ -185,8 +183,8 @@ class EventsParams(Schema):
 
 @router.get(
     "/runs/{run_id}/events",
-    response={frozenset({400, 401, 403, 404, 422}): ErrorOut},
-    openapi_extra=_SSE_200,
+    response={200: None, **errors(400, 401, 403, 404, 422, 429)},
+    openapi_extra={"responses": {200: {"description": _EVENT_STREAM, "content": _SSE_CONTENT}}},
 )
 async def run_events(
     request: HttpRequest,
@@ -197,12 +195,20 @@ async def run_events(
     """The run's events as Server-Sent Events: every event after `Last-Event-ID` (or
     `after_seq`; from the first without either), replayed and then live, each once and
     in order, ending after the final event."""
-    api_key_require_scope(request, SCOPE)
+    caller = require_scope(request, SCOPE)
     after_seq = _after_seq(last_event_id, params.after_seq)
-    run = await database_sync_to_async(selectors.run_get_for_user)(
-        user_id=_user_id(request), run_id=run_id
-    )
+    run = await database_sync_to_async(_run_get)(caller, run_id)
     return _event_stream(run.id, after_seq=after_seq, replayed=False)
+
+
+def _run_get(caller: Principal, run_id: UUID) -> Run:
+    return owned_or_404(
+        Run.objects.select_related("conversation").prefetch_related("messages"),
+        principal=caller,
+        name="run",
+        owner_field="conversation__owner",
+        id=run_id,
+    )
 
 
 def _after_seq(last_event_id: str | None, after_seq: int | None) -> int:
@@ -229,11 +235,12 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingHttpResponse:
     async def messages() -> AsyncIterator[str]:
         async for frame in follow(run_id, after_seq, idle=HEARTBEAT_SECONDS):
-            yield HEARTBEAT if frame is None else sse_message(frame)
+            if frame is None:
+                yield SSE_HEARTBEAT
+            else:
+                yield sse_message(frame.text, event=frame.type, id=frame.seq)
 
-    response = StreamingHttpResponse(messages(), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
+    response = sse_response(messages())
     response[RUN_HEADER] = str(run_id)
     if replayed:
         response[REPLAYED_HEADER] = "true"
@@ -277,15 +284,3 @@ def run_out(run: Run) -> dict[str, Any]:
 
 def _run_url(run_id: UUID) -> str:
     return reverse("api:run_get", kwargs={"run_id": run_id})
-
-
-def _user_id(request: HttpRequest) -> int:
-    # Only an authenticated user gets this far (the API's auth), so pk is set.
-    return cast(int, request.user.pk)
-
-
-def _account_id(request: HttpRequest) -> int:
-    api_key = api_key_of(request)
-    if api_key is not None:
-        return api_key.account_id
-    return account_quotas_for_user(user_id=_user_id(request)).account_id

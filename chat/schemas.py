@@ -7,16 +7,6 @@ from uuid import UUID
 from ninja import Field, Schema
 
 
-class ErrorDetail(Schema):
-    code: str
-    message: str
-    details: Any = None
-
-
-class ErrorOut(Schema):
-    error: ErrorDetail
-
-
 class RunIn(Schema):
     message: str = Field(description="The user's message: what the agent answers.")
     mode: Literal["wait", "stream", "background"] = Field(

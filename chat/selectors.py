@@ -56,16 +56,3 @@ def budget_line(*, user_id: int) -> BudgetDisplay | None:
     """`budget_left`, as the chat page shows it."""
     left = budget_left(user_id=user_id)
     return budget_display(left) if left is not None else None
-
-
-def run_get_for_user(*, user_id: int, run_id: UUID | str) -> Run:
-    """The run, with its messages, if it is in a conversation of the user's. Another
-    user's run is not found, exactly like a missing one."""
-    try:
-        return (
-            Run.objects.prefetch_related("messages")
-            .select_related("conversation")
-            .get(id=run_id, conversation__owner_id=user_id)
-        )
-    except (Run.DoesNotExist, ValidationError, ValueError) as error:
-        raise ApplicationError("run_not_found", "There is no such run.", http_status=404) from error

@@ -121,11 +121,13 @@ def stored_response(earlier: IdempotencyKey) -> StoredResponse | None:
 
 
 def in_flight(**details: Any) -> ApplicationError:
+    """409 for a retry of a request still being answered; `details` say what to follow
+    meanwhile (the run's id, say)."""
     return ApplicationError(
         "idempotency_in_flight",
         "A request with this Idempotency-Key is still being answered; retry after it finishes.",
         http_status=409,
-        **({"details": details} if details else {}),
+        **details,
     )
 
 

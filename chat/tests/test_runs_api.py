@@ -9,7 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
-from billing.models import UsageRecord
+from billing.models import ApiKey, UsageRecord
 from billing.services import account_for_user, api_key_create
 from chat import services
 from chat.models import Run
@@ -308,6 +308,16 @@ async def test_bad_input_is_refused_and_starts_nothing(alice, body, status, code
     assert not await Run.objects.filter(conversation=conversation).aexists()
 
 
+async def test_a_run_and_its_ledger_rows_record_the_key_that_started_it(alice):
+    conversation = await alice.conversation()
+    run = (await alice.start(conversation, "What is 17 * 23?")).json()
+    await wait_for_runs()
+    key = await ApiKey.objects.aget(created_by=alice.user)
+    assert (await Run.objects.aget(id=run["id"])).api_key_id == key.id
+    ledger = [r async for r in UsageRecord.objects.filter(run_id=run["id"])]
+    assert ledger and {r.api_key_id for r in ledger} == {key.id}
+
+
 async def test_a_session_may_start_runs_too(alice):
     conversation = await alice.conversation()
     client = AsyncClient(enforce_csrf_checks=False)
@@ -318,6 +328,7 @@ async def test_a_session_may_start_runs_too(alice):
         content_type="application/json",
     )
     assert response.status_code == 200 and response.json()["status"] == "completed"
+    assert (await Run.objects.aget(id=response.json()["id"])).api_key_id is None
 
 
 # --- Idempotency-Key ------------------------------------------------------------------
@@ -496,27 +507,31 @@ async def test_over_the_concurrent_runs_limit_is_429(alice, settings):
     await alice.client.post(f"/api/v1/runs/{busy['id']}/cancel")
 
 
+def statuses(*codes: int) -> set[str]:
+    return {str(code) for code in codes}
+
+
 async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     schema = (await alice.client.get("/api/openapi.json")).json()
     paths = schema["paths"]
     create = paths["/api/v1/conversations/{conversation_id}/runs"]["post"]
-    assert set(create["responses"]) == {
-        "200",
-        "202",
-        "400",
-        "401",
-        "403",
-        "404",
-        "409",
-        "422",
-        "429",
-    }
+    assert set(create["responses"]) == statuses(200, 202, 400, 401, 403, 404, 409, 413, 422, 429)
     assert "text/event-stream" in create["responses"]["200"]["content"]
+    assert "application/json" in create["responses"]["200"]["content"]
     assert {p["name"] for p in create["parameters"]} >= {"Idempotency-Key"}
     events = paths["/api/v1/runs/{run_id}/events"]["get"]
+    assert set(events["responses"]) == statuses(200, 400, 401, 403, 404, 422, 429)
     assert "text/event-stream" in events["responses"]["200"]["content"]
     assert {p["name"] for p in events["parameters"]} >= {"Last-Event-ID", "after_seq"}
-    assert set(paths["/api/v1/runs/{run_id}"]["get"]["responses"]) == {"200", "401", "403", "404"}
+    run = paths["/api/v1/runs/{run_id}"]["get"]
+    assert set(run["responses"]) == statuses(200, 401, 403, 404, 429)
     cancel = paths["/api/v1/runs/{run_id}/cancel"]["post"]
-    assert set(cancel["responses"]) == {"202", "401", "403", "404", "409"}
-    assert {op["tags"][0] for op in (create, events, cancel)} == {"runs"}
+    assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 429)
+    assert {op["tags"][0] for op in (create, events, cancel, run)} == {"runs"}
+    # The events the streams carry are in the schema, every type of them.
+    stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert stream == {"$ref": "#/components/schemas/RunEvent"}
+    event_types = schema["components"]["schemas"]["RunEvent"]["discriminator"]["mapping"]
+    assert {"run.started", "token", "run.completed", "run.cancelled"} <= set(event_types)
+    for ref in event_types.values():
+        assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
