@@ -1,9 +1,27 @@
-"""The HTTP side of Idempotency-Key: reading it from a request, and answering a replay."""
+"""The HTTP side of Idempotency-Key: reading it from a request, and answering a replay.
+
+A POST that creates something and knows its response when its transaction commits (a
+conversation, an API key) needs one call:
+
+    return idempotent_response(request, caller=principal(request), create=lambda: StoredResponse(
+        201, ThingOut.from_orm(thing_create(...)).model_dump()))
+
+and declares 400 and 422 (and 409) among its errors, and the `Idempotency-Key` header."""
+
+from collections.abc import Callable
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from .services import IdempotentRequest, StoredResponse, idempotency_key_clean, request_fingerprint
+from agentsite.auth import Principal
+
+from .services import (
+    IdempotentRequest,
+    StoredResponse,
+    idempotency_key_clean,
+    idempotent,
+    request_fingerprint,
+)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -40,3 +58,13 @@ def json_response(response: StoredResponse, *, replayed: bool) -> HttpResponse:
     if replayed:
         answer[REPLAYED_HEADER] = "true"
     return answer
+
+
+def idempotent_response(
+    request: HttpRequest, *, caller: Principal, create: Callable[[], StoredResponse]
+) -> HttpResponse:
+    """`create`, once per Idempotency-Key of the caller's account (see `idempotent`), as
+    the JSON response; a retry gets the first response again, marked as a replay."""
+    keyed = idempotent_request(request, account_id=caller.account_id, caller=caller.user_id)
+    outcome = idempotent(request=keyed, create=create)
+    return json_response(outcome.response, replayed=outcome.replayed)

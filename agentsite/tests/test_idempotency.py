@@ -149,3 +149,28 @@ def test_the_fingerprint_is_the_method_path_caller_and_body_content():
     assert fingerprint(path="/api/v1/things?x=1") != base
     assert fingerprint(caller=2) != base
     assert fingerprint(b"not json") == fingerprint(b"not json") != fingerprint(b"not json!")
+
+
+def test_a_create_endpoint_needs_one_call():
+    from django.test import RequestFactory
+
+    from agentsite.auth import Principal
+    from agentsite.idempotency.http import idempotent_response
+
+    caller = Principal(user_id=1, account_id=7, api_key_id=None, scopes=None)
+    create = Creator()
+
+    def post(body: str, **headers: str):
+        request = RequestFactory().post("/api/v1/things", body, "application/json", headers=headers)
+        return idempotent_response(request, caller=caller, create=create)
+
+    first = post('{"name": "x"}', **{"Idempotency-Key": "one"})
+    again = post('{"name":"x"}', **{"Idempotency-Key": "one"})
+    assert (first.status_code, first["Location"]) == (201, "/things/1")
+    assert "Idempotent-Replayed" not in first and again["Idempotent-Replayed"] == "true"
+    assert again.content == first.content and create.calls == 1
+    with pytest.raises(ApplicationError) as reused:  # the API answers it 422
+        post('{"name": "y"}', **{"Idempotency-Key": "one"})
+    assert reused.value.code == "idempotency_key_reused"
+    unkeyed = post('{"name": "x"}')
+    assert unkeyed.status_code == 201 and create.calls == 2
