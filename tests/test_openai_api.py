@@ -251,6 +251,19 @@ def test_the_history_sent_is_stored_with_the_run(server: Server) -> None:
         ("user", 0, "Which number?"),
     ]
     assert stored[3][:2] == ("assistant", 0) and len(stored) == 4
+    # The runs API reads it too: its answer is what the agent wrote, not what it was sent.
+    read = httpx.get(
+        f"{server.url}/api/v1/runs/{raw.headers['x-agentsite-run']}",
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+        timeout=WAIT,
+    ).json()
+    assert read["answer"] == stored[3][2] == raw.parse().choices[0].message.content
+    assert [(m["role"], m["imported"]) for m in read["messages"]] == [
+        ("user", True),
+        ("assistant", True),
+        ("user", False),
+        ("assistant", False),
+    ]
 
 
 def test_a_request_bound_to_a_conversation_continues_it(server: Server) -> None:

@@ -28,6 +28,7 @@ from chat.agent.models import model_info
 from chat.events import Event, follow
 from chat.lifecycle import FINAL_EVENTS, lease_keeper
 from chat.models import Conversation, Run
+from chat.runs_api import HEARTBEAT_SECONDS, RUN_HEADER
 
 from . import wire
 from .schemas import ChatCompletionIn, ErrorOut, ModelListOut, ModelOut
@@ -35,12 +36,9 @@ from .schemas import ChatCompletionIn, ErrorOut, ModelListOut, ModelOut
 logger = logging.getLogger(__name__)
 
 # The request header that binds a request to a stored conversation, and the response
-# headers that link to what the request started.
+# headers that link to what the request started (its run: RUN_HEADER, as /api's).
 CONVERSATION_HEADER = "X-Agentsite-Conversation"
-RUN_HEADER = "X-Agentsite-Run"
 TRACE_HEADER = "X-Agentsite-Trace"
-# Seconds of silence (the agent thinking, a tool working) before a keep-alive comment.
-HEARTBEAT = 15.0
 FINAL_TYPES = frozenset(FINAL_EVENTS.values())
 ERRORS = {status: ErrorOut for status in (400, 401, 403, 404, 409, 413, 429, 500, 502, 503)}
 
@@ -309,7 +307,7 @@ async def _events(run: Run) -> AsyncIterator[Event | None]:
     the run."""
     finished = False
     try:
-        async for frame in follow(run.id, idle=HEARTBEAT):
+        async for frame in follow(run.id, idle=HEARTBEAT_SECONDS):
             if frame is None:
                 yield None
             elif frame.type == "token" or frame.type in FINAL_TYPES:

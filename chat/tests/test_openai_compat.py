@@ -120,7 +120,7 @@ async def test_events_that_end_without_a_final_one_mean_the_run_is_gone(monkeypa
 @pytest.mark.django_db(transaction=True)
 async def test_a_stream_silent_for_a_while_carries_keep_alives(make_user, settings, monkeypatch):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
-    monkeypatch.setattr(api, "HEARTBEAT", 0.01)  # much shorter than between two tokens
+    monkeypatch.setattr(api, "HEARTBEAT_SECONDS", 0.01)  # much shorter than between two tokens
     user = await database_sync_to_async(make_user)()
     account = await database_sync_to_async(account_for_user)(user_id=user.pk)
     _, key = await database_sync_to_async(api_key_create)(
