@@ -11,13 +11,15 @@ from ninja.errors import AuthenticationError, ValidationError
 
 from billing.api import router as billing_router
 from billing.auth import ApiKeyAuth, SessionAuth
+from chat.api import router as chat_router
 from tracing.api import router as tracing_router
 
 from .errors import ApplicationError
 
 # Every way a caller may authenticate, tried in order. Both count the request against
-# the caller's requests-per-minute limits.
-AUTH = [SessionAuth(), ApiKeyAuth()]
+# the caller's requests-per-minute limits. The key first: a request that sends one is a
+# program's, which has no CSRF token for the session check to demand.
+AUTH = [ApiKeyAuth(), SessionAuth()]
 
 api = NinjaAPI(
     title="Agentsite API",
@@ -66,3 +68,4 @@ def authentication_error(request: HttpRequest, error: AuthenticationError) -> Ht
 
 api.add_router("/v1/", tracing_router)
 api.add_router("/v1/", billing_router)
+api.add_router("/v1/", chat_router)

@@ -19,6 +19,13 @@ class SessionAuth(NinjaSessionAuth):
     """ninja's `django_auth` (a signed-in browser session, CSRF-checked), counted
     against the user's account."""
 
+    def _get_key(self, request: HttpRequest) -> str | None:
+        # No session cookie, no session to protect: a caller without credentials is
+        # told 401 (sign in), not 403 for a missing CSRF token.
+        if self.param_name not in request.COOKIES:
+            return None
+        return super()._get_key(request)
+
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
         user = super().authenticate(request, key)
         if user is not None:

@@ -1,0 +1,102 @@
+"""The conversation endpoints of the JSON API.
+
+An API key needs the `runs` scope for them: a conversation is where runs happen, and a
+key that may run the agent must be able to open, read and close the conversations it
+runs in (see `billing.models.ApiKey.Scope`)."""
+
+from typing import Any, cast
+from uuid import UUID
+
+from django.contrib.auth.models import User
+from django.http import HttpRequest
+from ninja import Query, Router, Status
+
+from agentsite.pagination import DEFAULT_LIMIT, Page, PageParams
+from agentsite.schemas import error_responses
+from billing.auth import api_key_require_scope
+from billing.models import ApiKey
+
+from . import selectors, services
+from .models import Conversation, Message
+from .schemas import (
+    ConversationCreateIn,
+    ConversationDetailOut,
+    ConversationOut,
+    ConversationPageOut,
+    ConversationRenameIn,
+    MessagePageOut,
+)
+
+router = Router(tags=["conversations"])
+
+
+def _caller(request: HttpRequest) -> User:
+    api_key_require_scope(request, ApiKey.Scope.RUNS)
+    # Only an authenticated user gets this far (the API's auth): a key acts as its user.
+    return cast(User, request.user)
+
+
+def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
+    return selectors.conversation_get(user=_caller(request), conversation_id=conversation_id)
+
+
+@router.post("/conversations", response={201: ConversationOut, **error_responses(400)})
+def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> Status[Conversation]:
+    """Open a conversation. Send it messages with `POST /conversations/{id}/runs`."""
+    return Status(201, services.conversation_create(owner=_caller(request), title=body.title))
+
+
+@router.get("/conversations", response={200: ConversationPageOut, **error_responses(400)})
+def conversation_list(request: HttpRequest, params: Query[PageParams]) -> Page[Conversation]:
+    """The caller's conversations, newest first (by creation, so a conversation that gets
+    a message keeps its place while you page). 400 `invalid_cursor` for a cursor this
+    list did not issue."""
+    return selectors.conversation_page(owner=_caller(request), params=params)
+
+
+@router.get(
+    "/conversations/{conversation_id}",
+    response={200: ConversationDetailOut, **error_responses(404)},
+)
+def conversation_get(request: HttpRequest, conversation_id: UUID) -> dict[str, Any]:
+    """The conversation and the first page of its messages (default page size)."""
+    conversation = _owned(request, conversation_id)
+    return {
+        **{field: getattr(conversation, field) for field in ConversationOut.model_fields},
+        "messages": selectors.message_page(
+            conversation=conversation, params=PageParams(cursor=None, limit=DEFAULT_LIMIT)
+        ),
+    }
+
+
+@router.get(
+    "/conversations/{conversation_id}/messages",
+    response={200: MessagePageOut, **error_responses(400, 404)},
+)
+def message_list(
+    request: HttpRequest, conversation_id: UUID, params: Query[PageParams]
+) -> Page[Message]:
+    """The conversation's messages, oldest first: the user's, the agent's answers, and
+    its tool calls (`role` "tool", with `tool`), each with the run it belongs to."""
+    conversation = _owned(request, conversation_id)
+    return selectors.message_page(conversation=conversation, params=params)
+
+
+@router.patch(
+    "/conversations/{conversation_id}",
+    response={200: ConversationOut, **error_responses(400, 404)},
+)
+def conversation_rename(
+    request: HttpRequest, conversation_id: UUID, body: ConversationRenameIn
+) -> Conversation:
+    return services.conversation_rename(
+        conversation=_owned(request, conversation_id), title=body.title
+    )
+
+
+@router.delete("/conversations/{conversation_id}", response={204: None, **error_responses(404)})
+def conversation_delete(request: HttpRequest, conversation_id: UUID) -> Status[None]:
+    """Delete the conversation with its messages and runs. A run under way is stopped,
+    and the agent forgets the conversation (its checkpoints)."""
+    services.conversation_delete(conversation=_owned(request, conversation_id))
+    return Status(204, None)
