@@ -1,17 +1,32 @@
-"""The billing endpoints of the JSON API."""
+"""The billing endpoints of the JSON API: usage, and API-key management.
+
+API keys are managed by the account's owner (403 `not_account_owner` for a member) from
+a signed-in browser session only (403 `session_required` with a key): a key that could
+mint keys could outlive its own revocation through them, and widen its own scopes."""
 
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any, cast
 
+from django.contrib.auth.models import User
 from django.http import HttpRequest
 from django.utils import timezone
-from ninja import Query, Router
+from ninja import Query, Router, Status
 
-from .auth import api_key_require_scope
-from .schemas import UsageOut, UsageParams
-from .selectors import daily_usage, usage_summary
-from .services import account_for_user
+from agentsite.errors import ApplicationError
+from agentsite.schemas import error_responses
+
+from . import selectors, services
+from .auth import api_key_of, api_key_require_scope
+from .models import Account, ApiKey
+from .schemas import (
+    ApiKeyCreatedOut,
+    ApiKeyCreateIn,
+    ApiKeyListOut,
+    ApiKeyOut,
+    UsageOut,
+    UsageParams,
+)
 
 router = Router(tags=["usage"])
 
@@ -23,9 +38,9 @@ def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     `days` days'."""
     api_key_require_scope(request, "usage")
     # Only an authenticated user gets this far (the API's auth), so pk is set.
-    account = account_for_user(user_id=cast(int, request.user.pk))
+    account = services.account_for_user(user_id=cast(int, request.user.pk))
     now = timezone.now()
-    summary = usage_summary(account=account, now=now)
+    summary = selectors.usage_summary(account=account, now=now)
     today = summary.day.start.date()
     since = (
         summary.month.start.date()
@@ -36,5 +51,53 @@ def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
         "account": account.name,
         "plan": account.plan.name if account.plan is not None else None,
         **asdict(summary),
-        "days": daily_usage(account=account, since=since, until=today),
+        "days": selectors.daily_usage(account=account, since=since, until=today),
     }
+
+
+def _owned_account(request: HttpRequest) -> Account:
+    if api_key_of(request) is not None:
+        raise ApplicationError(
+            "session_required",
+            "API keys are managed from a signed-in browser session, not with an API key.",
+            http_status=403,
+        )
+    return services.account_for_owner(user_id=cast(int, request.user.pk))
+
+
+@router.post("/api-keys", response={201: ApiKeyCreatedOut, **error_responses()}, tags=["api keys"])
+def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[str, Any]]:
+    """A new key for the caller's account, acting as the caller. The response is the
+    only place the whole key (`key`) ever appears."""
+    api_key, raw_key = services.api_key_create(
+        account=_owned_account(request),
+        created_by=cast(User, request.user),
+        name=body.name,
+        scopes=body.scopes,
+        expires_at=body.expires_at,
+    )
+    return Status(201, {**_api_key_out(api_key), "key": raw_key})
+
+
+@router.get("/api-keys", response={200: ApiKeyListOut, **error_responses()}, tags=["api keys"])
+def api_key_list(request: HttpRequest) -> dict[str, Any]:
+    """The account's keys (every member's), revoked and expired ones too."""
+    return {"items": list(selectors.api_key_list(account=_owned_account(request)))}
+
+
+@router.post(
+    "/api-keys/{api_key_id}/revoke",
+    response={200: ApiKeyOut, **error_responses(404)},
+    tags=["api keys"],
+)
+def api_key_revoke(request: HttpRequest, api_key_id: int) -> ApiKey:
+    """Refuse the key from now on. Revoking a revoked key changes nothing (its
+    `revoked_at` stays the first revocation's)."""
+    account = _owned_account(request)
+    return services.api_key_revoke(
+        api_key=selectors.api_key_get(account=account, api_key_id=api_key_id)
+    )
+
+
+def _api_key_out(api_key: ApiKey) -> dict[str, Any]:
+    return {field: getattr(api_key, field) for field in ApiKeyOut.model_fields}

@@ -2,8 +2,13 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated
 
+from django.utils import timezone
 from ninja import Field, Schema
-from pydantic import PlainSerializer
+from pydantic import AwareDatetime, PlainSerializer, field_validator
+
+from agentsite.text import UNSTORABLE
+
+from .models import ApiKey
 
 # Money is a decimal string with the ledger's 8 places ("0.00007200"), never a float,
 # and never str(Decimal)'s exponent form: a zero read back from an 8-place column is
@@ -71,3 +76,64 @@ class UsageOut(Schema):
     tokens_today: TokensOut
     limits: LimitsOut
     days: list[DayUsageOut]
+
+
+class ApiKeyCreateIn(Schema):
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        description="What the key is for, to tell keys apart (leading and trailing "
+        "whitespace is dropped).",
+    )
+    scopes: list[ApiKey.Scope] = Field(
+        min_length=1,
+        description="What the key may do: `runs` (conversations and runs), `traces`, `usage`.",
+    )
+    expires_at: AwareDatetime | None = Field(
+        None, description="When the key stops working (in the future); null: never."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_storable(cls, name: str) -> str:
+        name = name.strip()
+        if not name:
+            raise ValueError("The name cannot be blank.")
+        if UNSTORABLE.search(name):
+            raise ValueError("The name contains a NUL character or an unpaired surrogate.")
+        return name
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_in_the_future(cls, expires_at: datetime | None) -> datetime | None:
+        if expires_at is not None and expires_at <= timezone.now():
+            raise ValueError("The expiry must be in the future.")
+        return expires_at
+
+
+class ApiKeyOut(Schema):
+    """A key as its account's owner sees it: never its secret (nor its hash)."""
+
+    id: int
+    name: str
+    # The key's first characters, as it starts: enough to recognise it.
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    # To the minute (it is not written on every request).
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(
+        description="The whole key, to send in the API key header. Shown this once: "
+        "only its prefix and a hash are kept."
+    )
+
+
+class ApiKeyListOut(Schema):
+    """Newest first, revoked and expired keys too."""
+
+    items: list[ApiKeyOut]

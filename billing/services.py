@@ -41,6 +41,19 @@ def account_for_user(*, user_id: int) -> Account:
         return Membership.objects.select_related("account__plan").get(user_id=user_id).account
 
 
+def account_for_owner(*, user_id: int) -> Account:
+    """The account the user owns (`account_for_user`, which makes a first-time user the
+    owner of a personal one); a member who is not its owner: 403 `not_account_owner`."""
+    account = account_for_user(user_id=user_id)
+    if not Membership.objects.filter(
+        user_id=user_id, account=account, role=Membership.Role.OWNER
+    ).exists():
+        raise ApplicationError(
+            "not_account_owner", "Only the account's owner may do this.", http_status=403
+        )
+    return account
+
+
 def account_quotas_for_user(*, user_id: int) -> AccountQuotas:
     """The user's account and the limits in force for it (`account_for_user`), from the
     cache: what every chat message and signed-in API request needs before it is let in,
