@@ -5,9 +5,11 @@ docs are served at /api/openapi.json and /api/docs, outside the versioned prefix
 one page documents every version.
 """
 
+from http import HTTPStatus
+
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI, Swagger
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from billing.api import router as billing_router
 from billing.auth import ApiKeyAuth, SessionAuth
@@ -54,6 +56,17 @@ def validation_error(request: HttpRequest, error: ValidationError) -> HttpRespon
             }
         },
         status=422,
+    )
+
+
+@api.exception_handler(HttpError)
+def http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
+    """ninja's own refusals (a body that is not JSON: 400), in the API's error shape."""
+    status = HTTPStatus(error.status_code)
+    return api.create_response(
+        request,
+        {"error": {"code": status.phrase.lower().replace(" ", "_"), "message": error.message}},
+        status=status,
     )
 
 

@@ -32,7 +32,8 @@ M = TypeVar("M", bound=Model)
 class PageParams(Schema):
     cursor: str | None = Field(
         None,
-        description="The `next_cursor` of the previous page; leave it out for the first page.",
+        description="The `next_cursor` of the previous page; leave it out (or empty) for "
+        "the first page.",
     )
     limit: int = Field(
         DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Items on this page, at most."
@@ -57,7 +58,7 @@ def paginate(
     "chat.messages:<conversation id>"), so a cursor of one conversation's messages cannot
     be replayed against another's."""
     fields = [name.removeprefix("-") for name in ordering]
-    if params.cursor is not None:
+    if params.cursor:
         after = _cursor_load(queryset.model, fields, params.cursor, salt)
         queryset = queryset.filter(_after(ordering, after))
     # One row more than asked tells whether a next page exists, without a count.

@@ -31,7 +31,7 @@ from .schemas import (
 router = Router(tags=["usage"])
 
 
-@router.get("/usage", response=UsageOut)
+@router.get("/usage", response={200: UsageOut, **error_responses()})
 def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     """The caller's account: today's and this month's spend and tokens against its
     limits (days and months are UTC), and its spend per day: this month's, or the last
@@ -65,7 +65,9 @@ def _owned_account(request: HttpRequest) -> Account:
     return services.account_for_owner(user_id=cast(int, request.user.pk))
 
 
-@router.post("/api-keys", response={201: ApiKeyCreatedOut, **error_responses()}, tags=["api keys"])
+@router.post(
+    "/api-keys", response={201: ApiKeyCreatedOut, **error_responses(400)}, tags=["api keys"]
+)
 def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[str, Any]]:
     """A new key for the caller's account, acting as the caller. The response is the
     only place the whole key (`key`) ever appears."""

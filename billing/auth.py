@@ -5,6 +5,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
+from ninja.errors import HttpError
 from ninja.security import APIKeyHeader
 from ninja.security import SessionAuth as NinjaSessionAuth
 
@@ -24,7 +25,15 @@ class SessionAuth(NinjaSessionAuth):
         # told 401 (sign in), not 403 for a missing CSRF token.
         if self.param_name not in request.COOKIES:
             return None
-        return super()._get_key(request)
+        try:
+            return super()._get_key(request)
+        except HttpError as error:  # ninja's CSRF refusal, in the API's error shape
+            raise ApplicationError(
+                "csrf_failed",
+                "A signed-in browser must send its CSRF token (the X-CSRFToken header) "
+                "with unsafe methods.",
+                http_status=403,
+            ) from error
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
         user = super().authenticate(request, key)

@@ -2,11 +2,10 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from django.utils import timezone
 from ninja import Field, Schema
-from pydantic import AwareDatetime, PlainSerializer, field_validator
+from pydantic import AwareDatetime, PlainSerializer
 
-from agentsite.text import UNSTORABLE
+from agentsite.schemas import BodyIn
 
 from .models import ApiKey
 
@@ -78,37 +77,23 @@ class UsageOut(Schema):
     days: list[DayUsageOut]
 
 
-class ApiKeyCreateIn(Schema):
+class ApiKeyCreateIn(BodyIn):
     name: str = Field(
         min_length=1,
         max_length=100,
-        description="What the key is for, to tell keys apart (leading and trailing "
-        "whitespace is dropped).",
+        description="What the key is for, to tell keys apart. Leading and trailing "
+        "whitespace is dropped; blank, or with a NUL character or an unpaired surrogate: "
+        "400 `invalid_name`.",
     )
     scopes: list[ApiKey.Scope] = Field(
         min_length=1,
         description="What the key may do: `runs` (conversations and runs), `traces`, `usage`.",
     )
     expires_at: AwareDatetime | None = Field(
-        None, description="When the key stops working (in the future); null: never."
+        None,
+        description="When the key stops working; null: never. In the past: 400 "
+        "`invalid_expires_at`.",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name_storable(cls, name: str) -> str:
-        name = name.strip()
-        if not name:
-            raise ValueError("The name cannot be blank.")
-        if UNSTORABLE.search(name):
-            raise ValueError("The name contains a NUL character or an unpaired surrogate.")
-        return name
-
-    @field_validator("expires_at")
-    @classmethod
-    def _expires_in_the_future(cls, expires_at: datetime | None) -> datetime | None:
-        if expires_at is not None and expires_at <= timezone.now():
-            raise ValueError("The expiry must be in the future.")
-        return expires_at
 
 
 class ApiKeyOut(Schema):

@@ -4,6 +4,8 @@ from uuid import UUID
 
 from ninja import Field, Schema
 
+from agentsite.schemas import BodyIn
+
 from .models import Message
 from .services import TITLE_MAX_CHARS
 
@@ -13,7 +15,7 @@ _TITLE_RULES = (
 )
 
 
-class ConversationCreateIn(Schema):
+class ConversationCreateIn(BodyIn):
     title: str | None = Field(
         None,
         description="Left out: a placeholder, replaced by the start of the first message. "
@@ -21,7 +23,7 @@ class ConversationCreateIn(Schema):
     )
 
 
-class ConversationRenameIn(Schema):
+class ConversationRenameIn(BodyIn):
     title: str = Field(description=_TITLE_RULES)
 
 

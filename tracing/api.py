@@ -4,6 +4,7 @@ from uuid import UUID
 from django.http import HttpRequest
 from ninja import Router
 
+from agentsite.schemas import error_responses
 from billing.auth import api_key_of, api_key_require_scope
 
 from . import selectors
@@ -13,7 +14,7 @@ from .selectors import SpanNode
 router = Router(tags=["traces"])
 
 
-@router.get("/runs/{run_id}/trace", response=TraceOut)
+@router.get("/runs/{run_id}/trace", response={200: TraceOut, **error_responses(404)})
 def run_trace(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """The span tree of a run: run → graph node → LLM call / tool call → …"""
     api_key_require_scope(request, "traces")

@@ -172,25 +172,35 @@ def test_no_bad_or_revoked_credentials_are_401(owner):
 
 
 @pytest.mark.parametrize(
-    "body",
+    "body, status, code",
     [
-        {"name": ""},
-        {"name": "   "},
-        {"name": "x" * 101},
-        {"name": "nul\x00"},
-        {"name": "lone \ud800"},
-        {"scopes": []},
-        {"scopes": ["admin"]},
-        {"scopes": "runs"},
-        {"expires_at": "2020-01-01T00:00:00Z"},  # past
-        {"expires_at": "2999-01-01T00:00:00"},  # no time zone
-        {"expires_at": "soon"},
+        ({"name": ""}, 422, "invalid_request"),
+        ({"name": "x" * 101}, 422, "invalid_request"),
+        ({"scopes": []}, 422, "invalid_request"),
+        ({"scopes": ["admin"]}, 422, "invalid_request"),
+        ({"scopes": "runs"}, 422, "invalid_request"),
+        ({"expires_at": "2999-01-01T00:00:00"}, 422, "invalid_request"),  # no time zone
+        ({"expires_at": "soon"}, 422, "invalid_request"),
+        ({"owner": "mallory"}, 422, "invalid_request"),  # no such field
+        ({"name": "lone \ud800"}, 422, "invalid_request"),  # not Unicode: not a string
+        # Well-formed, but against the rules:
+        ({"name": "   "}, 400, "invalid_name"),
+        ({"name": "nul\x00"}, 400, "invalid_name"),
+        ({"expires_at": "2020-01-01T00:00:00Z"}, 400, "invalid_expires_at"),
     ],
 )
-def test_bad_input_is_422_and_creates_nothing(owner, body):
+def test_bad_input_is_refused_with_its_code_and_creates_nothing(owner, body, status, code):
     response = create(session(owner), **body)
-    assert response.status_code == 422, response.content
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+    assert not ApiKey.objects.exists()
+
+
+@pytest.mark.parametrize("raw", ["[]", '"name"', "null", "{", "\x18\xff"])
+def test_a_body_that_is_not_a_json_object_is_refused(owner, raw):
+    response = session(owner).post(BASE, raw, content_type="application/json")
+    assert response.status_code in (400, 422), response.content
+    assert response.json()["error"]["code"] in ("bad_request", "invalid_request")
     assert not ApiKey.objects.exists()
 
 

@@ -89,7 +89,9 @@ def test_a_key_creates_conversations_without_a_csrf_token(alice):
 
 def test_a_session_needs_its_csrf_token_for_unsafe_methods(alice):
     client = session(alice, enforce_csrf=True)
-    assert send(client, "post", BASE, {}).status_code == 403
+    refused = send(client, "post", BASE, {})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "csrf_failed"
     assert client.get(BASE).status_code == 200
     token = secrets.token_hex(16)  # as the chat page sets it, in cookie and page
     client.cookies["csrftoken"] = token
@@ -163,6 +165,24 @@ def test_rename_cleans_the_title_and_refuses_a_bad_one_with_its_code(alice):
     assert conversation.title == "New name"
 
 
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        ('"x"', 422),  # once read by attribute: a conversation titled "X" (str.title)
+        ("[null, null]", 422),
+        ("5", 422),
+        ("null", 422),
+        ('{"titel": "typo"}', 422),
+        ("not json", 400),
+    ],
+)
+def test_a_body_that_is_not_the_declared_object_is_refused(alice, raw, status):
+    response = session(alice).post(BASE, raw, content_type="application/json")
+    assert response.status_code == status, response.content
+    assert set(response.json()["error"]) >= {"code", "message"}
+    assert not Conversation.objects.exists()
+
+
 @given(title=any_text)
 @EXAMPLES
 def test_any_title_is_either_stored_cleaned_or_refused_with_invalid_title(alice, title):
@@ -228,6 +248,9 @@ def test_the_list_is_newest_first_complete_and_only_the_callers(alice, make_user
     for limit in (1, 2, 3, 7, 100):
         assert walk(client, limit) == newest_first
     assert client.get(BASE, {"limit": 7}).json()["next_cursor"] is None
+    # An empty cursor is no cursor: the first page.
+    first_page = client.get(BASE, {"cursor": ""}).json()["items"]
+    assert [item["id"] for item in first_page] == newest_first
 
 
 def test_conversations_created_at_the_same_instant_are_neither_lost_nor_repeated(alice):
