@@ -8,6 +8,7 @@ one page documents every version.
 from http import HTTPStatus
 
 from django.http import HttpRequest, HttpResponse
+from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI, Swagger
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -67,6 +68,17 @@ def http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
         request,
         {"error": {"code": status.phrase.lower().replace(" ", "_"), "message": error.message}},
         status=status,
+    )
+
+
+@api.exception_handler(MultiPartParserError)
+def unparsable_form(request: HttpRequest, error: MultiPartParserError) -> HttpResponse:
+    # A form body Django cannot read (a multipart one without its boundary), met by the
+    # session's CSRF check, which reads the form for its token: was a 500.
+    return api.create_response(
+        request,
+        {"error": {"code": "bad_request", "message": f"The request body cannot be read: {error}"}},
+        status=400,
     )
 
 

@@ -101,6 +101,19 @@ def test_a_session_needs_its_csrf_token_for_unsafe_methods(alice):
     assert response.status_code == 201, response.content
 
 
+def test_a_form_body_without_its_boundary_is_a_400_not_a_500(alice):
+    """The session's CSRF check reads the form for its token, and Django cannot read a
+    multipart body whose Content-Type names no boundary (found by schemathesis)."""
+    client = session(alice, enforce_csrf=True)
+    client.cookies["csrftoken"] = token = secrets.token_hex(16)
+    response = client.post(
+        BASE, "{}", content_type="multipart/form-data", headers={"X-CSRFToken": token}
+    )
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "bad_request"
+    assert not Conversation.objects.exists()
+
+
 def test_get_returns_the_conversation_with_its_first_page_of_messages(alice):
     conversation = services.conversation_create(owner=alice, title="Weather")
     run = Run.objects.create(conversation=conversation, model="m", status=Run.Status.COMPLETED)
