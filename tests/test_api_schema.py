@@ -4,10 +4,9 @@ only declared statuses, bodies, headers and content types as documented, valid d
 accepted and invalid data refused, auth enforced, …), once authenticated with an API key
 and once with a browser session and its CSRF token.
 
-The requests go through Django's WSGI handler in this thread, so they see the test's
-database. Path ids are generated at random and would only ever find nothing, so half
-the cases name one of the caller's own objects instead, and the found branches are
-fuzzed too."""
+The requests go through Django's WSGI handler, in process. Path ids are generated at
+random and would only ever find nothing, so half the cases name one of the caller's own
+objects instead, and the found branches are fuzzed too."""
 
 import hashlib
 import zlib
@@ -17,9 +16,8 @@ import pytest
 import schemathesis
 from django.contrib.sessions.models import Session
 from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
 from django.test import Client
+from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.parameters import ParameterLocation
@@ -27,9 +25,13 @@ from schemathesis.core.parameters import ParameterLocation
 from billing.models import ApiKey
 from billing.services import api_key_create
 from chat import services
+from chat.models import Run
 from conftest import account_with_limits
+from tracing import services as tracing_services
 
-pytestmark = pytest.mark.django_db
+# Committed, not rolled back: async operations (the runs API's) query on connections of
+# their own, which see only committed rows; and a request's end closes its connection.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 # Examples per operation and way of signing in: enough to reach every status an
 # operation declares, few enough to keep the file within ~30 s on a busy machine.
@@ -91,17 +93,6 @@ class SessionAuth:
         case.headers = {**(case.headers or {}), "X-CSRFToken": csrf}
 
 
-@pytest.fixture(autouse=True)
-def connections_kept_open():
-    """As Django's test client does: a request's end must not close the database
-    connection, which holds the test's transaction."""
-    request_started.disconnect(close_old_connections)
-    request_finished.disconnect(close_old_connections)
-    yield
-    request_started.connect(close_old_connections)
-    request_finished.connect(close_old_connections)
-
-
 @pytest.fixture
 def caller(make_user):
     """A user whose account lets the fuzzer through (no rate limit), with an object of
@@ -109,6 +100,17 @@ def caller(make_user):
     user = make_user("fuzzer")
     account = account_with_limits(user, requests_per_minute_per_account=1_000_000)
     conversation = services.conversation_create(owner=user, title="Fuzzed")
+    # A finished run with its trace: its pages (and its event stream, replayed from the
+    # database and then over) end, so the fuzzer reads them whole.
+    run = Run.objects.create(
+        conversation=conversation,
+        model="m",
+        status=Run.Status.COMPLETED,
+        finished_at=timezone.now(),
+    )
+    tracing_services.trace_start(
+        run_id=run.id, user_id=user.id, model="m", started_at=timezone.now()
+    )
     api_key, _ = api_key_create(
         account=account, created_by=user, name="fuzzer", scopes=ApiKey.Scope.values
     )
@@ -120,7 +122,11 @@ def caller(make_user):
     Session.objects.filter(session_key=client.cookies["sessionid"].value).update(
         session_key=SESSION_KEY
     )
-    return {"conversation_id": str(conversation.id), "api_key_id": api_key.pk}
+    return {
+        "conversation_id": str(conversation.id),
+        "run_id": str(run.id),
+        "api_key_id": api_key.pk,
+    }
 
 
 def own_ids_half_the_time(case: Any, ids: dict[str, Any]) -> None:
