@@ -1,10 +1,4 @@
-"""Schemas every router of the JSON API shares.
-
-Interim: the auth work (agentsite/auth.py) brings the project's error schema and the
-helper that declares an operation's error statuses; `ErrorOut` and `error_responses`
-give way to them."""
-
-from typing import Any
+"""Schemas every router of the JSON API shares (its errors: `agentsite.api_errors`)."""
 
 from ninja import Schema
 from pydantic import ConfigDict
@@ -19,26 +13,3 @@ class BodyIn(Schema):
     the raw value first, and it catches a misspelt field instead of ignoring it."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class ErrorDetailOut(Schema):
-    code: str
-    message: str
-    details: Any = None
-
-
-class ErrorOut(Schema):
-    """Every error of the API: a stable machine `code` and a human `message`."""
-
-    error: ErrorDetailOut
-
-
-# What any authenticated operation may answer: no or a bad credential, a key without
-# the scope, a request that does not parse, the account's rate limit.
-_ALWAYS = (401, 403, 422, 429)
-
-
-def error_responses(*statuses: int) -> dict[int, type[ErrorOut]]:
-    """`response=` entries for the error statuses an operation returns besides
-    `_ALWAYS`, so its OpenAPI schema lists every status it can answer with."""
-    return {status: ErrorOut for status in sorted({*_ALWAYS, *statuses})}

@@ -80,6 +80,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "agentsite.middleware.RequestIdMiddleware",
+    "agentsite.middleware.ApiBoundaryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "corsheaders.middleware.CorsMiddleware",
@@ -244,8 +245,11 @@ SESSION_COOKIE_AGE = env.int("AGENT_SESSION_TTL", default=14 * 24 * 3600)
 # Cached database sessions that ignore a cookie Django could not have issued (see the
 # module).
 SESSION_ENGINE = "agentsite.sessions"
-# The request header programs send their API key in (billing.auth.ApiKeyAuth).
+# The request header programs send their API key in (billing.auth.ApiKeyHeaderAuth);
+# `Authorization: Bearer <key>` works as well.
 AGENT_API_KEY_HEADER = env.str("AGENT_API_KEY_HEADER", default="X-API-Key")
+# The largest request body the JSON API accepts (413 request_too_large above it).
+AGENT_API_MAX_BODY_BYTES = env.int("AGENT_API_MAX_BODY_BYTES", default=1024 * 1024)
 # Requests per minute per account when its plan sets none (0: no limit); counted in
 # memory per process, or in Redis (shared by every instance) with AGENT_REDIS_URL.
 AGENT_RATE_LIMIT_PER_MINUTE = env.int("AGENT_RATE_LIMIT_PER_MINUTE", default=60)

@@ -1,14 +1,17 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from .api import api
+from .api_errors import route_not_found
 from .health import healthz, readyz
 from .metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", api.urls),
+    # Any other path under /api/: a 404 in the API's error shape, not the HTML page.
+    re_path(r"^api/(?P<rest>.*)$", route_not_found),
     path("metrics", metrics_view, name="metrics"),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),

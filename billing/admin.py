@@ -364,6 +364,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "created_at",
         "account",
         "user",
+        "api_key",
         "model",
         "input_tokens",
         "cached_tokens",
@@ -375,13 +376,25 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "span_id",
     )
     list_filter = (PricedFilter, "usage_estimated", "model", "account", "created_at")
-    search_fields = ("model", "account__name", "user__username", "run_id", "span_id")
+    search_fields = (
+        "model",
+        "account__name",
+        "user__username",
+        "api_key_prefix",
+        "run_id",
+        "span_id",
+    )
     list_select_related = ("account", "user")
     date_hierarchy = "created_at"
 
     @admin.display(description="Cost", ordering="cost_usd")
     def cost(self, record: UsageRecord) -> str:
         return "price unknown" if record.cost_usd is None else format_usd(record.cost_usd)
+
+    @admin.display(description="API key", ordering="api_key_prefix")
+    def api_key(self, record: UsageRecord) -> str:
+        """Which key caused the call: its prefix, as the key list shows it."""
+        return f"{record.api_key_prefix}…" if record.api_key_id is not None else "browser"
 
 
 @admin.register(DailySpend)

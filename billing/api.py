@@ -13,11 +13,11 @@ from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Query, Router, Status
 
+from agentsite.api_errors import errors
+from agentsite.auth import principal, require_scope
 from agentsite.errors import ApplicationError
-from agentsite.schemas import error_responses
 
 from . import selectors, services
-from .auth import api_key_of, api_key_require_scope
 from .models import Account, ApiKey
 from .schemas import (
     ApiKeyCreatedOut,
@@ -31,14 +31,12 @@ from .schemas import (
 router = Router(tags=["usage"])
 
 
-@router.get("/usage", response={200: UsageOut, **error_responses()})
+@router.get("/usage", response={200: UsageOut, **errors(401, 403, 422, 429)})
 def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     """The caller's account: today's and this month's spend and tokens against its
     limits (days and months are UTC), and its spend per day: this month's, or the last
     `days` days'."""
-    api_key_require_scope(request, "usage")
-    # Only an authenticated user gets this far (the API's auth), so pk is set.
-    account = services.account_for_user(user_id=cast(int, request.user.pk))
+    account = selectors.account_get(account_id=require_scope(request, "usage").account_id)
     now = timezone.now()
     summary = selectors.usage_summary(account=account, now=now)
     today = summary.day.start.date()
@@ -56,17 +54,20 @@ def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
 
 
 def _owned_account(request: HttpRequest) -> Account:
-    if api_key_of(request) is not None:
+    caller = principal(request)
+    if caller.api_key_id is not None:
         raise ApplicationError(
             "session_required",
             "API keys are managed from a signed-in browser session, not with an API key.",
             http_status=403,
         )
-    return services.account_for_owner(user_id=cast(int, request.user.pk))
+    return selectors.account_get_owned(account_id=caller.account_id, user_id=caller.user_id)
 
 
 @router.post(
-    "/api-keys", response={201: ApiKeyCreatedOut, **error_responses(400)}, tags=["api keys"]
+    "/api-keys",
+    response={201: ApiKeyCreatedOut, **errors(400, 401, 403, 422, 429)},
+    tags=["api keys"],
 )
 def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[str, Any]]:
     """A new key for the caller's account, acting as the caller. The response is the
@@ -81,7 +82,9 @@ def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[st
     return Status(201, {**_api_key_out(api_key), "key": raw_key})
 
 
-@router.get("/api-keys", response={200: ApiKeyListOut, **error_responses()}, tags=["api keys"])
+@router.get(
+    "/api-keys", response={200: ApiKeyListOut, **errors(401, 403, 422, 429)}, tags=["api keys"]
+)
 def api_key_list(request: HttpRequest) -> dict[str, Any]:
     """The account's keys (every member's), revoked and expired ones too."""
     return {"items": list(selectors.api_key_list(account=_owned_account(request)))}
@@ -89,7 +92,7 @@ def api_key_list(request: HttpRequest) -> dict[str, Any]:
 
 @router.post(
     "/api-keys/{api_key_id}/revoke",
-    response={200: ApiKeyOut, **error_responses(404)},
+    response={200: ApiKeyOut, **errors(401, 403, 404, 422, 429)},
     tags=["api keys"],
 )
 def api_key_revoke(request: HttpRequest, api_key_id: int) -> ApiKey:

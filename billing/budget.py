@@ -87,6 +87,8 @@ def budget_reserve(
     call_id: UUID,
     model: str,
     prompt_tokens: int,
+    api_key_id: int | None = None,
+    api_key_prefix: str = "",
     max_output_tokens: int,
     min_output_tokens: int = 1,
     settle_first: tuple[BudgetReservation, Usage] | None = None,
@@ -102,7 +104,10 @@ def budget_reserve(
     the same transaction, before the check, and kept even if this call is refused. A
     run's calls come one after another, so settling each with the next reserve (or with
     the run's close) saves a transaction per call; until then the call stays held at
-    its worst case, which only ever makes the check stricter."""
+    its worst case, which only ever makes the check stricter.
+
+    `api_key_id`/`api_key_prefix`: the key that started the run (none: the browser),
+    carried to the call's ledger row."""
     day = utc_today()
     least = min(min_output_tokens, max_output_tokens)
     with transaction.atomic(), connection.cursor() as cursor:
@@ -142,6 +147,8 @@ def budget_reserve(
                 account_id=account_id,
                 user_id=user_id,
                 run_id=run_id,
+                api_key_id=api_key_id,
+                api_key_prefix=api_key_prefix,
                 day=day,
                 model=model,
                 amount_usd=amount,
@@ -253,6 +260,8 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
                 account_id=reservation.account_id,
                 user_id=reservation.user_id,
                 run_id=reservation.run_id,
+                api_key_id=reservation.api_key_id,
+                api_key_prefix=reservation.api_key_prefix,
                 span_id=reservation.id,
                 model=reservation.model,
                 input_tokens=usage.input_tokens,

@@ -201,6 +201,12 @@ class UsageRecord(models.Model):
         related_name="usage",
     )
     run_id = models.UUIDField(db_index=True)
+    # The API key whose request started the run; null for the browser (and rows from
+    # before keys were recorded). A plain id and the key's prefix, not a foreign key,
+    # for the reason above: keys go with their users, and neither CASCADE nor SET_NULL
+    # may rewrite money records. The prefix still names the key once it is gone.
+    api_key_id = models.PositiveBigIntegerField("API key id", null=True, blank=True)
+    api_key_prefix = models.CharField("API key", max_length=16, blank=True)
     # The call's id, which is its LLM span's id (no span matches with tracing off).
     # Null only on rows from before calls were recorded one by one.
     span_id = models.UUIDField(null=True, blank=True)
@@ -278,6 +284,9 @@ class BudgetReservation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
     )
     run_id = models.UUIDField(db_index=True)
+    # What the call's ledger row will name as its API key (see UsageRecord).
+    api_key_id = models.PositiveBigIntegerField(null=True, blank=True)
+    api_key_prefix = models.CharField(max_length=16, blank=True)
     day = models.DateField()
     model = models.CharField(max_length=200)
     amount_usd = models.DecimalField(max_digits=14, decimal_places=8)

@@ -12,8 +12,20 @@ from django.utils import timezone
 
 from agentsite.errors import ApplicationError
 
-from .models import Account, ApiKey, DailySpend, UsageRecord
+from .models import Account, ApiKey, DailySpend, Membership, UsageRecord
 from .quotas import AccountLimits, account_limits
+
+
+def account_get_owned(*, account_id: int, user_id: int) -> Account:
+    """The account, if the user is its owner; a member who is not: 403 `not_account_owner`."""
+    account = Account.objects.filter(
+        pk=account_id, memberships__user_id=user_id, memberships__role=Membership.Role.OWNER
+    ).first()
+    if account is None:
+        raise ApplicationError(
+            "not_account_owner", "Only the account's owner may do this.", http_status=403
+        )
+    return account
 
 
 def api_key_list(*, account: Account) -> QuerySet[ApiKey]:
@@ -71,6 +83,11 @@ class DayUsage:
     output_tokens: int
     calls: int
     unpriced_calls: int
+
+
+def account_get(*, account_id: int) -> Account:
+    """An account with its plan (what its limits are read from)."""
+    return Account.objects.select_related("plan").get(pk=account_id)
 
 
 def utc_today() -> date:

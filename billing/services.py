@@ -42,19 +42,6 @@ def account_for_user(*, user_id: int) -> Account:
         return Membership.objects.select_related("account__plan").get(user_id=user_id).account
 
 
-def account_for_owner(*, user_id: int) -> Account:
-    """The account the user owns (`account_for_user`, which makes a first-time user the
-    owner of a personal one); a member who is not its owner: 403 `not_account_owner`."""
-    account = account_for_user(user_id=user_id)
-    if not Membership.objects.filter(
-        user_id=user_id, account=account, role=Membership.Role.OWNER
-    ).exists():
-        raise ApplicationError(
-            "not_account_owner", "Only the account's owner may do this.", http_status=403
-        )
-    return account
-
-
 def account_quotas_for_user(*, user_id: int) -> AccountQuotas:
     """The user's account and the limits in force for it (`account_for_user`), from the
     cache: what every chat message and signed-in API request needs before it is let in,
@@ -163,7 +150,8 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
 
 
 def api_key_verify(*, raw_key: str) -> ApiKey:
-    """The key `raw_key` names, if it may be used now; else an `invalid_api_key` error.
+    """The key `raw_key` names, if it may be used now; else a 401 error: `api_key_revoked`,
+    `api_key_expired`, or `invalid_api_key` for anything else.
 
     Why a key is refused (revoked, expired) is said only once the caller has shown the
     whole secret: a prefix alone is not secret and must not reveal a key's state."""
@@ -179,10 +167,10 @@ def api_key_verify(*, raw_key: str) -> ApiKey:
         raise invalid
     now = timezone.now()
     if api_key.revoked_at is not None:
-        raise ApplicationError("invalid_api_key", "The API key has been revoked.", http_status=401)
+        raise ApplicationError("api_key_revoked", "The API key has been revoked.", http_status=401)
     if api_key.expires_at is not None and api_key.expires_at <= now:
         raise ApplicationError(
-            "invalid_api_key",
+            "api_key_expired",
             f"The API key expired at {api_key.expires_at.isoformat()}.",
             http_status=401,
         )

@@ -11,9 +11,9 @@ from django.contrib.auth.models import User
 from django.http import HttpRequest
 from ninja import Query, Router, Status
 
+from agentsite.api_errors import errors
+from agentsite.auth import owned_or_404, require_scope
 from agentsite.pagination import DEFAULT_LIMIT, Page, PageParams
-from agentsite.schemas import error_responses
-from billing.auth import api_key_require_scope
 from billing.models import ApiKey
 
 from . import selectors, services
@@ -31,22 +31,29 @@ router = Router(tags=["conversations"])
 
 
 def _caller(request: HttpRequest) -> User:
-    api_key_require_scope(request, ApiKey.Scope.RUNS)
-    # Only an authenticated user gets this far (the API's auth): a key acts as its user.
+    require_scope(request, ApiKey.Scope.RUNS)
+    # The API's auth set the user (a key acts as its user).
     return cast(User, request.user)
 
 
 def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
-    return selectors.conversation_get(user=_caller(request), conversation_id=conversation_id)
+    return owned_or_404(
+        Conversation.objects.all(),
+        principal=require_scope(request, ApiKey.Scope.RUNS),
+        name="conversation",
+        id=conversation_id,
+    )
 
 
-@router.post("/conversations", response={201: ConversationOut, **error_responses(400)})
+@router.post("/conversations", response={201: ConversationOut, **errors(400, 401, 403, 422, 429)})
 def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> Status[Conversation]:
     """Open a conversation. Send it messages with `POST /conversations/{id}/runs`."""
     return Status(201, services.conversation_create(owner=_caller(request), title=body.title))
 
 
-@router.get("/conversations", response={200: ConversationPageOut, **error_responses(400)})
+@router.get(
+    "/conversations", response={200: ConversationPageOut, **errors(400, 401, 403, 422, 429)}
+)
 def conversation_list(request: HttpRequest, params: Query[PageParams]) -> Page[Conversation]:
     """The caller's conversations, newest first (by creation, so a conversation that gets
     a message keeps its place while you page). 400 `invalid_cursor` for a cursor this
@@ -56,7 +63,7 @@ def conversation_list(request: HttpRequest, params: Query[PageParams]) -> Page[C
 
 @router.get(
     "/conversations/{conversation_id}",
-    response={200: ConversationDetailOut, **error_responses(404)},
+    response={200: ConversationDetailOut, **errors(401, 403, 404, 422, 429)},
 )
 def conversation_get(request: HttpRequest, conversation_id: UUID) -> dict[str, Any]:
     """The conversation and the first page of its messages (default page size)."""
@@ -71,7 +78,7 @@ def conversation_get(request: HttpRequest, conversation_id: UUID) -> dict[str, A
 
 @router.get(
     "/conversations/{conversation_id}/messages",
-    response={200: MessagePageOut, **error_responses(400, 404)},
+    response={200: MessagePageOut, **errors(400, 401, 403, 404, 422, 429)},
 )
 def message_list(
     request: HttpRequest, conversation_id: UUID, params: Query[PageParams]
@@ -84,7 +91,7 @@ def message_list(
 
 @router.patch(
     "/conversations/{conversation_id}",
-    response={200: ConversationOut, **error_responses(400, 404)},
+    response={200: ConversationOut, **errors(400, 401, 403, 404, 422, 429)},
 )
 def conversation_rename(
     request: HttpRequest, conversation_id: UUID, body: ConversationRenameIn
@@ -94,7 +101,9 @@ def conversation_rename(
     )
 
 
-@router.delete("/conversations/{conversation_id}", response={204: None, **error_responses(404)})
+@router.delete(
+    "/conversations/{conversation_id}", response={204: None, **errors(401, 403, 404, 422, 429)}
+)
 def conversation_delete(request: HttpRequest, conversation_id: UUID) -> Status[None]:
     """Delete the conversation with its messages and runs. A run under way is stopped,
     and the agent forgets the conversation (its checkpoints)."""

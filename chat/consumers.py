@@ -1,13 +1,14 @@
 """The chat WebSocket: `/ws/chat/<conversation>/`.
 
 The socket only starts, cancels and watches runs; runs execute elsewhere and outlive it.
-Every run event is delivered in `seq` order without gaps: when a live event arrives
-ahead of what this socket has sent, the missing ones are replayed from the event log.
-Runs that start while the socket is open are followed from their first event; a run
-already under way at connect is followed once the client resumes it.
+It reads each run's events through `chat.events.follow`, one task per run, so every
+event reaches it once, in `seq` order, without gaps. The conversation's channel-layer
+group only tells it that a run has events: runs that start while the socket is open are
+followed from their first event; a run already under way at connect is followed once
+the client resumes it.
 """
 
-import json
+import asyncio
 import logging
 from typing import Any
 from uuid import UUID
@@ -20,7 +21,7 @@ from agentsite.errors import ApplicationError
 from agentsite.metrics import OPEN_WEBSOCKETS
 
 from . import lifecycle, selectors, services
-from .events import Event, conversation_group, event_log
+from .events import Frame, conversation_group, follow
 from .frames import ClientFrame, parse_client_frame
 from .lifecycle import lease_keeper
 from .models import Conversation
@@ -55,6 +56,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.sent_seq: dict[str, int] = {}
+        self.following: dict[str, asyncio.Task[None]] = {}
         # The run under way at connect: followed only once the client resumes it.
         self.awaiting_resume: set[str] = set()
         user = self.scope["user"]
@@ -75,8 +77,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.conversation = joined.conversation
         self.group = conversation_group(self.conversation.id)
         # Joined after the lookup (one hop for all of it): a run that starts in between
-        # reaches this socket with its next event, which brings the earlier ones from
-        # the log (run_events).
+        # is followed from its first event once its next batch is announced (run_events).
         await self.channel_layer.group_add(self.group, self.channel_name)
         # Runs whose process died were closed by the lookup: their final events reach
         # this socket when the client resumes them.
@@ -94,6 +95,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
+        for task in self.following.values():
+            task.cancel()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -127,48 +130,37 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         key = str(run.id)
         self.sent_seq[key] = max(self.sent_seq.get(key, 0), after_seq)
-        events = await self._log_after(run.id, self.sent_seq[key])
-        # A finished run whose log is gone (Redis restarted) still yields its final event.
-        final = await database_sync_to_async(lifecycle.final_event_missing)(
-            run=run, events=events, after_seq=self.sent_seq[key]
-        )
-        await self._send_events([*events, final] if final else events)
+        following = self.following.get(key)
+        if following is None or following.done():
+            self._follow(key)
 
     async def run_events(self, message: dict[str, Any]) -> None:
-        """Live events of one run, in seq order, from the channel layer (handler for type
-        "run.events"); each comes as its frame, encoded once for every socket."""
+        """A run of the conversation has new events (handler for type "run.events")."""
         run: str = message["run"]
-        if run in self.awaiting_resume and run not in self.sent_seq:
-            # Under way when this socket connected: the client resumes it from the last
-            # seq it saw (the session frame named it), so wait for that.
+        if run in self.following or run in self.awaiting_resume:
+            # Followed already; or under way when this socket connected: the client
+            # resumes it from the last seq it saw (the session frame named it).
             return
-        seqs: list[int] = message["seqs"]
-        sent = self.sent_seq.get(run, 0)
-        if seqs[-1] <= sent:
-            return
-        if seqs[0] > sent + 1:
-            await self._send_events(await self._log_after(UUID(run), sent))
-        for seq, kind, frame in zip(seqs, message["types"], message["frames"], strict=True):
-            # The few events the page draws differently (see presentation) are decoded
-            # and rendered; tokens go out as they came.
-            await self._send_frame(run, seq, json.loads(frame) if presented(kind) else frame)
+        self._follow(run)
 
-    async def _log_after(self, run_id: UUID, seq: int) -> list[Event]:
+    def _follow(self, run: str) -> None:
+        self.following[run] = asyncio.create_task(self._send_run(run))
+
+    async def _send_run(self, run: str) -> None:
         try:
-            return await event_log().after(run_id, seq)
-        except Exception as error:  # Redis is down: what the database knows still comes
-            logger.warning("run %s: event log unreadable: %r", run_id, error)
-            return []
+            async for frame in follow(UUID(run), self.sent_seq.get(run, 0)):
+                assert frame is not None  # no idle wake-ups were asked for
+                await self._send_frame(run, frame)
+        except Exception:  # the client resumes it, on this socket or the next
+            logger.exception("run %s: following it on a socket failed", run)
 
-    async def _send_events(self, events: list[Event]) -> None:
-        for event in events:
-            await self._send_frame(event["run"], event["seq"], event)
-
-    async def _send_frame(self, run: str, seq: int, frame: str | Event) -> None:
-        """Send an event unless this socket has it: as its frame, encoded once for every
-        socket, or as the chat page's view of it (`browser_frame`)."""
-        if seq > self.sent_seq.get(run, 0):
-            if not isinstance(frame, str):
-                frame = await self.encode_json(browser_frame(frame))
-            await self.send(frame)
-            self.sent_seq[run] = seq
+    async def _send_frame(self, run: str, frame: Frame) -> None:
+        """Send an event unless this socket has it (the client may have said it saw
+        more): as its frame, encoded once for every socket, or for the few events the
+        page draws differently, as the page's view of it (`browser_frame`)."""
+        if frame.seq > self.sent_seq.get(run, 0):
+            if presented(frame.type):
+                await self.send_json(browser_frame(frame.event()))
+            else:
+                await self.send(frame.text)
+            self.sent_seq[run] = frame.seq

@@ -1,4 +1,4 @@
-"""Run events: numbered, logged for replay, and broadcast to the conversation's sockets.
+"""Run events: numbered, logged, and followed by whoever reads them.
 
 Each run has exactly one writer (its executor), which numbers the events; the log keeps
 them for AGENT_EVENT_TTL seconds so a client that drops can resume from the last `seq`
@@ -8,6 +8,10 @@ AGENT_REDIS_URL is set, so that every instance sees every run.
 Tokens travel in small batches (see `RunEventStream`): each stays one event with its own
 `seq`, but a batch is one log append and one channel-layer message, not one per token.
 Each event is encoded to JSON once, for the log and every socket alike.
+
+Every reader of a run's events (a socket, a Server-Sent Events stream, a client waiting
+for the answer) reads them through `follow`: what the log holds after a seq, then each
+new event as it is logged, ending with the run's final event.
 """
 
 import asyncio
@@ -15,10 +19,11 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from uuid import UUID
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -31,14 +36,21 @@ Event = dict[str, Any]
 
 
 class Frame(NamedTuple):
-    """An event as its socket frame: the JSON text, encoded once, and its `seq`."""
+    """An event as it is logged and sent: its JSON text, encoded once, with its `seq` and
+    `type` beside it so that routing it never decodes it."""
 
     seq: int
+    type: str
     text: str
+
+    def event(self) -> Event:
+        """The event, decoded (a new dict each time)."""
+        decoded: Event = json.loads(self.text)
+        return decoded
 
 
 def frames_of(events: Sequence[Event]) -> list[Frame]:
-    return [Frame(event["seq"], json.dumps(event)) for event in events]
+    return [Frame(event["seq"], event["type"], json.dumps(event)) for event in events]
 
 
 def conversation_group(conversation_id: UUID | str) -> str:
@@ -49,32 +61,83 @@ class EventLog(Protocol):
     async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
         """Frames of one run, in `seq` order."""
 
-    async def after(self, run_id: UUID, seq: int) -> list[Event]: ...
+    async def after(self, run_id: UUID, seq: int) -> list[Frame]:
+        """The run's logged frames after `seq`, in order."""
+
+    async def wait(self, run_id: UUID, seq: int, within: float) -> list[Frame]:
+        """`after`, but if there are none, the first ones logged within `within`
+        seconds ([] if none are)."""
 
 
 class MemoryEventLog:
-    """For the single-process monolith."""
+    """For the single-process monolith. Runs are kept for `ttl` seconds after their last
+    event, and at most `max_events` events in all: past that, the runs least recently
+    appended to are forgotten whole (their followers get their final event from the
+    database, see `follow`), so a burst of long runs cannot take the process's memory.
 
-    def __init__(self, ttl: float) -> None:
+    Followers wait on a future per `wait` call, woken by the next append to their run,
+    on the loop they wait on (appends come from the serving loop in the monolith, but
+    from another thread's loop too is safe)."""
+
+    def __init__(self, ttl: float, max_events: int = 200_000) -> None:
         self._ttl = ttl
+        self._max_events = max_events
+        self._events = 0
+        # Least recently appended to first.
         self._runs: dict[UUID, tuple[float, list[Frame]]] = {}
+        self._waiters: dict[UUID, set[asyncio.Future[None]]] = {}
 
     async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
         now = time.monotonic()
-        _, logged = self._runs.get(run_id, (now, []))
+        _, logged = self._runs.pop(run_id, (now, []))
         logged.extend(frames)
         self._runs[run_id] = (now, logged)
+        self._events += len(frames)
         if frames and frames[0].seq == 1:
             self._forget_expired(now)
+        while self._events > self._max_events and len(self._runs) > 1:
+            self._forget(next(iter(self._runs)))
+        for waiter in list(self._waiters.get(run_id, ())):
+            loop = waiter.get_loop()
+            if not loop.is_closed():  # a follower left behind by a loop that ended
+                loop.call_soon_threadsafe(_wake, waiter)
 
-    async def after(self, run_id: UUID, seq: int) -> list[Event]:
+    async def after(self, run_id: UUID, seq: int) -> list[Frame]:
         _, logged = self._runs.get(run_id, (0.0, []))
-        return [json.loads(frame.text) for frame in logged if frame.seq > seq]
+        return [frame for frame in logged if frame.seq > seq]
+
+    async def wait(self, run_id: UUID, seq: int, within: float) -> list[Frame]:
+        waiter = asyncio.get_running_loop().create_future()
+        # Registered before reading, so an append in between wakes it.
+        waiters = self._waiters.setdefault(run_id, set())
+        waiters.add(waiter)
+        try:
+            frames = await self.after(run_id, seq)
+            if frames or within <= 0:
+                return frames
+            try:
+                await asyncio.wait_for(waiter, within)
+            except TimeoutError:
+                return []
+            return await self.after(run_id, seq)
+        finally:
+            waiters.discard(waiter)
+            if not waiters:
+                self._waiters.pop(run_id, None)
 
     def _forget_expired(self, now: float) -> None:
         expired = [rid for rid, (touched, _) in self._runs.items() if now - touched > self._ttl]
         for run_id in expired:
-            del self._runs[run_id]
+            self._forget(run_id)
+
+    def _forget(self, run_id: UUID) -> None:
+        _, logged = self._runs.pop(run_id)
+        self._events -= len(logged)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class RedisEventLog:
@@ -108,14 +171,40 @@ class RedisEventLog:
         key = self._key(run_id)
         async with self._client().pipeline(transaction=False) as pipe:
             for frame in frames:
-                pipe.xadd(key, {"e": frame.text}, id=f"0-{frame.seq}")
+                pipe.xadd(key, {"e": frame.text, "t": frame.type}, id=f"0-{frame.seq}")
             pipe.expire(key, self._ttl)
             await pipe.execute()
 
-    async def after(self, run_id: UUID, seq: int) -> list[Event]:
+    async def after(self, run_id: UUID, seq: int) -> list[Frame]:
         entries = await self._client().xrange(self._key(run_id), min=f"0-{seq + 1}", max="+")
         # redis-py types the reply as optional throughout; XRANGE always gives a list.
-        return [json.loads(fields[b"e"]) for _, fields in entries or [] if fields]
+        return _frames_of_entries(entries or [])
+
+    async def wait(self, run_id: UUID, seq: int, within: float) -> list[Frame]:
+        """One XREAD from `0-<seq>`: what is there at once, else blocks until an append.
+        Blocks for less than the client's read timeout, which would take a long block
+        for a dead connection."""
+        if within <= 0:
+            return await self.after(run_id, seq)
+        block = min(within, settings.REDIS_READ_TIMEOUT / 2)
+        reply: Any = await self._client().xread(
+            {self._key(run_id): f"0-{seq}"}, block=max(1, round(block * 1000))
+        )
+        # RESP2 (the clients' protocol): [[key, entries]], or nothing when it timed out.
+        return _frames_of_entries(reply[0][1]) if reply else []
+
+
+def _frames_of_entries(entries: Sequence[Any]) -> list[Frame]:
+    """Frames of stream entries as redis-py gives them: (id, fields), both in bytes."""
+    frames = []
+    for entry_id, fields in entries:
+        if not fields:
+            continue
+        text = fields[b"e"].decode()
+        # Entries logged before the type was stored beside the event have it only inside.
+        kind = fields[b"t"].decode() if b"t" in fields else json.loads(text)["type"]
+        frames.append(Frame(int(entry_id.split(b"-")[1]), kind, text))
+    return frames
 
 
 _log: EventLog | None = None
@@ -131,6 +220,84 @@ def event_log() -> EventLog:
     return _log
 
 
+# How often a follower finding nothing new asks the database whether its run is over:
+# its final event may never reach the log (Redis down or restarted, the log expired).
+FOLLOW_CHECK_INTERVAL = 5.0
+# How long after a run is recorded as over its last events may still be on their way to
+# the log (milliseconds, normally), before a follower stops waiting for them and
+# rebuilds the final event: a client resuming right after a run ended waits this long
+# for it when the log lost it.
+FOLLOW_FINAL_GRACE = 1.0
+# The longest pause between reads while the log cannot be read.
+FOLLOW_RETRY_MAX = 5.0
+
+
+async def follow(
+    run_id: UUID, after_seq: int = 0, *, idle: float | None = None
+) -> AsyncIterator[Frame | None]:
+    """Every event of the run after `after_seq`, each once and in `seq` order: first those
+    logged already, then each as it is logged, until the run's final event, the last
+    thing yielded. With `idle`, None whenever that many seconds pass with nothing to
+    yield (for heartbeats, and to notice a client gone).
+
+    A run that ended without its final event in the log (Redis was down, the log
+    expired) still ends with it, rebuilt from the database: asked as soon as the log has
+    nothing to give and every FOLLOW_CHECK_INTERVAL seconds after, so a follower never
+    waits on a run that is over. A log that cannot be read is retried, with a warning
+    and backoff, never raised. A run deleted meanwhile ends without a final event. The
+    caller checks that the run is the client's to follow."""
+    # Imported here: lifecycle publishes its final events through this module.
+    from .lifecycle import FINAL_EVENTS, RunEnd, run_end_owed
+
+    final_types = frozenset(FINAL_EVENTS.values())
+    log = event_log()
+    loop = asyncio.get_running_loop()
+    seq = after_seq
+    quiet_since = check_at = loop.time()
+    retry = 0.0
+    within = 0.0  # the first read is what the log holds already
+    while True:
+        try:
+            frames = await log.wait(run_id, seq, within)
+        except Exception as error:
+            frames = []
+            if not retry:
+                logger.warning("run %s: event log unreadable, retrying: %r", run_id, error)
+            retry = min(FOLLOW_RETRY_MAX, max(0.1, retry * 2))
+            await asyncio.sleep(retry if idle is None else min(retry, idle))
+        else:
+            if retry:
+                logger.warning("run %s: event log readable again", run_id)
+            retry = 0.0
+        for frame in frames:
+            seq = frame.seq
+            yield frame
+            if frame.type in final_types:
+                return
+        if frames:
+            quiet_since = loop.time()
+        else:
+            if idle is not None and loop.time() - quiet_since >= idle:
+                yield None
+                quiet_since = loop.time()
+            if loop.time() >= check_at:
+                try:
+                    end = await database_sync_to_async(run_end_owed)(
+                        run_id=run_id, after_seq=seq, grace=FOLLOW_FINAL_GRACE
+                    )
+                except Exception as error:  # the database is down: the log may still do
+                    logger.warning("run %s: could not check whether it is over: %r", run_id, error)
+                    end = RunEnd(over=False)
+                if end.final is not None:
+                    yield frames_of([end.final])[0]
+                    return
+                if end.over and not end.settling:
+                    return
+                check_at = loop.time() + (end.settling or FOLLOW_CHECK_INTERVAL)
+        deadline = check_at if idle is None else min(check_at, quiet_since + idle)
+        within = max(0.01, deadline - loop.time())
+
+
 async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool = True) -> bool:
     """`events_publish` for one event."""
     return await events_publish(conversation_id, [event], warn=warn)
@@ -139,11 +306,11 @@ async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool
 async def events_publish(
     conversation_id: UUID | str, events: Sequence[Event], *, warn: bool = True
 ) -> bool:
-    """Append events of one run (in `seq` order) to its log and send them to the
-    conversation's sockets as one "run.events" message. A failure of either (Redis
-    restarting, say) is logged and returns False, never raises: the run goes on, and its
-    outcome still reaches clients, rebuilt from the database when they resume
-    (`chat.lifecycle.final_event_missing`)."""
+    """Append events of one run (in `seq` order) to its log and tell the conversation's
+    sockets, in one "run.events" message, that the run has new events. A failure of
+    either (Redis restarting, say) is logged and returns False, never raises: the run
+    goes on, and its outcome still reaches its followers, rebuilt from the database
+    (`follow`)."""
     run = events[0]["run"]
     frames = frames_of(events)
     seqs = f"{frames[0].seq}-{frames[-1].seq}"
@@ -160,11 +327,11 @@ async def events_publish(
         await channel_layer.group_send(
             conversation_group(conversation_id),
             {
+                # Sockets read the events themselves from the log (`follow`): this
+                # tells them which run has new ones.
                 "type": "run.events",
                 "run": run,
                 "seqs": [frame.seq for frame in frames],
-                "types": [event["type"] for event in events],
-                "frames": [frame.text for frame in frames],
             },
         )
     except Exception as error:

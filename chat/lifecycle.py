@@ -97,7 +97,7 @@ def run_queued_lease() -> dict[str, Any]:
 class StartedRun:
     """A run just started, with what executing it needs (fetched in the same hop)."""
 
-    run: Run  # its conversation selected with it
+    run: Run  # its conversation and API key selected with it
     account_id: int
     user_message: Message | None
 
@@ -115,7 +115,8 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
     )
     if not started:
         return None
-    run = Run.objects.select_related("conversation").get(id=run_id)
+    # Its key with it: the budget names it on every ledger row.
+    run = Run.objects.select_related("conversation", "api_key").get(id=run_id)
     return StartedRun(
         run=run,
         account_id=account_quotas_for_user(user_id=run.conversation.owner_id).account_id,
@@ -427,6 +428,34 @@ def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Eve
     if any(event["seq"] == run.event_seq for event in events):
         return None
     return run_final_event_rebuilt(run=run)
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """What the database says of a run to a follower that has its events up to some seq
+    and found no more in the log (see `chat.events.follow`).
+
+    `over`: the run is over (or was deleted); `final`: the final event the follower is
+    owed and the log lacks, rebuilt; None while `settling` (seconds) is left, in which the
+    run's final event may still reach the log: a run is recorded as over just before its
+    last events and its final event are published."""
+
+    over: bool
+    final: Event | None = None
+    settling: float = 0.0
+
+
+def run_end_owed(*, run_id: UUID, after_seq: int, grace: float) -> RunEnd:
+    run = Run.objects.select_related("conversation").filter(id=run_id).first()
+    if run is None:  # deleted with its conversation: nothing more will come
+        return RunEnd(over=True)
+    if run.is_active:
+        return RunEnd(over=False)
+    if run.finished_at is not None:
+        settling = grace - (timezone.now() - run.finished_at).total_seconds()
+        if settling > 0 and after_seq < run.event_seq:
+            return RunEnd(over=True, settling=settling)
+    return RunEnd(over=True, final=final_event_missing(run=run, events=[], after_seq=after_seq))
 
 
 # --- The keeper: heartbeat and reaper of one process ------------------------------------

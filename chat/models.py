@@ -63,6 +63,12 @@ class Run(models.Model):
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="runs")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     model = models.CharField(max_length=200)
+    # The API key whose request started it; null when a browser did. Its ledger rows
+    # record it (as a plain id and prefix, which outlive the key); here SET_NULL is
+    # enough, a run is not a money record.
+    api_key = models.ForeignKey(
+        "billing.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

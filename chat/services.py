@@ -121,10 +121,17 @@ def conversation_join(
     return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
 
 
-def run_create(*, conversation: Conversation, content: object, count_request: bool = False) -> Run:
+def run_create(
+    *,
+    conversation: Conversation,
+    content: object,
+    count_request: bool = False,
+    api_key_id: int | None = None,
+) -> Run:
     """Record the user's message and queue a run to answer it; the run starts on commit.
     `count_request`: count it against the account's requests per minute first (the chat
-    socket's messages; nothing else has counted them).
+    socket's messages; nothing else has counted them). `api_key_id`: the key whose
+    request started it (None: the browser), recorded on the run and its ledger rows.
 
     One transaction of five statements (six on PostgreSQL), nearly always: what is
     rare (a run whose process died, a hold its run left) costs more only when it is
@@ -169,6 +176,7 @@ def run_create(*, conversation: Conversation, content: object, count_request: bo
         runs_admit(limits=quotas.limits, active_runs=runs["alive"])
         run = Run.objects.create(
             conversation_id=conversation.id,
+            api_key_id=api_key_id,
             model=model_info().name,
             **lifecycle.run_queued_lease(),
         )

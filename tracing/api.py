@@ -4,24 +4,25 @@ from uuid import UUID
 from django.http import HttpRequest
 from ninja import Router
 
-from agentsite.schemas import error_responses
-from billing.auth import api_key_of, api_key_require_scope
+from agentsite.api_errors import errors
+from agentsite.auth import owned_or_404, require_scope
 
 from . import selectors
+from .models import Trace
 from .schemas import TraceOut
 from .selectors import SpanNode
 
 router = Router(tags=["traces"])
 
 
-@router.get("/runs/{run_id}/trace", response={200: TraceOut, **error_responses(404)})
+@router.get("/runs/{run_id}/trace", response={200: TraceOut, **errors(401, 403, 404, 422, 429)})
 def run_trace(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """The span tree of a run: run → graph node → LLM call / tool call → …"""
-    api_key_require_scope(request, "traces")
-    # A key sees its own user's traces only, even if that user is staff: a key handed
-    # to a program must not carry an operator's view of everyone's runs.
-    trace = selectors.trace_get(
-        user=request.user, run_id=run_id, allow_staff=api_key_of(request) is None
+    caller = require_scope(request, "traces")
+    # Its user's traces only, even for staff: operators browse everyone's in the app,
+    # and a key handed to a program must not carry an operator's view.
+    trace = owned_or_404(
+        Trace.objects.all(), principal=caller, name="trace", owner_field="user", run_id=run_id
     )
     roots = selectors.trace_tree(trace=trace)
     return {

@@ -76,9 +76,7 @@ def trace_list(
     return traces.order_by("-started_at")
 
 
-def trace_get(
-    *, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str, allow_staff: bool = True
-) -> Trace:
+def trace_get(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> Trace:
     """The trace of a run, if `user` may see it. Another user's trace is reported as
     not found (not forbidden), so run ids cannot be probed for existence."""
     not_found = _trace_not_found()
@@ -88,7 +86,7 @@ def trace_get(
         trace = Trace.objects.select_related("user", "run").get(run_id=run_id)
     except (Trace.DoesNotExist, ValidationError, ValueError) as error:
         raise not_found from error
-    if not _may_see(user=user, owner_id=trace.user_id, allow_staff=allow_staff):
+    if not _may_see(user=user, owner_id=trace.user_id):
         raise not_found
     return trace
 
@@ -173,8 +171,7 @@ def _trace_not_found() -> ApplicationError:
     return ApplicationError("not_found", "There is no such trace.", http_status=404)
 
 
-def _may_see(
-    *, user: AbstractBaseUser | AnonymousUser, owner_id: int, allow_staff: bool = True
-) -> bool:
-    """The owner sees their own; staff see everyone's."""
-    return owner_id == user.pk or (allow_staff and getattr(user, "is_staff", False))
+def _may_see(*, user: AbstractBaseUser | AnonymousUser, owner_id: int) -> bool:
+    """The owner sees their own; staff see everyone's (in the browsing pages: the JSON
+    API's one policy, agentsite.auth.owned_or_404, grants staff nothing more)."""
+    return owner_id == user.pk or getattr(user, "is_staff", False)

@@ -225,6 +225,16 @@ def test_operators_can_filter_the_ledger(admin_client, account_with_usage, query
     assert sorted(response.context["cl"].queryset.values_list("model", flat=True)) == expected
 
 
+def test_the_ledger_shows_which_api_key_caused_each_row(admin_client, account_with_usage):
+    keyed = ledger(account_with_usage, day=utc_today(), cost="7")
+    UsageRecord.objects.filter(pk=keyed.pk).update(api_key_id=41, api_key_prefix="ak_0badc0de")
+    url = reverse("admin:billing_usagerecord_changelist")
+    page = admin_client.get(url).content.decode()
+    assert "ak_0badc0de…" in page and "browser" in page
+    found = admin_client.get(f"{url}?q=ak_0badc0de")
+    assert [r.pk for r in found.context["cl"].queryset] == [keyed.pk]
+
+
 def test_the_ledger_filters_by_account_and_date(admin_client, account_with_usage, make_user):
     other = account_for_user(user_id=make_user("bob").id)
     ledger(other, day=utc_today(), cost="9")

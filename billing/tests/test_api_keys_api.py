@@ -110,7 +110,8 @@ def test_revoking_refuses_the_key_and_is_idempotent(owner):
     again = client.post(f"{BASE}/{api_key.pk}/revoke")
     assert again.status_code == 200 and again.json() == first.json()
     refused = Client().get("/api/v1/usage", headers={HEADER: raw_key})
-    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "api_key_revoked"
 
 
 def test_another_accounts_key_is_not_found_exactly_like_a_missing_one(owner, make_user):
@@ -156,18 +157,22 @@ def test_no_bad_or_revoked_credentials_are_401(owner):
     api_key, raw_key = make_key(owner)
     _, revoked_key = make_key(owner)
     api_key_revoke(api_key=ApiKey.objects.get(prefix=revoked_key[:11]))
-    clients = [Client(enforce_csrf_checks=True)] + [
-        Client(enforce_csrf_checks=True, headers={HEADER: bad})
-        for bad in ("nonsense", raw_key[:-2] + "xx", revoked_key)
+    clients = [(Client(enforce_csrf_checks=True), "unauthenticated")] + [
+        (Client(enforce_csrf_checks=True, headers={HEADER: bad}), code)
+        for bad, code in [
+            ("nonsense", "invalid_api_key"),
+            (raw_key[:-2] + "xx", "invalid_api_key"),
+            (revoked_key, "api_key_revoked"),
+        ]
     ]
-    for client in clients:
+    for client, code in clients:
         for response in (
             create(client),
             client.get(BASE),
             client.post(f"{BASE}/{api_key.pk}/revoke"),
         ):
             assert response.status_code == 401
-            assert response.json()["error"]["code"] in ("unauthenticated", "invalid_api_key")
+            assert response.json()["error"]["code"] == code
     assert ApiKey.objects.count() == 2
 
 

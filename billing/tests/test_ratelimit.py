@@ -152,8 +152,8 @@ def test_an_api_client_over_the_limit_gets_429_with_retry_after(make_user, stora
     error = response.json()["error"]
     assert error["code"] == "rate_limited"
     assert "this API key allows 2 per minute" in error["message"]
-    assert response["Retry-After"] == str(error["retry_after"])
-    assert 1 <= error["retry_after"] <= 60
+    assert response["Retry-After"] == str(error["details"]["retry_after"])
+    assert 1 <= error["details"]["retry_after"] <= 60
     # A bad key is refused as such, not as rate limited.
     assert unknown_trace(client, "sk_bogus").status_code == 401
 

@@ -13,7 +13,7 @@ from django.urls import reverse
 from agentsite.formatting import format_usd
 from billing.models import Account, Membership, ModelPrice, UsageRecord
 from billing.pricing import cost_of, price_for_model
-from billing.services import account_for_user
+from billing.services import account_for_user, api_key_create
 from chat import services
 from chat.models import Conversation, Run
 from conftest import open_socket, receive_until, wait_for_runs
@@ -44,6 +44,36 @@ async def run_message(user, content, until="run.completed", cancel_after_tokens=
 
 def records_of(run):
     return list(UsageRecord.objects.filter(run_id=run.id).order_by("created_at", "id"))
+
+
+async def test_every_ledger_row_names_the_api_key_that_started_its_run(make_user, prices):
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_for_user)(user_id=user.id)
+    api_key, _ = await database_sync_to_async(api_key_create)(
+        account=account, created_by=user, name="integration", scopes=["runs"]
+    )
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    by_key = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="What is 17 * 23?", api_key_id=api_key.id
+    )
+    await wait_for_runs()
+    by_browser, _ = await run_message(user, "What is 17 * 23?")
+
+    await by_key.arefresh_from_db()
+    assert by_key.status == Run.Status.COMPLETED and by_key.api_key_id == api_key.id
+    keyed = await database_sync_to_async(records_of)(by_key)
+    assert len(keyed) == 2  # a tool call, then the answer: both calls name the key
+    assert {(r.api_key_id, r.api_key_prefix) for r in keyed} == {(api_key.id, api_key.prefix)}
+    assert by_browser.api_key_id is None
+    browser_rows = await database_sync_to_async(records_of)(by_browser)
+    assert len(browser_rows) == 2
+    assert {(r.api_key_id, r.api_key_prefix) for r in browser_rows} == {(None, "")}
+
+    # The ledger keeps naming the key after it is gone; the run forgets it.
+    await api_key.adelete()
+    await by_key.arefresh_from_db()
+    assert by_key.api_key_id is None
+    assert await UsageRecord.objects.filter(api_key_id=api_key.id).acount() == 2
 
 
 async def test_a_run_records_one_priced_row_per_llm_call(make_user, prices):

@@ -98,6 +98,9 @@ class RunBudget:
     account_id: int
     user_id: int
     run_id: UUID
+    # The key that started the run (None: the browser), named on its ledger rows.
+    api_key_id: int | None = None
+    api_key_prefix: str = ""
     model: str
     max_output_tokens: int
     # The least output a call may be granted (a short answer); below it, refused.
@@ -114,6 +117,8 @@ class RunBudget:
                 account_id=self.account_id,
                 user_id=self.user_id,
                 run_id=self.run_id,
+                api_key_id=self.api_key_id,
+                api_key_prefix=self.api_key_prefix,
                 call_id=call_id,
                 model=self.model,
                 prompt_tokens=prompt_tokens,

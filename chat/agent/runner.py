@@ -144,6 +144,8 @@ def _context(run: Run, *, account_id: int) -> Context:
             account_id=account_id,
             user_id=user_id,
             run_id=run.id,
+            api_key_id=run.api_key_id,
+            api_key_prefix=run.api_key.prefix if run.api_key is not None else "",
             model=model_info().name,
             max_output_tokens=settings.AGENT_MAX_TOKENS,
             min_output_tokens=settings.AGENT_MIN_OUTPUT_TOKENS,

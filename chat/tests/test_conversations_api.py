@@ -352,10 +352,14 @@ def test_no_credentials_a_bad_key_and_a_revoked_key_are_401(alice):
         anonymous = send(Client(enforce_csrf_checks=True), method, path, body)
         assert anonymous.status_code == 401, (method, path)
         assert anonymous.json()["error"]["code"] == "unauthenticated"
-        for bad in (raw_key[:-2] + "xx", "nonsense", revoked_key):
+        for bad, code in [
+            (raw_key[:-2] + "xx", "invalid_api_key"),
+            ("nonsense", "invalid_api_key"),
+            (revoked_key, "api_key_revoked"),
+        ]:
             refused = send(with_key(bad), method, path, body)
             assert refused.status_code == 401, (method, path, bad)
-            assert refused.json()["error"]["code"] == "invalid_api_key"
+            assert refused.json()["error"]["code"] == code
     assert Conversation.objects.filter(owner=alice).get() == conversation
 
 

@@ -42,10 +42,10 @@ async def test_resume_returns_exactly_the_events_after_a_seq(make_log) -> None:
     await log.append(run_id, frames_of([token(run_id, seq, "é") for seq in range(2, 6)]))
     await log.append(other_run, frames_of([token(other_run, 1)]))
 
-    assert [e["seq"] for e in await log.after(run_id, 0)] == [1, 2, 3, 4, 5]
-    assert [e["seq"] for e in await log.after(run_id, 3)] == [4, 5]
+    assert [f.seq for f in await log.after(run_id, 0)] == [1, 2, 3, 4, 5]
+    assert [f.seq for f in await log.after(run_id, 3)] == [4, 5]
     assert await log.after(run_id, 5) == []
-    assert (await log.after(run_id, 4))[0] == token(run_id, 5, "é")
+    assert (await log.after(run_id, 4))[0].event() == token(run_id, 5, "é")
     assert await log.after(uuid.uuid4(), 0) == []
 
 
@@ -143,9 +143,7 @@ async def test_a_fast_run_sends_its_tokens_in_batches_each_once_and_in_order(
     assert wire.sent == batches
     assert wire.logged == batches
     assert await wire.received(102) == list(range(1, 103))
-    assert [e["seq"] for e in await events.event_log().after(stream.run_id, 0)] == list(
-        range(1, 103)
-    )
+    assert [f.seq for f in await events.event_log().after(stream.run_id, 0)] == list(range(1, 103))
 
 
 async def test_a_token_with_nothing_after_it_is_not_held_back(wire) -> None:

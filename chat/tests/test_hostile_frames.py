@@ -159,9 +159,9 @@ async def test_the_redis_event_log_takes_the_largest_seq() -> None:
     """MAX_SEQ is what storage accepts: a resume from it asks Redis for `0-2**63`."""
     log = RedisEventLog(REDIS_URL, ttl=60)
     run_id = uuid.uuid4()
-    await log.append(run_id, frames_of([{"seq": 1}]))
+    await log.append(run_id, frames_of([{"type": "token", "seq": 1}]))
     assert await log.after(run_id, MAX_SEQ) == []
-    assert await log.after(run_id, 0) == [{"seq": 1}]
+    assert [f.event() for f in await log.after(run_id, 0)] == [{"type": "token", "seq": 1}]
 
 
 # --- A live consumer ---------------------------------------------------------------------

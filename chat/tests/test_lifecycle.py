@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.utils import timezone
 from prometheus_client import REGISTRY
 
@@ -129,7 +130,7 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user, keeper_
     assert trace.span_count == 2
     assert await Span.objects.filter(trace_id=run.id, parent_id=run.id).acount() == 1
     # Its log has the final event for any socket that resumes later.
-    assert [e["type"] for e in await event_log().after(run.id, 0)] == ["run.interrupted"]
+    assert [f.type for f in await event_log().after(run.id, 0)] == ["run.interrupted"]
     # The conversation is usable again.
     await socket.send_json_to({"type": "message", "content": "Hello again"})
     assert (await receive_until(socket, "run.completed"))[-1]["status"] == "completed"
@@ -352,7 +353,8 @@ async def test_a_finished_run_whose_log_is_gone_still_yields_its_final_event(
     socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
     await socket.receive_json_from()
     await socket.send_json_to({"type": "resume", "run": completed["run"], "after_seq": 3})
-    rebuilt = await socket.receive_json_from()
+    # Rebuilt once the run's last events had time to reach the log (FOLLOW_FINAL_GRACE).
+    rebuilt = await socket.receive_json_from(timeout=10)
     # A client that has it already gets nothing twice.
     await socket.send_json_to(
         {"type": "resume", "run": completed["run"], "after_seq": completed["seq"]}
@@ -385,6 +387,32 @@ async def test_a_run_goes_on_when_its_events_cannot_be_logged(make_user, monkeyp
     assert (await late.receive_json_from())["type"] == "run.completed"
     for each in (socket, late):
         await each.disconnect()
+
+
+async def test_a_socket_following_a_run_learns_its_end_while_nothing_can_be_published(
+    make_user, settings, monkeypatch
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.02
+    monkeypatch.setattr(events, "FOLLOW_CHECK_INTERVAL", 0.1)
+    user = await database_sync_to_async(make_user)()
+    _, socket = await connected(user)
+    await socket.send_json_to({"type": "message", "content": "Tell me about yourself"})
+    await receive_until(socket, "token")
+
+    # Redis goes down mid-run: neither the log nor the channel layer takes the rest.
+    down = events.RedisEventLog(f"redis://127.0.0.1:{_free_port()}/0", ttl=60)
+    monkeypatch.setattr(events, "_log", down)
+
+    async def refused(group: str, message: dict) -> None:
+        raise ConnectionError("Redis is down")
+
+    monkeypatch.setattr(get_channel_layer(), "group_send", refused)
+
+    # The socket follows the run to its end all the same, learnt from the database.
+    frames = await receive_until(socket, "run.completed", wait=30)
+    assert frames[-1]["status"] == "completed"
+    await socket.disconnect()
+    await wait_for_runs()
 
 
 async def test_a_writer_reserves_more_seqs_before_passing_its_ceiling(make_user):

@@ -25,7 +25,7 @@ async def test_the_log_keeps_data_and_the_socket_sends_what_the_page_draws(make_
     await socket.send_json_to({"type": "message", "content": "What is **17 * 23**?"})
     frames = await receive_until(socket, "run.completed")
     await socket.disconnect()
-    logged = await event_log().after(uuid.UUID(frames[0]["run"]), 0)
+    logged = [f.event() for f in await event_log().after(uuid.UUID(frames[0]["run"]), 0)]
 
     started, completed = logged[0], logged[-1]
     # What the run emitted: text and numbers, no HTML, no display strings.

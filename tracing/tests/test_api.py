@@ -77,7 +77,9 @@ def test_another_users_trace_is_not_found(make_user):
     trace = make_trace(alice)
     response = client_for(mallory).get(f"/api/v1/runs/{trace.run_id}/trace")
     assert response.status_code == 404
-    assert response.json() == {"error": {"code": "not_found", "message": "There is no such trace."}}
+    assert response.json() == {
+        "error": {"code": "not_found", "message": "There is no such trace.", "details": None}
+    }
     missing = client_for(mallory).get(f"/api/v1/runs/{uuid.uuid4()}/trace")
     assert missing.status_code == 404 and missing.json() == response.json()
 
