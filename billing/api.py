@@ -66,7 +66,7 @@ def _owned_account(request: HttpRequest) -> Account:
 
 @router.post(
     "/api-keys",
-    response={201: ApiKeyCreatedOut, **errors(400, 401, 403, 422, 429)},
+    response={201: ApiKeyCreatedOut, **errors(400, 401, 403, 413, 422, 429)},
     tags=["api keys"],
 )
 def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[str, Any]]:

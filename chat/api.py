@@ -45,7 +45,9 @@ def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
     )
 
 
-@router.post("/conversations", response={201: ConversationOut, **errors(400, 401, 403, 422, 429)})
+@router.post(
+    "/conversations", response={201: ConversationOut, **errors(400, 401, 403, 413, 422, 429)}
+)
 def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> Status[Conversation]:
     """Open a conversation. Send it messages with `POST /conversations/{id}/runs`."""
     return Status(201, services.conversation_create(owner=_caller(request), title=body.title))
@@ -91,7 +93,7 @@ def message_list(
 
 @router.patch(
     "/conversations/{conversation_id}",
-    response={200: ConversationOut, **errors(400, 401, 403, 404, 422, 429)},
+    response={200: ConversationOut, **errors(400, 401, 403, 404, 413, 422, 429)},
 )
 def conversation_rename(
     request: HttpRequest, conversation_id: UUID, body: ConversationRenameIn

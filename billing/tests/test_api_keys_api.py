@@ -212,3 +212,12 @@ def test_a_body_that_is_not_a_json_object_is_refused(owner, raw):
 def test_an_id_beyond_any_integer_column_is_not_found(owner):
     response = session(owner).post(f"{BASE}/{2**70}/revoke")
     assert response.status_code == 404
+
+
+def test_a_body_over_the_limit_is_413_as_the_schema_declares(owner, settings):
+    settings.AGENT_API_MAX_BODY_BYTES = 1000
+    response = create(session(owner), name="x" * 2000)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    declared = Client().get("/api/openapi.json").json()["paths"][BASE]["post"]["responses"]
+    assert "413" in declared

@@ -101,6 +101,21 @@ def test_a_session_needs_its_csrf_token_for_unsafe_methods(alice):
     assert response.status_code == 201, response.content
 
 
+def test_a_body_over_the_limit_is_413_as_the_schema_declares(alice, settings):
+    settings.AGENT_API_MAX_BODY_BYTES = 1000
+    client = session(alice)
+    conversation = services.conversation_create(owner=alice)
+    paths = Client().get("/api/openapi.json").json()["paths"]
+    for method, path, template in [
+        ("post", BASE, BASE),
+        ("patch", f"{BASE}/{conversation.id}", BASE + "/{conversation_id}"),
+    ]:
+        response = send(client, method, path, {"title": "x" * 2000})
+        assert response.status_code == 413, (method, response.content)
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert "413" in paths[template][method]["responses"], template
+
+
 def test_a_form_body_without_its_boundary_is_a_400_not_a_500(alice):
     """The session's CSRF check reads the form for its token, and Django cannot read a
     multipart body whose Content-Type names no boundary (found by schemathesis)."""
