@@ -154,3 +154,27 @@ def test_the_api_keeps_its_schema_for_a_key(case, caller):
 def test_the_api_keeps_its_schema_for_a_session(case, caller):
     own_ids_half_the_time(case, caller)
     case.call_and_validate()
+
+
+def test_no_two_schemas_share_a_name(monkeypatch):
+    """ninja files every model under its class name in the schema's components, and a
+    second model of the same name silently replaces the first: the operations that use
+    the first would then document (and schemathesis check) the other's fields."""
+    from ninja.openapi.schema import OpenAPISchema
+
+    from agentsite.api import api
+
+    clashes = []
+    add = OpenAPISchema.add_schema_definitions
+
+    def add_checked(self, definitions):
+        clashes.extend(
+            name
+            for name, definition in definitions.items()
+            if self.schemas.get(name, definition) != definition
+        )
+        add(self, definitions)
+
+    monkeypatch.setattr(OpenAPISchema, "add_schema_definitions", add_checked)
+    api.get_openapi_schema()
+    assert clashes == []
