@@ -244,8 +244,9 @@ async def follow(
     expired) still ends with it, rebuilt from the database: asked as soon as the log has
     nothing to give and every FOLLOW_CHECK_INTERVAL seconds after, so a follower never
     waits on a run that is over. A log that cannot be read is retried, with a warning
-    and backoff, never raised. A run deleted meanwhile ends without a final event. The
-    caller checks that the run is the client's to follow."""
+    and backoff, never raised. A run deleted meanwhile ends with the final event its
+    executor publishes, or, if none comes by the next check, without one. The caller
+    checks that the run is the client's to follow."""
     # Imported here: lifecycle publishes its final events through this module.
     from .lifecycle import FINAL_EVENTS, RunEnd, run_end_owed
 
@@ -255,6 +256,7 @@ async def follow(
     seq = after_seq
     quiet_since = check_at = loop.time()
     retry = 0.0
+    deleted = False  # found gone at the last check
     within = 0.0  # the first read is what the log holds already
     while True:
         try:
@@ -291,7 +293,11 @@ async def follow(
                 if end.final is not None:
                     yield frames_of([end.final])[0]
                     return
-                if end.over and not end.settling:
+                if end.deleted:
+                    if deleted:
+                        return
+                    deleted = True
+                elif end.over and not end.settling:
                     return
                 check_at = loop.time() + (end.settling or FOLLOW_CHECK_INTERVAL)
         deadline = check_at if idle is None else min(check_at, quiet_since + idle)

@@ -435,20 +435,22 @@ class RunEnd:
     """What the database says of a run to a follower that has its events up to some seq
     and found no more in the log (see `chat.events.follow`).
 
-    `over`: the run is over (or was deleted); `final`: the final event the follower is
-    owed and the log lacks, rebuilt; None while `settling` (seconds) is left, in which the
-    run's final event may still reach the log: a run is recorded as over just before its
-    last events and its final event are published."""
+    `over`: the run is over; `final`: the final event the follower is owed and the log
+    lacks, rebuilt; None while `settling` (seconds) is left, in which the run's final
+    event may still reach the log: a run is recorded as over just before its last events
+    and its final event are published. `deleted`: the run is gone with its conversation
+    (its executor, if it still runs it, publishes a final event nothing can rebuild)."""
 
     over: bool
     final: Event | None = None
     settling: float = 0.0
+    deleted: bool = False
 
 
 def run_end_owed(*, run_id: UUID, after_seq: int, grace: float) -> RunEnd:
     run = Run.objects.select_related("conversation").filter(id=run_id).first()
-    if run is None:  # deleted with its conversation: nothing more will come
-        return RunEnd(over=True)
+    if run is None:
+        return RunEnd(over=True, deleted=True)
     if run.is_active:
         return RunEnd(over=False)
     if run.finished_at is not None:

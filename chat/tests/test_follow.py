@@ -218,3 +218,36 @@ async def test_a_redis_outage_does_not_break_a_follower(
         assert await follower.done() == [1, 5]
     finally:
         server.kill()
+
+
+async def test_a_deleted_run_ends_with_the_final_event_its_executor_publishes(
+    log, make_user, monkeypatch
+):
+    run = await database_sync_to_async(a_run)(make_user)
+    await database_sync_to_async(Run.objects.filter(id=run.id).delete)()
+    loop, found_gone = asyncio.get_running_loop(), asyncio.Event()
+    run_end_owed = lifecycle.run_end_owed
+
+    def run_end_observed(**query: Any) -> lifecycle.RunEnd:
+        end = run_end_owed(**query)
+        if end.deleted:
+            loop.call_soon_threadsafe(found_gone.set)
+        return end
+
+    monkeypatch.setattr(lifecycle, "run_end_owed", run_end_observed)
+    follower = Follower(run.id)
+    await asyncio.wait_for(found_gone.wait(), timeout=30)
+    # Its executor, cancelling it as its conversation went, publishes its final event.
+    await log.append(run.id, [final(run.id, 1)])
+
+    assert await follower.done() == [1]
+
+
+async def test_a_deleted_run_with_nothing_more_to_come_ends_its_followers(
+    log, make_user, quick_checks
+):
+    run = await database_sync_to_async(a_run)(make_user)
+    await log.append(run.id, [token(run.id, 1)])
+    await database_sync_to_async(Run.objects.filter(id=run.id).delete)()
+
+    assert await Follower(run.id).done() == [1]
