@@ -6,11 +6,16 @@ docs are served at /api/openapi.json and /api/docs, outside the versioned prefix
 one page documents every version.
 """
 
+from typing import Any
+
 from ninja import NinjaAPI, Swagger
+from ninja.openapi.schema import OpenAPISchema
 
 from billing.api import router as billing_router
 from billing.auth import ApiKeyBearerAuth, ApiKeyHeaderAuth, SessionAuth
 from chat.api import router as chat_router
+from chat.runs_api import RUN_EVENT_SCHEMAS
+from chat.runs_api import router as runs_router
 from tracing.api import router as tracing_router
 
 from .api_errors import error_handlers_install
@@ -20,7 +25,16 @@ from .api_errors import error_handlers_install
 # first: the session class checks CSRF, which a program sending a key has no token for.
 AUTH = [ApiKeyHeaderAuth(), ApiKeyBearerAuth(), SessionAuth()]
 
-api = NinjaAPI(
+
+class AgentsiteAPI(NinjaAPI):
+    def get_openapi_schema(self, **kwargs: Any) -> OpenAPISchema:
+        schema = super().get_openapi_schema(**kwargs)
+        # What the event streams carry (their `data:`), which no operation returns as JSON.
+        schema.add_schema_definitions(RUN_EVENT_SCHEMAS)
+        return schema
+
+
+api = AgentsiteAPI(
     title="Agentsite API",
     version="1",
     urls_namespace="api",
@@ -36,3 +50,4 @@ error_handlers_install(api)
 api.add_router("/v1/", tracing_router)
 api.add_router("/v1/", billing_router)
 api.add_router("/v1/", chat_router)
+api.add_router("/v1/", runs_router)

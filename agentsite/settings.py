@@ -73,6 +73,8 @@ INSTALLED_APPS = [
     "corsheaders",
     # For its static files: /api/docs loads Swagger UI from here, not from a CDN.
     "ninja",
+    # Idempotency-Key for every app's POSTs: on the ground floor, so billing can use it.
+    "agentsite.idempotency",
     "chat",
     "tracing",
     "billing",

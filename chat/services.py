@@ -1,6 +1,7 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from uuid import UUID
@@ -13,6 +14,13 @@ from django.db.models import Case, Count, F, Q, Value, When
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
+from agentsite.idempotency.services import (
+    IdempotentRequest,
+    StoredResponse,
+    idempotency_claim,
+    idempotency_record,
+    stored_response,
+)
 from agentsite.text import UNSTORABLE
 from billing.budget import account_lock, budget_release_stale, runs_admit
 from billing.ratelimit import rate_limit_hit_for_user
@@ -230,3 +238,42 @@ def _cancel_or_close(run_id: UUID) -> None:
             error_message="Stopped by the user.",
             lapsed_only=False,
         )
+
+
+@dataclass(frozen=True)
+class RunSubmitted:
+    """A run started by `run_submit`, or the one an earlier request with the same
+    Idempotency-Key started (`replayed`: nothing was created now), with the response
+    if it is known (`respond`'s, or the earlier request's, stored)."""
+
+    # None only for a replay whose run was deleted since (with its conversation).
+    run: Run | None
+    replayed: bool = False
+    response: StoredResponse | None = None
+
+
+def run_submit(
+    *,
+    conversation: Conversation,
+    content: object,
+    api_key_id: int | None = None,
+    idempotency: IdempotentRequest | None = None,
+    respond: Callable[[Run], StoredResponse | None] = lambda run: None,
+) -> RunSubmitted:
+    """`run_create` for the JSON API, at most once per Idempotency-Key: the key is
+    claimed in the transaction that creates the run, and stored with the run's id and
+    `respond(run)`, the response if it is known now (a 202): so a retry finds the run
+    even if this request dies before it answers."""
+    with transaction.atomic():
+        earlier = idempotency_claim(request=idempotency) if idempotency is not None else None
+        if earlier is not None:
+            run = Run.objects.filter(id=earlier.resource).first()
+            response = stored_response(earlier)
+            if run is None and response is None:  # deleted with its conversation since
+                raise ApplicationError("run_not_found", "There is no such run.", http_status=404)
+            return RunSubmitted(run=run, replayed=True, response=response)
+        run = run_create(conversation=conversation, content=content, api_key_id=api_key_id)
+        response = respond(run)
+        if idempotency is not None:
+            idempotency_record(request=idempotency, resource=str(run.id), response=response)
+    return RunSubmitted(run=run, response=response)

@@ -191,9 +191,10 @@ def delete_thread(thread_id: str) -> None:
         # runs in flight: a connection of its own had to wait for the file's write lock
         # while a run that was just cancelled still held it, and timed out
         # (`database is locked`). Without a serving loop, async_to_sync makes one.
-        async_to_sync(_sqlite_delete_thread)(thread_id)
+        async_to_sync(forget_thread)(thread_id)
 
 
-async def _sqlite_delete_thread(thread_id: str) -> None:
+async def forget_thread(thread_id: str) -> None:
+    """`delete_thread` from the event loop, through the loop's shared saver."""
     async with checkpointer() as saver:
         await saver.adelete_thread(thread_id)

@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Finished:
     """`cost`: the run's calls by the ledger (None: not recorded). `closed_here`: this
-    process closed the run (not another one, which found its lease lapsed)."""
+    process closed the run (not another one, which found its lease lapsed). `deleted`:
+    the run was deleted with its conversation while it ran."""
 
     cost: RunCost | None
     closed_here: bool
+    deleted: bool = False
 
 
 async def run_finish_and_publish(
@@ -72,7 +74,9 @@ async def _finish(
     if recorded.traced:
         assert tracer is not None
         tracer.report()
-    return Finished(cost=recorded.cost, closed_here=recorded.final is not None)
+    return Finished(
+        cost=recorded.cost, closed_here=recorded.final is not None, deleted=recorded.deleted
+    )
 
 
 async def _trace_close(tracer: RunTracer, outcome: RunOutcome) -> bool:
@@ -94,6 +98,7 @@ class RecordedEnd:
     final: Event | None
     cost: RunCost | None
     traced: bool
+    deleted: bool
 
 
 def run_end_record(
@@ -118,7 +123,12 @@ def run_end_record(
         # deleted while it ran (its trace went with it, and refers to it).
         ours = finished is not None and finished.stored
         traced = tracer is not None and ours and _trace_store(tracer, cost)
-    return RecordedEnd(final=finished.final if finished else None, cost=cost, traced=traced)
+    return RecordedEnd(
+        final=finished.final if finished else None,
+        cost=cost,
+        traced=traced,
+        deleted=finished is not None and not finished.stored,
+    )
 
 
 def _usage_close(run_id: UUID, outcome: RunOutcome, budget: RunBudget) -> RunCost | None:

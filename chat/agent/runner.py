@@ -28,7 +28,7 @@ from chat.run_outcome import RunOutcome, ToolFinished
 from tracing.capture import RunTracer
 
 from .budget import RunBudget
-from .checkpointer import CHECKPOINT_DURABILITY, checkpointer
+from .checkpointer import CHECKPOINT_DURABILITY, checkpointer, forget_thread
 from .context import Context
 from .errors import provider_error_from
 from .finisher import run_finish_and_publish
@@ -96,6 +96,11 @@ async def execute_run(run_id: UUID) -> None:
             tracer=tracer,
             budget=context.budget if context is not None else None,
         )
+        if finished.deleted and context is not None:
+            # Its conversation was deleted mid-run, and with it the agent's memory; the
+            # graph may have written a checkpoint since (as it was cancelled), which
+            # would outlive the conversation: forget it again, now the graph is done.
+            await forget_thread(str(context.conversation_id))
     finally:
         if started is not None:  # the run really started
             metrics.ACTIVE_RUNS.dec()

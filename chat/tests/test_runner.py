@@ -10,7 +10,8 @@ from billing.models import BudgetReservation, UsageRecord
 from billing.services import account_for_user
 from chat import services
 from chat.agent import graph
-from chat.models import Message, Run
+from chat.events import follow
+from chat.models import Conversation, Message, Run
 from conftest import account_with_limits, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -72,3 +73,30 @@ async def test_runs_at_once_each_spend_from_their_own_budget(make_user, settings
         assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
     assert statuses == [Run.Status.COMPLETED, Run.Status.COMPLETED, Run.Status.BUDGET_EXCEEDED]
     assert [await UsageRecord.objects.filter(run_id=run.id).acount() for run in runs] == [2, 2, 0]
+
+
+def checkpoints_of(thread_id: str) -> int:
+    from django.conf import settings as django_settings
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    with SqliteSaver.from_conn_string(str(django_settings.AGENT_CHECKPOINT_SQLITE_PATH)) as saver:
+        return len(list(saver.list({"configurable": {"thread_id": thread_id}})))
+
+
+async def test_a_run_deleted_with_its_conversation_leaves_no_agent_memory(make_user, settings):
+    # A conversation deleted in the database (a cascade, an operator's cleanup), runs
+    # and all, without its run in flight being stopped: what that run checkpoints
+    # afterwards would be memory of a conversation that no longer exists.
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    run = await start_run(user, "Tell me a long story.")
+    thread = str(run.conversation_id)
+    async for frame in follow(run.id):  # under way once it has said something
+        if frame is not None and frame.type == "token":
+            break
+
+    await Conversation.objects.filter(id=run.conversation_id).adelete()
+    await asyncio.wait_for(wait_for_runs(), timeout=60)
+
+    assert not await Run.objects.filter(id=run.id).aexists()
+    assert await database_sync_to_async(checkpoints_of)(thread) == 0
