@@ -9,13 +9,19 @@ from datetime import timedelta
 from typing import Any, cast
 
 from django.contrib.auth.models import User
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
-from ninja import Query, Router, Status
+from ninja import Query, Router
 
 from agentsite.api_errors import errors
 from agentsite.auth import principal, require_scope
 from agentsite.errors import ApplicationError
+from agentsite.idempotency.http import (
+    idempotency_key_parameter,
+    idempotent_request,
+    json_response,
+)
+from agentsite.idempotency.services import StoredResponse, idempotent
 
 from . import selectors, services
 from .models import Account, ApiKey
@@ -68,18 +74,34 @@ def _owned_account(request: HttpRequest) -> Account:
     "/api-keys",
     response={201: ApiKeyCreatedOut, **errors(400, 401, 403, 413, 422, 429)},
     tags=["api keys"],
+    openapi_extra={"parameters": [idempotency_key_parameter()]},
 )
-def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> Status[dict[str, Any]]:
+def api_key_create(request: HttpRequest, body: ApiKeyCreateIn) -> HttpResponse:
     """A new key for the caller's account, acting as the caller. The response is the
-    only place the whole key (`key`) ever appears."""
-    api_key, raw_key = services.api_key_create(
-        account=_owned_account(request),
-        created_by=cast(User, request.user),
-        name=body.name,
-        scopes=body.scopes,
-        expires_at=body.expires_at,
+    only place the whole key (`key`) ever appears: a retry with the same Idempotency-Key
+    creates no second key, and its replay has `key` null (the secret is kept nowhere)."""
+    account = _owned_account(request)
+    raw_keys = []
+
+    def create() -> StoredResponse:
+        api_key, raw_key = services.api_key_create(
+            account=account,
+            created_by=cast(User, request.user),
+            name=body.name,
+            scopes=body.scopes,
+            expires_at=body.expires_at,
+        )
+        raw_keys.append(raw_key)
+        # What the Idempotency-Key keeps, to replay: everything but the secret.
+        return StoredResponse(201, {**_api_key_out(api_key), "key": None})
+
+    keyed = idempotent_request(request, account_id=account.pk, caller=principal(request).user_id)
+    outcome = idempotent(request=keyed, create=create)
+    if outcome.replayed:
+        return json_response(outcome.response, replayed=True)
+    return json_response(
+        StoredResponse(201, {**outcome.response.body, "key": raw_keys[0]}), replayed=False
     )
-    return Status(201, {**_api_key_out(api_key), "key": raw_key})
 
 
 @router.get(

@@ -112,9 +112,11 @@ class ApiKeyOut(Schema):
 
 
 class ApiKeyCreatedOut(ApiKeyOut):
-    key: str = Field(
-        description="The whole key, to send in the API key header. Shown this once: "
-        "only its prefix and a hash are kept."
+    key: str | None = Field(
+        description="The whole key, for the API key header or `Authorization: Bearer`. "
+        "Shown this once: only its prefix and a hash are kept. Null in the replay of a "
+        "retry with the same Idempotency-Key (no second key was made): if the first "
+        "response was lost, revoke that key and create another."
     )
 
 

@@ -8,11 +8,13 @@ from typing import Any, cast
 from uuid import UUID
 
 from django.contrib.auth.models import User
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router, Status
 
 from agentsite.api_errors import errors
-from agentsite.auth import owned_or_404, require_scope
+from agentsite.auth import owned_or_404, principal, require_scope
+from agentsite.idempotency.http import idempotency_key_parameter, idempotent_response
+from agentsite.idempotency.services import StoredResponse
 from agentsite.pagination import DEFAULT_LIMIT, Page, PageParams
 from billing.models import ApiKey
 
@@ -46,11 +48,19 @@ def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
 
 
 @router.post(
-    "/conversations", response={201: ConversationOut, **errors(400, 401, 403, 413, 422, 429)}
+    "/conversations",
+    response={201: ConversationOut, **errors(400, 401, 403, 413, 422, 429)},
+    openapi_extra={"parameters": [idempotency_key_parameter()]},
 )
-def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> Status[Conversation]:
+def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> HttpResponse:
     """Open a conversation. Send it messages with `POST /conversations/{id}/runs`."""
-    return Status(201, services.conversation_create(owner=_caller(request), title=body.title))
+    owner = _caller(request)
+
+    def create() -> StoredResponse:
+        conversation = services.conversation_create(owner=owner, title=body.title)
+        return StoredResponse(201, ConversationOut.from_orm(conversation).model_dump())
+
+    return idempotent_response(request, caller=principal(request), create=create)
 
 
 @router.get(

@@ -20,7 +20,12 @@ from ninja import Header, Query, Router, Schema, Status
 from agentsite.api_errors import errors
 from agentsite.auth import Principal, owned_or_404, require_scope
 from agentsite.errors import ApplicationError
-from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request, json_response
+from agentsite.idempotency.http import (
+    REPLAYED_HEADER,
+    idempotency_key_parameter,
+    idempotent_request,
+    json_response,
+)
 from agentsite.idempotency.services import (
     IdempotentRequest,
     StoredResponse,
@@ -58,19 +63,24 @@ _EVENT_STREAM = (
     "a comment line after 15 s of silence. The stream ends after the run's final event "
     "(`run.completed`, `run.failed`, `run.cancelled`, ...)."
 )
-_SSE_CONTENT = {"text/event-stream": {"schema": {"$ref": "#/components/schemas/RunEvent"}}}
-_IDEMPOTENCY_KEY = {
-    "in": "header",
-    "name": "Idempotency-Key",
-    "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-    "description": (
-        "Retry safely: a retry with the same key and body gets the first response again "
-        "(header `Idempotent-Replayed: true`) and starts nothing. 422: the key was used for "
-        "another request; 409: the first is still answering (`wait`, `stream`: until its "
-        "run is over). Keys are the account's for 24 hours; 1 to 255 printable ASCII "
-        "characters (a UUID, say)."
-    ),
+# Before OpenAPI 3.2 an event stream's `schema` describes one event (its `id`, `event` and
+# `data` fields), not the payload; the payload is the data's JSON: `contentSchema`.
+_SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "description": "The event's seq."},
+                "event": {"type": "string", "description": "The event's type."},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/RunEvent"},
+                },
+            },
+        }
+    }
 }
 
 
@@ -78,7 +88,12 @@ _IDEMPOTENCY_KEY = {
     "/conversations/{conversation_id}/runs",
     response={200: RunOut, 202: RunOut, **errors(400, 401, 403, 404, 409, 413, 422, 429)},
     openapi_extra={
-        "parameters": [_IDEMPOTENCY_KEY],
+        "parameters": [
+            idempotency_key_parameter(
+                in_flight="409: the first is still answering (`wait`, `stream`: until its "
+                "run is over)."
+            )
+        ],
         "responses": {
             200: {
                 "description": f"`wait`: the finished run. `stream`: {_EVENT_STREAM}",

@@ -8,6 +8,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from agentsite.idempotency.models import IdempotencyKey
 from billing.models import ApiKey, Membership
 from billing.services import account_for_user, api_key_create, api_key_revoke, api_key_verify
 
@@ -88,6 +89,32 @@ def test_the_owner_creates_a_key_and_sees_it_whole_only_in_the_answer(owner):
         "revoked_at",
     }
     assert item["prefix"] == body["prefix"] and item["last_used_at"] is not None
+
+
+def test_a_retry_with_the_same_idempotency_key_makes_one_key_and_keeps_no_secret(owner):
+    client = session(owner)
+    body = json.dumps({"name": "ci", "scopes": ["runs"]})
+
+    def post(raw_body, key="k1"):
+        return client.post(
+            BASE, raw_body, content_type="application/json", headers={"Idempotency-Key": key}
+        )
+
+    first = post(body)
+    assert first.status_code == 201, first.content
+    raw_key = first.json()["key"]
+    assert api_key_verify(raw_key=raw_key).pk == first.json()["id"]
+    again = post(body)
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    # The replay is the first response but for the secret, which is kept nowhere.
+    assert again.json() == {**first.json(), "key": None}
+    assert ApiKey.objects.count() == 1
+    secret = raw_key.split("_", 2)[2]
+    stored = IdempotencyKey.objects.values_list("response_body", flat=True).get()
+    assert secret not in json.dumps(stored)
+    reused = post(json.dumps({"name": "other", "scopes": ["runs"]}))
+    assert reused.status_code == 422
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
 
 
 def test_the_list_holds_every_key_of_the_account_and_no_other(owner, member, make_user):

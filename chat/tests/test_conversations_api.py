@@ -246,6 +246,42 @@ def test_delete_stops_the_active_run_and_forgets_the_agents_memory(
     assert client.delete(f"{BASE}/{conversation.id}").status_code == 404
 
 
+def test_a_retry_with_the_same_idempotency_key_creates_one_conversation(alice, make_user):
+    client = session(alice)
+
+    def create(body, key):
+        return client.post(
+            BASE,
+            json.dumps(body),
+            content_type="application/json",
+            headers={"Idempotency-Key": key},
+        )
+
+    first = create({"title": "Once"}, "k1")
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first
+    again = create({"title": "Once"}, "k1")
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert Conversation.objects.filter(owner=alice).count() == 1
+    other = create({"title": "Another"}, "k1")
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    # No key: each request creates; another account's same key is its own.
+    send(client, "post", BASE, {"title": "Once"})
+    assert Conversation.objects.filter(owner=alice).count() == 2
+    bob = make_user("bob")
+    theirs = session(bob).post(
+        BASE,
+        json.dumps({"title": "Once"}),
+        content_type="application/json",
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert theirs.status_code == 201 and "Idempotent-Replayed" not in theirs
+    assert Conversation.objects.filter(owner=bob).count() == 1
+    blank = create({"title": "Once"}, " ")
+    assert blank.status_code == 400 and blank.json()["error"]["code"] == "invalid_idempotency_key"
+
+
 # --- Listing and cursors -----------------------------------------------------------------
 
 

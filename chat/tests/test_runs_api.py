@@ -529,8 +529,11 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 422, 429)
     assert {op["tags"][0] for op in (create, events, cancel, run)} == {"runs"}
     # The events the streams carry are in the schema, every type of them.
+    # Each event (OpenAPI 3.1: the stream's schema is one event's): its data is a RunEvent.
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
-    assert stream == {"$ref": "#/components/schemas/RunEvent"}
+    assert stream["properties"]["data"]["contentSchema"] == {
+        "$ref": "#/components/schemas/RunEvent"
+    }
     event_types = schema["components"]["schemas"]["RunEvent"]["discriminator"]["mapping"]
     assert {"run.started", "token", "run.completed", "run.cancelled"} <= set(event_types)
     for ref in event_types.values():
