@@ -36,8 +36,12 @@ TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
 
 
-def conversation_create(*, owner: User, title: str = "") -> Conversation:
-    return Conversation.objects.create(owner=owner, title=_clean_title(title or DEFAULT_TITLE))
+def conversation_create(*, owner: User, title: str | None = None) -> Conversation:
+    """A new conversation; without a title, a placeholder that the first message
+    replaces. A title given is held to `_clean_title`'s rules, an empty one too."""
+    return Conversation.objects.create(
+        owner=owner, title=_clean_title(DEFAULT_TITLE if title is None else title)
+    )
 
 
 def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
