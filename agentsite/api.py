@@ -13,6 +13,7 @@ from ninja.openapi.schema import OpenAPISchema
 
 from billing.api import router as billing_router
 from billing.auth import ApiKeyBearerAuth, ApiKeyHeaderAuth, SessionAuth
+from chat.api import router as chat_router
 from chat.runs_api import RUN_EVENT_SCHEMAS
 from chat.runs_api import router as runs_router
 from tracing.api import router as tracing_router
@@ -48,4 +49,5 @@ error_handlers_install(api)
 
 api.add_router("/v1/", tracing_router)
 api.add_router("/v1/", billing_router)
+api.add_router("/v1/", chat_router)
 api.add_router("/v1/", runs_router)

@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError
@@ -108,6 +109,12 @@ def error_handlers_install(api: NinjaAPI) -> None:
     def http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
         code = _HTTP_CODES.get(error.status_code, "error")
         return respond(request, error.status_code, code, error.message)
+
+    @api.exception_handler(MultiPartParserError)
+    def unparsable_form(request: HttpRequest, error: MultiPartParserError) -> HttpResponse:
+        # A form body Django cannot read (a multipart one without its boundary), met
+        # by the session's CSRF check, which reads the form for its token.
+        return respond(request, 400, "bad_request", f"The request body cannot be read: {error}")
 
     @api.exception_handler(Http404)
     def not_found(request: HttpRequest, error: Http404) -> HttpResponse:

@@ -3,7 +3,7 @@ read (never edit) the usage ledger, the daily counters and the calls in flight."
 
 import math
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,7 +32,13 @@ from .models import (
 )
 from .quotas import account_limits
 from .selectors import DayUsage, accounts_with_spend, daily_usage, usage_summary, utc_day_bounds
-from .services import account_for_user, api_key_create, api_key_revoke, api_key_scopes_clean
+from .services import (
+    account_for_user,
+    api_key_create,
+    api_key_expiry_clean,
+    api_key_revoke,
+    api_key_scopes_clean,
+)
 
 CHART_DAYS = 30
 # The chart's drawing box (SVG user units; the picture scales to the page's width).
@@ -444,6 +450,16 @@ class ApiKeyForm(forms.ModelForm):
     def clean_scopes(self) -> list[str]:
         try:
             return api_key_scopes_clean(scopes=self.cleaned_data["scopes"])
+        except ApplicationError as error:
+            raise forms.ValidationError(error.message) from error
+
+    def clean_expires_at(self) -> datetime | None:
+        expires_at: datetime | None = self.cleaned_data["expires_at"]
+        # A key that has expired may still be edited (renamed) as it is.
+        if "expires_at" not in self.changed_data:
+            return expires_at
+        try:
+            return api_key_expiry_clean(expires_at=expires_at)
         except ApplicationError as error:
             raise forms.ValidationError(error.message) from error
 

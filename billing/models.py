@@ -115,6 +115,8 @@ class ApiKey(models.Model):
     no gain; unlike an HMAC keyed with SECRET_KEY, it survives a SECRET_KEY rotation."""
 
     class Scope(models.TextChoices):
+        # Conversations too: a key that may run the agent opens, reads and deletes the
+        # conversations it runs in. Managing keys is no scope: only a browser session may.
         RUNS = "runs"
         TRACES = "traces"
         USAGE = "usage"

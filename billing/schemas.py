@@ -3,7 +3,11 @@ from decimal import Decimal
 from typing import Annotated
 
 from ninja import Field, Schema
-from pydantic import PlainSerializer
+from pydantic import AwareDatetime, PlainSerializer
+
+from agentsite.schemas import BodyIn
+
+from .models import ApiKey
 
 # Money is a decimal string with the ledger's 8 places ("0.00007200"), never a float,
 # and never str(Decimal)'s exponent form: a zero read back from an 8-place column is
@@ -71,3 +75,52 @@ class UsageOut(Schema):
     tokens_today: TokensOut
     limits: LimitsOut
     days: list[DayUsageOut]
+
+
+class ApiKeyCreateIn(BodyIn):
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        description="What the key is for, to tell keys apart. Leading and trailing "
+        "whitespace is dropped; blank, or with a NUL character or an unpaired surrogate: "
+        "400 `invalid_name`.",
+    )
+    scopes: list[ApiKey.Scope] = Field(
+        min_length=1,
+        description="What the key may do: `runs` (conversations and runs), `traces`, `usage`.",
+    )
+    expires_at: AwareDatetime | None = Field(
+        None,
+        description="When the key stops working; null: never. In the past: 400 "
+        "`invalid_expires_at`.",
+    )
+
+
+class ApiKeyOut(Schema):
+    """A key as its account's owner sees it: never its secret (nor its hash)."""
+
+    id: int
+    name: str
+    # The key's first characters, as it starts: enough to recognise it.
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    # To the minute (it is not written on every request).
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str | None = Field(
+        description="The whole key, for the API key header or `Authorization: Bearer`. "
+        "Shown this once: only its prefix and a hash are kept. Null in the replay of a "
+        "retry with the same Idempotency-Key (no second key was made): if the first "
+        "response was lost, revoke that key and create another."
+    )
+
+
+class ApiKeyListOut(Schema):
+    """Newest first, revoked and expired keys too."""
+
+    items: list[ApiKeyOut]

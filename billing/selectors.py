@@ -1,4 +1,4 @@
-"""Reads of billing: what an account has spent and may still spend.
+"""Reads of billing: an account's API keys; what an account has spent and may still spend.
 
 Days and months are UTC, like the limits they are checked against."""
 
@@ -10,8 +10,35 @@ from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from .models import Account, DailySpend, UsageRecord
+from agentsite.errors import ApplicationError
+
+from .models import Account, ApiKey, DailySpend, Membership, UsageRecord
 from .quotas import AccountLimits, account_limits
+
+
+def account_get_owned(*, account_id: int, user_id: int) -> Account:
+    """The account, if the user is its owner; a member who is not: 403 `not_account_owner`."""
+    account = Account.objects.filter(
+        pk=account_id, memberships__user_id=user_id, memberships__role=Membership.Role.OWNER
+    ).first()
+    if account is None:
+        raise ApplicationError(
+            "not_account_owner", "Only the account's owner may do this.", http_status=403
+        )
+    return account
+
+
+def api_key_list(*, account: Account) -> QuerySet[ApiKey]:
+    """The account's keys, revoked and expired ones too, newest first."""
+    return ApiKey.objects.filter(account=account).order_by("-created_at", "-id")
+
+
+def api_key_get(*, account: Account, api_key_id: int) -> ApiKey:
+    """One of the account's keys; another account's is not found, like a missing one."""
+    try:
+        return ApiKey.objects.get(account=account, pk=api_key_id)
+    except ApiKey.DoesNotExist as error:
+        raise ApplicationError("not_found", "There is no such API key.", http_status=404) from error
 
 
 @dataclass(frozen=True)

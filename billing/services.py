@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from agentsite.cache import cache_versioned_get
 from agentsite.errors import ApplicationError
+from agentsite.text import UNSTORABLE
 
 from .cache import BILLING_CACHE
 from .models import Account, ApiKey, Membership, Plan
@@ -84,6 +85,24 @@ def api_key_scopes_clean(*, scopes: Sequence[str]) -> list[str]:
     return cleaned
 
 
+def api_key_name_clean(*, name: str) -> str:
+    """The name as stored: stripped; a blank or unstorable one is refused."""
+    name = name.strip()
+    if not name or UNSTORABLE.search(name):
+        raise ApplicationError(
+            "invalid_name",
+            "A key's name must not be blank, nor hold a NUL character or an unpaired surrogate.",
+        )
+    return name
+
+
+def api_key_expiry_clean(*, expires_at: datetime | None) -> datetime | None:
+    """A key made to expire must expire in the future: one already expired is a mistake."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError("invalid_expires_at", "A key's expiry must be in the future.")
+    return expires_at
+
+
 def api_key_create(
     *,
     account: Account,
@@ -99,6 +118,8 @@ def api_key_create(
             "invalid_request", f"{created_by} is not a member of the account {account}."
         )
     cleaned_scopes = api_key_scopes_clean(scopes=scopes)
+    name = api_key_name_clean(name=name)
+    expires_at = api_key_expiry_clean(expires_at=expires_at)
     # 32 bits of prefix: a collision is rare but possible, so retry rather than fail.
     for _ in range(5):
         prefix = f"ak_{secrets.token_hex(4)}"

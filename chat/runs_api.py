@@ -20,7 +20,12 @@ from ninja import Header, Query, Router, Schema, Status
 from agentsite.api_errors import errors
 from agentsite.auth import Principal, owned_or_404, require_scope
 from agentsite.errors import ApplicationError
-from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request, json_response
+from agentsite.idempotency.http import (
+    REPLAYED_HEADER,
+    idempotency_key_parameter,
+    idempotent_request,
+    json_response,
+)
 from agentsite.idempotency.services import (
     IdempotentRequest,
     StoredResponse,
@@ -58,19 +63,24 @@ _EVENT_STREAM = (
     "a comment line after 15 s of silence. The stream ends after the run's final event "
     "(`run.completed`, `run.failed`, `run.cancelled`, ...)."
 )
-_SSE_CONTENT = {"text/event-stream": {"schema": {"$ref": "#/components/schemas/RunEvent"}}}
-_IDEMPOTENCY_KEY = {
-    "in": "header",
-    "name": "Idempotency-Key",
-    "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-    "description": (
-        "Retry safely: a retry with the same key and body gets the first response again "
-        "(header `Idempotent-Replayed: true`) and starts nothing. 422: the key was used for "
-        "another request; 409: the first is still answering (`wait`, `stream`: until its "
-        "run is over). Keys are the account's for 24 hours; 1 to 255 printable ASCII "
-        "characters (a UUID, say)."
-    ),
+# Before OpenAPI 3.2 an event stream's `schema` describes one event (its `id`, `event` and
+# `data` fields), not the payload; the payload is the data's JSON: `contentSchema`.
+_SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "description": "The event's seq."},
+                "event": {"type": "string", "description": "The event's type."},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/RunEvent"},
+                },
+            },
+        }
+    }
 }
 
 
@@ -78,7 +88,12 @@ _IDEMPOTENCY_KEY = {
     "/conversations/{conversation_id}/runs",
     response={200: RunOut, 202: RunOut, **errors(400, 401, 403, 404, 409, 413, 422, 429)},
     openapi_extra={
-        "parameters": [_IDEMPOTENCY_KEY],
+        "parameters": [
+            idempotency_key_parameter(
+                in_flight="409: the first is still answering (`wait`, `stream`: until its "
+                "run is over)."
+            )
+        ],
         "responses": {
             200: {
                 "description": f"`wait`: the finished run. `stream`: {_EVENT_STREAM}",
@@ -160,7 +175,7 @@ async def _over(run_id: UUID) -> None:
 
 @router.get(
     "/runs/{run_id}",
-    response={200: RunOut, **errors(401, 403, 404, 429)},
+    response={200: RunOut, **errors(401, 403, 404, 422, 429)},
     url_name="run_get",
 )
 def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
@@ -168,7 +183,9 @@ def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     return run_out(_run_get(require_scope(request, SCOPE), run_id))
 
 
-@router.post("/runs/{run_id}/cancel", response={202: RunOut, **errors(401, 403, 404, 409, 429)})
+@router.post(
+    "/runs/{run_id}/cancel", response={202: RunOut, **errors(401, 403, 404, 409, 422, 429)}
+)
 def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
     """Stop a run under way (its spending stops at once); 202 with the run as it was
     when asked: its final event and status follow. 409 if it is over already."""

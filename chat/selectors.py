@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from agentsite.errors import ApplicationError
+from agentsite.pagination import Page, PageParams, paginate
 from billing.display import BudgetDisplay, BudgetLeft, budget_display, budget_left_for_user
 
 from .agent.models import model_info
@@ -14,6 +15,17 @@ from .models import Conversation, Message, Run
 
 def conversation_list(*, owner: User) -> QuerySet[Conversation]:
     return Conversation.objects.filter(owner=owner)
+
+
+def conversation_page(*, owner: User, params: PageParams) -> Page[Conversation]:
+    """The owner's conversations, newest first by creation: a conversation that gets a
+    message does not move, so walking the pages never skips or repeats one."""
+    return paginate(
+        conversation_list(owner=owner),
+        ordering=("-created_at", "-id"),
+        params=params,
+        salt="chat.conversations",
+    )
 
 
 def conversation_get(*, user: User | AnonymousUser, conversation_id: UUID | str) -> Conversation:
@@ -29,6 +41,16 @@ def conversation_get(*, user: User | AnonymousUser, conversation_id: UUID | str)
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:
     return conversation.messages.all()
+
+
+def message_page(*, conversation: Conversation, params: PageParams) -> Page[Message]:
+    """The conversation's messages in the order it reads (oldest first)."""
+    return paginate(
+        message_list(conversation=conversation),
+        ordering=("created_at", "id"),
+        params=params,
+        salt=f"chat.messages:{conversation.id}",
+    )
 
 
 def run_get_active(*, conversation: Conversation) -> Run | None:

@@ -38,10 +38,17 @@ DEFAULT_TITLE = "New conversation"
 
 
 def conversation_create(
-    *, owner: User, title: str = "", source: Conversation.Source = Conversation.Source.BROWSER
+    *,
+    owner: User,
+    title: str | None = None,
+    source: Conversation.Source = Conversation.Source.BROWSER,
 ) -> Conversation:
+    """A new conversation; without a title, a placeholder that the first message
+    replaces. A title given is held to `_clean_title`'s rules, an empty one too."""
     return Conversation.objects.create(
-        owner=owner, title=_clean_title(title or DEFAULT_TITLE), source=source
+        owner=owner,
+        title=_clean_title(DEFAULT_TITLE if title is None else title),
+        source=source,
     )
 
 

@@ -258,12 +258,15 @@ def test_the_history_sent_is_stored_with_the_run(server: Server) -> None:
         timeout=WAIT,
     ).json()
     assert read["answer"] == stored[3][2] == raw.parse().choices[0].message.content
-    assert [(m["role"], m["imported"]) for m in read["messages"]] == [
-        ("user", True),
-        ("assistant", True),
-        ("user", False),
-        ("assistant", False),
-    ]
+    marked = [("user", True), ("assistant", True), ("user", False), ("assistant", False)]
+    assert [(m["role"], m["imported"]) for m in read["messages"]] == marked
+    conversation = httpx.get(
+        f"{server.url}/api/v1/conversations/{raw.headers['x-agentsite-conversation']}",
+        headers={"Authorization": f"Bearer {server.keys['alice']}"},
+        timeout=WAIT,
+    ).json()
+    assert conversation["source"] == "openai"
+    assert [(m["role"], m["imported"]) for m in conversation["messages"]["items"]] == marked
 
 
 def test_a_request_bound_to_a_conversation_continues_it(server: Server) -> None:

@@ -6,9 +6,11 @@ conversation, an API key) needs one call:
     return idempotent_response(request, caller=principal(request), create=lambda: StoredResponse(
         201, ThingOut.from_orm(thing_create(...)).model_dump()))
 
-and declares 400 and 422 (and 409) among its errors, and the `Idempotency-Key` header."""
+and declares 400 and 422 (and 409) among its errors, and the `Idempotency-Key` header
+(`openapi_extra={"parameters": [idempotency_key_parameter()]}`)."""
 
 from collections.abc import Callable
+from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -25,6 +27,23 @@ from .services import (
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def idempotency_key_parameter(*, in_flight: str = "") -> dict[str, Any]:
+    """The `Idempotency-Key` header as an OpenAPI parameter of an operation that honours
+    it; `in_flight`: when that operation answers 409 `idempotency_in_flight`, if it can."""
+    return {
+        "in": "header",
+        "name": HEADER,
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "description": (
+            "Retry safely: a retry with the same key and body gets the first response "
+            "again (header `Idempotent-Replayed: true`) and creates nothing. 422: the key "
+            f"was used for another request.{' ' + in_flight if in_flight else ''} Keys are "
+            "the account's for 24 hours; 1 to 255 printable ASCII characters (a UUID, say)."
+        ),
+    }
 
 
 def idempotent_request(

@@ -10,6 +10,7 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from billing.models import ApiKey
 from billing.services import account_for_user, api_key_create, api_key_revoke
 from chat import services as chat_services
 from conftest import account_with_limits
@@ -78,7 +79,9 @@ def test_missing_invalid_revoked_and_expired_keys_get_distinct_401s(make_user, s
     revoked, raw_revoked = make_key(user)
     api_key_revoke(api_key=revoked)
     error_of(get(raw_revoked), 401, "api_key_revoked")
-    _, raw_expired = make_key(user, expires_at=timezone.now() - timedelta(seconds=1))
+    expired, raw_expired = make_key(user, expires_at=timezone.now() + timedelta(seconds=1))
+    # Made to expire in the future (the service refuses a past expiry); it has since.
+    ApiKey.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     error_of(get(raw_expired), 401, "api_key_expired")
 
 

@@ -277,3 +277,26 @@ def test_a_key_stops_working_when_its_user_moves_to_another_account(make_user):
     assert response.json()["error"]["message"] == (
         "The API key's user no longer belongs to the key's account."
     )
+
+
+def test_a_key_made_to_expire_in_the_past_is_refused_by_the_service_and_the_admin(make_user):
+    user = make_user()
+    with pytest.raises(ApplicationError) as refused:
+        make_key(user, expires_at=timezone.now() - timedelta(minutes=1))
+    assert refused.value.code == "invalid_expires_at"
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    client = Client()
+    client.force_login(admin)
+    response = client.post(
+        reverse("admin:billing_apikey_add"),
+        {
+            "created_by": user.id,
+            "name": "stale",
+            "scopes": ["runs"],
+            "expires_at_0": "2020-01-01",
+            "expires_at_1": "00:00:00",
+        },
+    )
+    assert response.status_code == 200  # the form again, with the error
+    assert b"must be in the future" in response.content
+    assert not ApiKey.objects.exists()

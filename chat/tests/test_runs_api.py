@@ -524,14 +524,25 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     assert "text/event-stream" in events["responses"]["200"]["content"]
     assert {p["name"] for p in events["parameters"]} >= {"Last-Event-ID", "after_seq"}
     run = paths["/api/v1/runs/{run_id}"]["get"]
-    assert set(run["responses"]) == statuses(200, 401, 403, 404, 429)
+    assert set(run["responses"]) == statuses(200, 401, 403, 404, 422, 429)
     cancel = paths["/api/v1/runs/{run_id}/cancel"]["post"]
-    assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 429)
+    assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 422, 429)
     assert {op["tags"][0] for op in (create, events, cancel, run)} == {"runs"}
     # The events the streams carry are in the schema, every type of them.
+    # Each event (OpenAPI 3.1: the stream's schema is one event's): its data is a RunEvent.
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
-    assert stream == {"$ref": "#/components/schemas/RunEvent"}
+    assert stream["properties"]["data"]["contentSchema"] == {
+        "$ref": "#/components/schemas/RunEvent"
+    }
     event_types = schema["components"]["schemas"]["RunEvent"]["discriminator"]["mapping"]
     assert {"run.started", "token", "run.completed", "run.cancelled"} <= set(event_types)
     for ref in event_types.values():
         assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
+
+
+async def test_a_malformed_run_id_is_the_declared_422(alice):
+    """Found by schemathesis: a run id that is no UUID was answered 422, undeclared."""
+    for method, path in [("get", "/api/v1/runs/not-a-uuid"), ("post", "/api/v1/runs/x/cancel")]:
+        response = await getattr(alice.client, method)(path)
+        assert response.status_code == 422, (path, response.content)
+        assert response.json()["error"]["code"] == "invalid_request"
