@@ -325,8 +325,8 @@ _cancelling: set[asyncio.Task[Any]] = set()
 def _cancel_in_background(run: Run) -> None:
     # Not awaited here: this request's task is being cancelled (the client left).
     async def cancel() -> None:
-        # An ApplicationError: it ended meanwhile.
-        with contextlib.suppress(ApplicationError):
+        # It ended meanwhile (ApplicationError), or went with its conversation.
+        with contextlib.suppress(ApplicationError, Conversation.DoesNotExist):
             await database_sync_to_async(
                 lambda: services.run_cancel(conversation=run.conversation, run_id=run.id)
             )()
