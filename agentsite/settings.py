@@ -236,9 +236,16 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-# Browser apps on these origins may call the JSON API (and only the API).
+# Browser apps on these origins may call the JSON API and the OpenAI-compatible one
+# (and nothing else), and read the headers that link an answer to its run.
 CORS_ALLOWED_ORIGINS = env.list("AGENT_CORS_ORIGINS", default=[])
-CORS_URLS_REGEX = r"^/api/.*$"
+CORS_URLS_REGEX = r"^/(api|openai)/.*$"
+CORS_EXPOSE_HEADERS = [
+    "Retry-After",
+    "X-Agentsite-Run",
+    "X-Agentsite-Trace",
+    "X-Agentsite-Conversation",
+]
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:index"

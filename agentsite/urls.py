@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 
+from chat.openai_compat import api as openai_api
+
 from .api import api
 from .api_errors import route_not_found
 from .health import healthz, readyz
@@ -12,6 +14,8 @@ urlpatterns = [
     path("api/", api.urls),
     # Any other path under /api/: a 404 in the API's error shape, not the HTML page.
     re_path(r"^api/(?P<rest>.*)$", route_not_found),
+    path("openai/v1/", openai_api.api.urls),
+    re_path(r"^openai/(?P<rest>.*)$", openai_api.route_not_found),
     path("metrics", metrics_view, name="metrics"),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),

@@ -12,7 +12,7 @@ from .models import Conversation, Message, Run
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("created_at", "role", "content", "tool", "run")
+    fields = ("created_at", "role", "imported", "content", "tool", "run")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -38,8 +38,8 @@ class RunInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("title", "owner", "created_at", "updated_at")
-    list_filter = ("created_at",)
+    list_display = ("title", "owner", "source", "created_at", "updated_at")
+    list_filter = ("source", "created_at")
     search_fields = ("title", "owner__username", "id")
     readonly_fields = ("id", "created_at", "updated_at")
     list_select_related = ("owner",)

@@ -35,7 +35,7 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, PositiveIntegerField, Value, When
+from django.db.models import Case, F, PositiveIntegerField, Q, Value, When
 from django.utils import timezone
 
 from agentsite.text import text_storable
@@ -100,6 +100,8 @@ class StartedRun:
     run: Run  # its conversation and API key selected with it
     account_id: int
     user_message: Message | None
+    # Earlier turns the caller brought with the message (`Message.imported`), in order.
+    history: list[Message]
 
 
 def run_start(*, run_id: UUID) -> StartedRun | None:
@@ -117,10 +119,13 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
         return None
     # Its key with it: the budget names it on every ledger row.
     run = Run.objects.select_related("conversation", "api_key").get(id=run_id)
+    # Nearly always the user's message alone: one query for it and any history.
+    given = list(run.messages.filter(Q(imported=True) | Q(role=Message.Role.USER)))
     return StartedRun(
         run=run,
         account_id=account_quotas_for_user(user_id=run.conversation.owner_id).account_id,
-        user_message=run.messages.filter(role=Message.Role.USER).first(),
+        user_message=next((m for m in given if not m.imported), None),
+        history=[m for m in given if m.imported],
     )
 
 
@@ -331,7 +336,7 @@ def run_close(
 
 def run_final_event_rebuilt(*, run: Run) -> Event:
     """The final event of a finished run, rebuilt from the database (its log is gone)."""
-    answers = list(run.messages.filter(role=Message.Role.ASSISTANT))
+    answers = list(run.messages.filter(role=Message.Role.ASSISTANT, imported=False))
     return _final_event(run, answers)
 
 

@@ -8,11 +8,19 @@ from django.utils import timezone
 
 
 class Conversation(models.Model):
+    class Source(models.TextChoices):
+        """Where it was started: the chat page, or an OpenAI client (`chat.openai_api`),
+        whose conversations are created one per request unless it binds to one."""
+
+        BROWSER = "browser"
+        OPENAI = "openai", "OpenAI client"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, default="New conversation")
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.BROWSER)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -80,6 +88,9 @@ class Run(models.Model):
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    # The caller's own instructions (an OpenAI client's system messages), given to the
+    # model after the agent's system prompt, never instead of it.
+    instructions = models.TextField(blank=True)
     # The lease (chat.lifecycle): which process holds the run and until when. Kept once
     # the run is over: for an interrupted run it says whose process stopped, and when.
     lease_owner = models.CharField(max_length=200, blank=True)
@@ -133,6 +144,10 @@ class Message(models.Model):
     content = models.TextField(blank=True)
     # Tool messages: {"tool_call_id", "name", "args", "result", "is_error"}.
     tool = models.JSONField(null=True, blank=True)
+    # A turn of earlier conversation the caller brought with the run's message (an
+    # OpenAI client sends the whole history with every request): fed to the agent
+    # before it, never written by the run, even in the assistant role.
+    imported = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -267,7 +267,11 @@ def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingH
 def run_out(run: Run) -> dict[str, Any]:
     """The run as RunOut's data (also what an Idempotency-Key stores)."""
     messages = list(run.messages.all())
-    answers = [m.content for m in messages if m.role == Message.Role.ASSISTANT and m.content]
+    answers = [
+        m.content
+        for m in messages
+        if m.role == Message.Role.ASSISTANT and m.content and not m.imported
+    ]
     data = {
         "id": run.id,
         "conversation": run.conversation_id,
@@ -280,6 +284,7 @@ def run_out(run: Run) -> dict[str, Any]:
                 "role": m.role,
                 "content": m.content,
                 "tool": m.tool,
+                "imported": m.imported,
                 "created_at": m.created_at,
             }
             for m in messages

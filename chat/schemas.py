@@ -8,7 +8,7 @@ from ninja import Field, Schema
 
 from agentsite.schemas import BodyIn
 
-from .models import Message
+from .models import Conversation, Message
 from .services import TITLE_MAX_CHARS
 
 _TITLE_RULES = (
@@ -32,6 +32,8 @@ class ConversationRenameIn(BodyIn):
 class ConversationOut(Schema):
     id: UUID
     title: str
+    # "openai": started by the OpenAI-compatible endpoint, one per request unless bound.
+    source: Conversation.Source
     created_at: datetime
     # Moves when a message is sent or answered, or the conversation renamed.
     updated_at: datetime
@@ -60,6 +62,9 @@ class MessageOut(Schema):
     tool: ToolCallOut | None
     # The run that wrote (or, for the user's message, was started by) the message.
     run_id: UUID | None
+    # Earlier conversation an OpenAI client sent with its message: the run's input, not
+    # its output, whatever the role.
+    imported: bool
     created_at: datetime
 
 
@@ -107,6 +112,9 @@ class RunMessageOut(Schema):
     content: str
     # Tool messages: {"tool_call_id", "name", "args", "result", "is_error"}.
     tool: dict[str, Any] | None
+    # Earlier conversation its caller sent with the message (the OpenAI-compatible
+    # endpoint): the run's input, not its output, whatever the role.
+    imported: bool
     created_at: datetime
 
 

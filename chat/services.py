@@ -1,9 +1,10 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Literal
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
@@ -36,11 +37,18 @@ TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
 
 
-def conversation_create(*, owner: User, title: str | None = None) -> Conversation:
+def conversation_create(
+    *,
+    owner: User,
+    title: str | None = None,
+    source: Conversation.Source = Conversation.Source.BROWSER,
+) -> Conversation:
     """A new conversation; without a title, a placeholder that the first message
     replaces. A title given is held to `_clean_title`'s rules, an empty one too."""
     return Conversation.objects.create(
-        owner=owner, title=_clean_title(DEFAULT_TITLE if title is None else title)
+        owner=owner,
+        title=_clean_title(DEFAULT_TITLE if title is None else title),
+        source=source,
     )
 
 
@@ -95,6 +103,17 @@ def _clean_message(content: object) -> str:
     return content
 
 
+def _clean_part(content: object, **where: Any) -> str:
+    """`_clean_message` for a part of a run's input other than its message, its error
+    saying `where` (a turn of history, the instructions)."""
+    try:
+        return _clean_message(content)
+    except ApplicationError as error:
+        raise ApplicationError(
+            error.code, error.message, error.http_status, **error.extra, **where
+        ) from error
+
+
 def _unstorable_message(what: str) -> str:
     return (
         f"The {what} contains a character that cannot be stored (a NUL character or an "
@@ -129,10 +148,21 @@ def conversation_join(
     return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A turn of earlier conversation a caller brings with its message (an OpenAI client
+    sends the whole history with every request)."""
+
+    role: Literal["user", "assistant"]
+    content: object
+
+
 def run_create(
     *,
     conversation: Conversation,
     content: object,
+    history: Sequence[Turn] = (),
+    instructions: str = "",
     count_request: bool = False,
     api_key_id: int | None = None,
 ) -> Run:
@@ -140,6 +170,13 @@ def run_create(
     `count_request`: count it against the account's requests per minute first (the chat
     socket's messages; nothing else has counted them). `api_key_id`: the key whose
     request started it (None: the browser), recorded on the run and its ledger rows.
+
+    `history`: earlier turns the agent has not seen, stored with the run (`imported`)
+    and fed to it before the message; for a conversation whose agent memory is empty
+    (the caller keeps the history, not us). `instructions`: the caller's own, given to
+    the model after the agent's system prompt (see `Run.instructions`). A turn that is
+    not valid text is refused like the message, its error naming it (`turn`: its index;
+    `instructions`: true).
 
     One transaction of five statements (six on PostgreSQL), nearly always: what is
     rare (a run whose process died, a hold its run left) costs more only when it is
@@ -151,7 +188,13 @@ def run_create(
         else account_quotas_for_user(user_id=owner)
     )
     text = _clean_message(content)
-    title = _clean_title(text[:60])
+    turns = [
+        (turn.role, _clean_part(turn.content, turn=index)) for index, turn in enumerate(history)
+    ]
+    if instructions:
+        instructions = _clean_part(instructions, instructions=True)
+    first = next((said for role, said in turns if role == Message.Role.USER), text)
+    title = _clean_title(first[:60])
     with transaction.atomic():
         # The account first, as every writer of its budget does (no deadlocks); then the
         # conversation's row (this update locks it), so two tabs cannot start two runs
@@ -186,13 +229,52 @@ def run_create(
             conversation_id=conversation.id,
             api_key_id=api_key_id,
             model=model_info().name,
+            instructions=instructions,
             **lifecycle.run_queued_lease(),
         )
-        Message.objects.create(
-            conversation_id=conversation.id, run=run, role=Message.Role.USER, content=text
+        # In this order: the conversation reads them by creation.
+        Message.objects.bulk_create(
+            [
+                *(
+                    Message(
+                        conversation_id=conversation.id,
+                        run=run,
+                        role=role,
+                        content=said,
+                        imported=True,
+                    )
+                    for role, said in turns
+                ),
+                Message(
+                    conversation_id=conversation.id, run=run, role=Message.Role.USER, content=text
+                ),
+            ]
         )
         transaction.on_commit(lambda: get_executor().submit(run.id))
     return run
+
+
+def conversation_start(
+    *,
+    owner: User,
+    source: Conversation.Source,
+    content: object,
+    history: Sequence[Turn] = (),
+    instructions: str = "",
+    api_key_id: int | None = None,
+) -> Run:
+    """A new conversation and the run answering its first message (see `run_create`),
+    in one transaction: a run refused (a limit, bad input) leaves no empty conversation
+    behind."""
+    with transaction.atomic():
+        conversation = conversation_create(owner=owner, source=source)
+        return run_create(
+            conversation=conversation,
+            content=content,
+            history=history,
+            instructions=instructions,
+            api_key_id=api_key_id,
+        )
 
 
 def _runs_under_way(*, account_id: int, conversation_id: UUID) -> dict[str, int]:

@@ -23,7 +23,7 @@ from .context import Context
 from .errors import ProviderError
 from .history import fit_to_budget, skipped_tool_result
 from .models import load_chat_model, output_cap
-from .prompts import STEP_LIMIT_MESSAGE, SYSTEM_PROMPT
+from .prompts import CALLER_INSTRUCTIONS, STEP_LIMIT_MESSAGE, SYSTEM_PROMPT
 from .replies import invalid_tool_result, reply_from_stream, stopped_at_output_cap
 from .state import State
 from .tools import TOOLS, ToolInputError
@@ -41,7 +41,10 @@ def make_model_node(load_model: ModelFactory) -> Callable[..., Awaitable[State]]
         model = chat_model.bind_tools(TOOLS)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         history = fit_to_budget(state["messages"], runtime.context.context_tokens)
-        prompt = [SystemMessage(SYSTEM_PROMPT.format(now=now)), *history]
+        system = SYSTEM_PROMPT.format(now=now)
+        if state.get("instructions"):
+            system += CALLER_INSTRUCTIONS.format(instructions=state["instructions"])
+        prompt = [SystemMessage(system), *history]
         # The call's id is its LLM span's id: the ledger row and the trace share it.
         call_id = uuid.uuid4()
         if budget is None:

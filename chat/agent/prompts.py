@@ -5,6 +5,15 @@ current_time tool for anything about the current date or time. Answer in Markdow
 
 The current UTC time is {now}."""
 
+# After the system prompt, when the caller gave instructions of its own (an OpenAI
+# client's system message): they shape the answers, but do not replace ours.
+CALLER_INSTRUCTIONS = """
+
+Whoever you are talking with gave you these instructions; follow them where they do not
+conflict with the above:
+
+{instructions}"""
+
 STEP_LIMIT_MESSAGE = (
     "I stopped after {steps} steps, the most one run may take (AGENT_MAX_STEPS), before "
     "reaching an answer. Ask me to continue, or raise the limit."

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 
 from agentsite import metrics
 from agentsite.logging import run_id_var
@@ -23,7 +23,7 @@ from billing.budget import BudgetExceeded
 from chat import lifecycle
 from chat.events import RunEventStream
 from chat.metrics import run_end_observe, tool_call_observe
-from chat.models import Run
+from chat.models import Message, Run
 from chat.run_outcome import RunOutcome, ToolFinished
 from tracing.capture import RunTracer
 
@@ -70,7 +70,7 @@ async def execute_run(run_id: UUID) -> None:
         )
         logger.info("run %s started", run_id)
         async with deadline:
-            await _drive_graph(context, message.content if message else "", stream, outcome, tracer)
+            await _drive_graph(context, _graph_input(start), stream, outcome, tracer)
     except asyncio.CancelledError:
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
     except BudgetExceeded as error:
@@ -172,9 +172,29 @@ def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
         )
 
 
+def _graph_input(start: lifecycle.StartedRun) -> State:
+    """What the run adds to its conversation's memory: the user's message, after any
+    earlier turns the caller brought (the agent has not seen them), and the caller's
+    instructions, which stay with the conversation until a run brings others."""
+    turns: list[AnyMessage] = [
+        HumanMessage(content=m.content)
+        if m.role == Message.Role.USER
+        else AIMessage(content=m.content)
+        for m in start.history
+    ]
+    message = start.user_message
+    graph_input: State = {
+        "messages": [*turns, HumanMessage(content=message.content if message else "")],
+        "steps": 0,
+    }
+    if start.run.instructions:
+        graph_input["instructions"] = start.run.instructions
+    return graph_input
+
+
 async def _drive_graph(
     context: Context,
-    content: str,
+    graph_input: State,
     stream: RunEventStream,
     outcome: RunOutcome,
     tracer: RunTracer | None,
@@ -185,7 +205,6 @@ async def _drive_graph(
         "recursion_limit": settings.AGENT_MAX_STEPS * 3 + 10,
         "callbacks": [tracer] if tracer is not None else [],
     }
-    graph_input: State = {"messages": [HumanMessage(content=content)], "steps": 0}
     async with checkpointer() as saver:
         parts = agent_graph(saver).astream(
             graph_input,

@@ -9,3 +9,5 @@ class State(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     # Model calls made in the current run; each run's input resets it to 0.
     steps: int
+    # The caller's own instructions (`Run.instructions`), after the system prompt.
+    instructions: str

@@ -73,8 +73,8 @@ def test_create_without_a_title_gives_the_placeholder_and_with_one_cleans_it(ali
     plain = send(client, "post", BASE, {})
     assert plain.status_code == 201, plain.content
     body = plain.json()
-    assert body["title"] == "New conversation"
-    assert set(body) == {"id", "title", "created_at", "updated_at"}
+    assert body["title"] == "New conversation" and body["source"] == "browser"
+    assert set(body) == {"id", "title", "source", "created_at", "updated_at"}
     titled = send(client, "post", BASE, {"title": "  Plans   for\tMay "})
     assert titled.status_code == 201 and titled.json()["title"] == "Plans for May"
     assert Conversation.objects.filter(owner=alice).count() == 2
@@ -156,7 +156,15 @@ def test_get_returns_the_conversation_with_its_first_page_of_messages(alice):
     assert messages["items"][1]["tool"] == tool
     assert messages["items"][0]["tool"] is None
     assert {m["run_id"] for m in messages["items"]} == {str(run.id)}
-    assert set(messages["items"][0]) == {"id", "role", "content", "tool", "run_id", "created_at"}
+    assert set(messages["items"][0]) == {
+        "id",
+        "role",
+        "content",
+        "tool",
+        "run_id",
+        "imported",
+        "created_at",
+    }
 
 
 def test_messages_page_oldest_first_and_the_detail_hands_over_to_them(alice):

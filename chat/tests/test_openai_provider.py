@@ -2,6 +2,7 @@
 langchain-openai and the openai SDK for real, against a real local HTTP server speaking
 the Chat Completions wire format. The server is the only fake."""
 
+import asyncio
 import json
 import socket as sockets
 from decimal import Decimal
@@ -23,7 +24,7 @@ from chat.tests.provider_helpers import (
     streamed_text,
     unanswered_tool_calls,
 )
-from conftest import account_with_limits
+from conftest import account_with_limits, wait_for_runs
 from tests.fakes.base import split_tokens
 from tests.fakes.openai_server import FakeOpenAIServer
 from tracing.models import Span
@@ -461,3 +462,75 @@ async def test_a_call_the_budget_cannot_fully_cover_is_made_with_a_lower_output_
         "requested": settings.AGENT_MAX_TOKENS,
         "granted": cap,
     }
+
+
+# -- a run that brings earlier turns (the OpenAI-compatible endpoint's) -------------------
+
+
+async def test_a_run_feeds_the_history_it_brings_and_the_callers_instructions(llm, make_user):
+    from chat import lifecycle, services
+
+    user = await database_sync_to_async(make_user)()
+    await database_sync_to_async(account_with_limits)(user)
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    llm.text("Sixteen.")
+    history = [
+        services.Turn("user", "Let us count in English words."),
+        services.Turn("assistant", "Fine: one, two, three."),
+    ]
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation,
+        content="What comes after fifteen?",
+        history=history,
+        instructions="Answer in one word.",
+    )
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    sent = llm.requests[0].messages
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert sent[0]["content"].startswith(SYSTEM_PROMPT_START)
+    assert sent[0]["content"].endswith("Answer in one word.")
+    assert [m["content"] for m in sent[1:]] == [
+        "Let us count in English words.",
+        "Fine: one, two, three.",
+        "What comes after fifteen?",
+    ]
+    await run.arefresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+    await conversation.arefresh_from_db()
+    assert conversation.title == "Let us count in English words."
+    stored = [
+        (m.role, m.imported, m.content)
+        async for m in Message.objects.filter(conversation=conversation)
+    ]
+    assert stored == [
+        ("user", True, "Let us count in English words."),
+        ("assistant", True, "Fine: one, two, three."),
+        ("user", False, "What comes after fifteen?"),
+        ("assistant", False, "Sixteen."),
+    ]
+    # The run's own answer is what it wrote, not the turns it was given.
+    rebuilt = await database_sync_to_async(lifecycle.run_final_event_rebuilt)(run=run)
+    assert [m["content"] for m in rebuilt["messages"]] == ["Sixteen."]
+
+
+async def test_a_turn_of_history_that_is_not_text_is_refused_by_its_index(make_user):
+    from agentsite.errors import ApplicationError
+    from chat import services
+
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    with pytest.raises(ApplicationError) as refused:
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation,
+            content="And now?",
+            history=[services.Turn("user", "Hi"), services.Turn("assistant", "  ")],
+        )
+    assert refused.value.code == "empty_message"
+    assert refused.value.extra == {"turn": 1}
+    with pytest.raises(ApplicationError) as refused:
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="And now?", instructions="x" * 9000
+        )
+    assert (refused.value.code, refused.value.extra) == ("message_too_long", {"instructions": True})
+    assert not await Run.objects.filter(conversation=conversation).aexists()

@@ -211,3 +211,15 @@ def test_a_run_stopped_by_the_budget_says_so_in_the_history(client, make_user):
     footer = html[html.index('<div class="run-footer budget_exceeded"') :]
     assert '<span class="run-status">Budget reached</span>' in footer
     assert "The account&#x27;s daily budget of $0.00001 is used up." in footer
+
+
+def test_conversations_an_openai_client_started_are_marked_in_the_list(client, make_user):
+    user = make_user()
+    client.force_login(user)
+    mine = services.conversation_create(owner=user, title="Typed here")
+    services.conversation_create(
+        owner=user, title="Sent by a program", source=Conversation.Source.OPENAI
+    )
+    page = client.get(reverse("chat:conversation", args=[mine.id])).content.decode()
+    marked = re.findall(r'<span class="source">API</span> ([^<]+)</a>', page)
+    assert marked == ["Sent by a program"]

@@ -1,0 +1,146 @@
+"""What the OpenAI-compatible endpoint does that a real client cannot time: a client that
+leaves while its run is being created, a conversation deleted while it answers
+(tests/test_openai_api.py drives the rest with the openai SDK against a real server)."""
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.test import AsyncClient
+
+from billing.services import account_for_user, api_key_create
+from chat import services
+from chat.events import Frame, follow
+from chat.models import Conversation, Run
+from chat.openai_compat import api, wire
+from conftest import wait_for_runs
+
+
+async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monkeypatch):
+    created = threading.Event()
+    run = object()
+
+    def create_slowly() -> object:
+        created.wait(30)
+        return run
+
+    stopped: list[object] = []
+    stopping = asyncio.Event()
+
+    def stop(run: object) -> None:
+        stopped.append(run)
+        stopping.set()
+
+    monkeypatch.setattr(api, "_cancel_in_background", stop)
+    request = asyncio.create_task(api._started(sync_to_async(create_slowly)()))
+    await asyncio.sleep(0)  # the request is waiting for its run
+
+    request.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert stopped == []  # nothing to stop yet
+    created.set()
+    await asyncio.wait_for(stopping.wait(), timeout=30)
+    assert stopped == [run]
+
+
+@pytest.mark.django_db
+def test_its_schema_is_its_own_and_declares_its_errors(client):
+    schema = client.get("/openai/v1/openapi.json").json()
+    assert sorted(schema["paths"]) == [
+        "/openai/v1/chat/completions",
+        "/openai/v1/models",
+        "/openai/v1/models/{model_id}",
+    ]
+    declared = schema["paths"]["/openai/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "409", "429", "502"} <= set(declared)
+    assert "/openai/v1/models" not in client.get("/api/openapi.json").json()["paths"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_conversation_deleted_while_it_answers_ends_the_request_as_a_cancel(
+    make_user, settings, monkeypatch
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05  # an answer of seconds
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_for_user)(user_id=user.pk)
+    _, key = await database_sync_to_async(api_key_create)(
+        account=account, created_by=user, name="k", scopes=["runs"]
+    )
+    runs: list[Run] = []
+    started = threading.Event()
+    run_start = api._run_start
+
+    def recorded(**kwargs: object) -> Run:
+        runs.append(run_start(**kwargs))  # type: ignore[arg-type]
+        started.set()
+        return runs[0]
+
+    monkeypatch.setattr(api, "_run_start", recorded)
+    asking = asyncio.create_task(
+        AsyncClient().post(
+            "/openai/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Tell me everything. " * 20}]},
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    )
+    assert await asyncio.to_thread(started.wait, 30)
+    async for frame in follow(runs[0].id):
+        if frame is not None and frame.type == "token":
+            break  # it is answering
+    conversation = await Conversation.objects.aget(owner=user)
+
+    await database_sync_to_async(services.conversation_delete)(conversation=conversation)
+
+    response = await asyncio.wait_for(asking, timeout=30)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "cancelled"
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+
+async def test_events_that_end_without_a_final_one_mean_the_run_is_gone(monkeypatch):
+    async def follow_a_deleted_run(run_id: object, **options: object) -> AsyncIterator[Frame]:
+        yield Frame(1, "token", json.dumps({"type": "token", "seq": 1, "text": "Hel"}))
+
+    stopped: list[object] = []
+    monkeypatch.setattr(api, "follow", follow_a_deleted_run)
+    monkeypatch.setattr(api, "_cancel_in_background", stopped.append)
+
+    with pytest.raises(wire.OpenAIError) as gone:
+        await api._answer(Run())
+    assert (gone.value.status, gone.value.code) == (404, "conversation_not_found")
+    assert stopped == []  # nothing left to stop
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stream_silent_for_a_while_carries_keep_alives(make_user, settings, monkeypatch):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    monkeypatch.setattr(api, "HEARTBEAT_SECONDS", 0.01)  # much shorter than between two tokens
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_for_user)(user_id=user.pk)
+    _, key = await database_sync_to_async(api_key_create)(
+        account=account, created_by=user, name="k", scopes=["runs"]
+    )
+    response = await AsyncClient().post(
+        "/openai/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello"}], "stream": True},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    body = "".join([part.decode() async for part in response.streaming_content])
+
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert ": keep-alive\n\n" in body
+    messages = [m for m in body.split("\n\n") if m.startswith("data: ")]
+    assert messages[-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(m[len("data: ") :])["choices"][0]["delta"].get("content") or ""
+        for m in messages[:-1]
+    )
+    assert text.endswith("> Hello")
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
