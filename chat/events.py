@@ -27,7 +27,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from .event_schemas import FINAL_EVENT_TYPES
+from .event_schemas import FINAL_EVENT_TYPES, run_event_adapter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -53,6 +53,22 @@ class Frame(NamedTuple):
 
 def frames_of(events: Sequence[Event]) -> list[Frame]:
     return [Frame(event["seq"], event["type"], json.dumps(event)) for event in events]
+
+
+def frames_checked(events: Sequence[Event]) -> list[Frame]:
+    """`frames_of` for the events a run publishes. With AGENT_CHECK_EVENTS (development,
+    the tests) each is first held to its schema, `RunEvent`, as a client decodes it:
+    emitters build plain dicts, and this is where one that drifts from the documented
+    schema fails, in its own run (at `emit` for most events; for a batched token, in
+    the batch's flush, its seqs missing after). Here rather than at each emitter: every
+    event published passes here, the closed runs' and rebuilt final events too. Not in
+    production: validating every token would cost more than encoding it, for what the
+    tests already hold."""
+    frames = frames_of(events)
+    if settings.AGENT_CHECK_EVENTS:
+        for frame in frames:
+            run_event_adapter.validate_json(frame.text, strict=True)
+    return frames
 
 
 def conversation_group(conversation_id: UUID | str) -> str:
@@ -96,7 +112,7 @@ class MemoryEventLog:
 
     async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
         now = time.monotonic()
-        _, logged = self._live.pop(run_id, None) or self._over.pop(run_id, (now, []))
+        _, logged = self._runs_of(run_id).pop(run_id, (now, []))
         logged.extend(frames)
         over = any(frame.type in FINAL_EVENT_TYPES for frame in frames)
         (self._over if over else self._live)[run_id] = (now, logged)
@@ -110,7 +126,7 @@ class MemoryEventLog:
                 loop.call_soon_threadsafe(_wake, waiter)
 
     async def after(self, run_id: UUID, seq: int) -> list[Frame]:
-        _, logged = self._live.get(run_id) or self._over.get(run_id, (0.0, []))
+        _, logged = self._runs_of(run_id).get(run_id, (0.0, []))
         return [frame for frame in logged if frame.seq > seq]
 
     async def wait(self, run_id: UUID, seq: int, within: float) -> list[Frame]:
@@ -162,8 +178,11 @@ class MemoryEventLog:
             self._forget(victim)
 
     def _forget(self, run_id: UUID) -> None:
-        _, logged = self._live.pop(run_id, None) or self._over.pop(run_id)
+        _, logged = self._runs_of(run_id).pop(run_id)
         self._events -= len(logged)
+
+    def _runs_of(self, run_id: UUID) -> dict[UUID, tuple[float, list[Frame]]]:
+        return self._live if run_id in self._live else self._over
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -346,7 +365,7 @@ async def follow(
                     logger.warning("run %s: could not check whether it is over: %r", run_id, error)
                     end = RunEnd(over=False)
                 if end.final is not None:
-                    yield frames_of([end.final])[0]
+                    yield frames_checked([end.final])[0]
                     return
                 if end.deleted:
                     if deleted:
@@ -373,7 +392,7 @@ async def events_publish(
     goes on, and its outcome still reaches its followers, rebuilt from the database
     (`follow`)."""
     run = events[0]["run"]
-    frames = frames_of(events)
+    frames = frames_checked(events)
     seqs = f"{frames[0].seq}-{frames[-1].seq}"
     delivered = True
     try:

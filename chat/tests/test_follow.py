@@ -214,6 +214,7 @@ async def test_a_follower_of_a_run_the_log_lost_events_of_ends_with_its_final_ev
     await log.append(run.id, [token(run.id, 5), token(run.id, 6)])  # 3 and 4 are lost
     async with asyncio.timeout(30):
         while "events 3-4 missing from the log" not in caplog.text:
+            assert not follower.task.done()
             await asyncio.sleep(0.01)
     await database_sync_to_async(run_over)(run, final_seq=7)  # and its final event
 
