@@ -14,12 +14,23 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
-from django.db.models import Model, QuerySet
+from django.db.models import Model, QuerySet, TextChoices
 from django.http import HttpRequest
 
 from .errors import ApplicationError
 
 M = TypeVar("M", bound=Model)
+
+
+class Scope(TextChoices):
+    """What an API key may do (`require_scope`); a browser session may do all of it.
+    billing.models.ApiKey.Scope is this class, so routers name scopes without billing."""
+
+    # Conversations too: a key that may run the agent opens, reads and deletes the
+    # conversations it runs in. Managing keys is no scope: only a browser session may.
+    RUNS = "runs"
+    TRACES = "traces"
+    USAGE = "usage"
 
 
 @dataclass(frozen=True)
@@ -46,13 +57,13 @@ def principal(request: HttpRequest) -> Principal:
     return auth
 
 
-def require_scope(request: HttpRequest, scope: str) -> Principal:
+def require_scope(request: HttpRequest, scope: Scope) -> Principal:
     """The caller, if it may act in `scope` (a session may do anything its user may);
     else 403 `insufficient_scope`."""
     caller = principal(request)
     if not caller.has_scope(scope):
         raise ApplicationError(
-            "insufficient_scope", f"This API key lacks the {scope!r} scope.", http_status=403
+            "insufficient_scope", f"This API key lacks the {scope.value!r} scope.", http_status=403
         )
     return caller
 

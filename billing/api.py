@@ -14,7 +14,7 @@ from django.utils import timezone
 from ninja import Query, Router
 
 from agentsite.api_errors import errors
-from agentsite.auth import principal, require_scope
+from agentsite.auth import Scope, principal, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import (
     idempotency_key_parameter,
@@ -42,7 +42,7 @@ def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     """The caller's account: today's and this month's spend and tokens against its
     limits (days and months are UTC), and its spend per day: this month's, or the last
     `days` days'."""
-    account = selectors.account_get(account_id=require_scope(request, "usage").account_id)
+    account = selectors.account_get(account_id=require_scope(request, Scope.USAGE).account_id)
     now = timezone.now()
     summary = selectors.usage_summary(account=account, now=now)
     today = summary.day.start.date()

@@ -18,7 +18,7 @@ from django.urls import reverse
 from ninja import Header, Query, Router, Schema, Status
 
 from agentsite.api_errors import errors
-from agentsite.auth import Principal, owned_or_404, require_scope
+from agentsite.auth import Principal, Scope, owned_or_404, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import (
     REPLAYED_HEADER,
@@ -26,24 +26,18 @@ from agentsite.idempotency.http import (
     idempotent_request,
     json_response,
 )
-from agentsite.idempotency.services import (
-    IdempotentRequest,
-    StoredResponse,
-    idempotency_record,
-    in_flight,
-)
+from agentsite.idempotency.services import IdempotentRequest, StoredResponse, in_flight
 from agentsite.sse import SSE_HEARTBEAT, sse_message, sse_response
 
 from . import services
 from .event_schemas import run_event_adapter
 from .events import follow
 from .frames import MAX_SEQ
-from .models import Conversation, Message, Run
+from .models import Message, Run
 from .schemas import RunIn, RunOut
 
 router = Router(tags=["runs"])
 
-SCOPE = "runs"
 # Seconds of silence after which a stream sends a comment, so that proxies (nginx cuts
 # an idle response after 60 s by default) keep it open.
 HEARTBEAT_SECONDS = 15.0
@@ -110,7 +104,7 @@ async def run_create(
     202 at once (`background`, the run's URL in `Location`). 409 `run_active` while the
     conversation's previous run is under way. A client that disconnects only stops
     reading: the run goes on (follow it on `/runs/{id}/events`)."""
-    caller = require_scope(request, SCOPE)
+    caller = require_scope(request, Scope.RUNS)
     submitted, idempotency = await database_sync_to_async(_submit)(
         request, caller, conversation_id, payload
     )
@@ -133,16 +127,15 @@ async def run_create(
 def _submit(
     request: HttpRequest, caller: Principal, conversation_id: UUID, payload: RunIn
 ) -> tuple[services.RunSubmitted, IdempotentRequest | None]:
-    conversation = owned_or_404(
-        Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
-    )
     idempotency = idempotent_request(request, account_id=caller.account_id, caller=caller.user_id)
     submitted = services.run_submit(
-        conversation=conversation,
+        caller=caller,
+        conversation_id=conversation_id,
         content=payload.message,
-        api_key_id=caller.api_key_id,
         idempotency=idempotency,
-        respond=_accepted if payload.mode == "background" else _unknown_yet,
+        # `wait` and `stream` answer once the run is over: their response is derived
+        # from the run then (`_finished`), by the first request or by a retry.
+        respond=_accepted if payload.mode == "background" else None,
     )
     return submitted, idempotency
 
@@ -151,19 +144,13 @@ def _accepted(run: Run) -> StoredResponse:
     return StoredResponse(202, run_out(run), {"Location": _run_url(run.id)})
 
 
-def _unknown_yet(run: Run) -> None:
-    # `wait` and `stream` answer once the run is over: their response is derived from
-    # the run then (see `_finished`), by the first request or by a retry.
-    return None
-
-
 def _finished(
     *, caller: Principal, run_id: UUID, idempotency: IdempotentRequest | None
 ) -> StoredResponse:
     """The `wait` response of a run that is over, stored for the key's retries."""
     response = StoredResponse(200, run_out(_run_get(caller, run_id)), {RUN_HEADER: str(run_id)})
     if idempotency is not None:
-        idempotency_record(request=idempotency, response=response)
+        services.run_response_record(idempotency=idempotency, response=response)
     return response
 
 
@@ -180,7 +167,7 @@ async def _over(run_id: UUID) -> None:
 )
 def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """A run: its status, answer, messages, usage, cost and error."""
-    return run_out(_run_get(require_scope(request, SCOPE), run_id))
+    return run_out(_run_get(require_scope(request, Scope.RUNS), run_id))
 
 
 @router.post(
@@ -189,7 +176,7 @@ def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
 def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
     """Stop a run under way (its spending stops at once); 202 with the run as it was
     when asked: its final event and status follow. 409 if it is over already."""
-    run = _run_get(require_scope(request, SCOPE), run_id)
+    run = _run_get(require_scope(request, Scope.RUNS), run_id)
     services.run_cancel(conversation=run.conversation, run_id=run.id)
     return Status(202, run_out(run))
 
@@ -212,7 +199,7 @@ async def run_events(
     """The run's events as Server-Sent Events: every event after `Last-Event-ID` (or
     `after_seq`; from the first without either), replayed and then live, each once and
     in order, ending after the final event."""
-    caller = require_scope(request, SCOPE)
+    caller = require_scope(request, Scope.RUNS)
     after_seq = _after_seq(last_event_id, params.after_seq)
     run = await database_sync_to_async(_run_get)(caller, run_id)
     return _event_stream(run.id, after_seq=after_seq, replayed=False)

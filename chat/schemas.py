@@ -82,7 +82,7 @@ class ConversationDetailOut(ConversationOut):
     messages: MessagePageOut
 
 
-class RunIn(Schema):
+class RunIn(BodyIn):
     message: str = Field(description="The user's message: what the agent answers.")
     mode: Literal["wait", "stream", "background"] = Field(
         "wait",

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.db.models import Case, Count, F, Q, Value, When
 from django.utils import timezone
 
+from agentsite.auth import Principal, owned_or_404
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.services import (
     IdempotentRequest,
@@ -322,6 +323,13 @@ def _cancel_or_close(run_id: UUID) -> None:
         )
 
 
+def run_response_record(*, idempotency: IdempotentRequest, response: StoredResponse) -> None:
+    """The response of a run's request that is known only once the run is over (`wait`):
+    stored for the key's retries, which otherwise derive it again from the run."""
+    with transaction.atomic():
+        idempotency_record(request=idempotency, response=response)
+
+
 @dataclass(frozen=True)
 class RunSubmitted:
     """A run started by `run_submit`, or the one an earlier request with the same
@@ -336,16 +344,20 @@ class RunSubmitted:
 
 def run_submit(
     *,
-    conversation: Conversation,
+    caller: Principal,
+    conversation_id: UUID,
     content: object,
-    api_key_id: int | None = None,
     idempotency: IdempotentRequest | None = None,
-    respond: Callable[[Run], StoredResponse | None] = lambda run: None,
+    respond: Callable[[Run], StoredResponse] | None = None,
 ) -> RunSubmitted:
-    """`run_create` for the JSON API, at most once per Idempotency-Key: the key is
-    claimed in the transaction that creates the run, and stored with the run's id and
-    `respond(run)`, the response if it is known now (a 202): so a retry finds the run
-    even if this request dies before it answers."""
+    """`run_create` in `caller`'s conversation for the JSON API, at most once per
+    Idempotency-Key: the key is claimed in the transaction that creates the run, and
+    stored with the run's id and `respond(run)`, the response if it is known now (a
+    202): so a retry finds the run even if this request dies before it answers.
+
+    The key is looked up before the conversation: a retry is answered from what the
+    first request stored even after the conversation was deleted (a 404 only if nothing
+    was stored and the run is gone)."""
     with transaction.atomic():
         earlier = idempotency_claim(request=idempotency) if idempotency is not None else None
         if earlier is not None:
@@ -354,8 +366,11 @@ def run_submit(
             if run is None and response is None:  # deleted with its conversation since
                 raise ApplicationError("run_not_found", "There is no such run.", http_status=404)
             return RunSubmitted(run=run, replayed=True, response=response)
-        run = run_create(conversation=conversation, content=content, api_key_id=api_key_id)
-        response = respond(run)
+        conversation = owned_or_404(
+            Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
+        )
+        run = run_create(conversation=conversation, content=content, api_key_id=caller.api_key_id)
+        response = respond(run) if respond is not None else None
         if idempotency is not None:
             idempotency_record(request=idempotency, resource=str(run.id), response=response)
     return RunSubmitted(run=run, response=response)

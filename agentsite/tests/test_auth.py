@@ -2,8 +2,10 @@
 (agentsite.api_errors), on the real database. Operations no real endpoint has yet (an
 unsafe method, async ones, failures) are probes (api_probe.py), composed like the API."""
 
+import ast
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -240,3 +242,24 @@ def test_operations_declare_their_error_statuses():
     assert error == {"$ref": "#/components/schemas/ErrorOut"}
     trace = schema["paths"]["/api/v1/runs/{run_id}/trace"]["get"]["responses"]
     assert {"200", "401", "403", "404", "422", "429"} <= set(trace)
+
+
+def test_the_scopes_are_one_set_that_routers_name_without_billing():
+    from agentsite.auth import Scope
+
+    assert ApiKey.Scope is Scope
+    assert set(Scope.values) == {"runs", "traces", "usage"}
+    root = Path(__file__).resolve().parents[2]
+    for router in ("chat/api.py", "chat/runs_api.py", "billing/api.py", "tracing/api.py"):
+        tree = ast.parse((root / router).read_text())
+        nodes = list(ast.walk(tree))
+        modules = [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names]
+        if router != "billing/api.py":
+            assert not [m for m in modules if m.split(".")[0] == "billing"], router
+        scopes = [
+            n.args[1]
+            for n in nodes
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "require_scope"
+        ]
+        assert scopes and not [s for s in scopes if isinstance(s, ast.Constant)], router

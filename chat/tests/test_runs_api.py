@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
+from billing.budget import CONCURRENT_RUNS_RETRY_AFTER
 from billing.models import ApiKey, UsageRecord
 from billing.services import account_for_user, api_key_create
 from chat import services
@@ -293,6 +294,9 @@ async def test_missing_invalid_and_unscoped_keys_are_refused(alice, make_user):
     [
         ({"message": "hi", "mode": "sideways"}, 422, "invalid_request"),
         ({"mode": "wait"}, 422, "invalid_request"),
+        # A misspelt field is refused, not ignored (this one would have run in `wait`).
+        ({"message": "hi", "mdoe": "stream"}, 422, "invalid_request"),
+        ('"hi"', 422, "invalid_request"),
         ({"message": "   "}, 400, "empty_message"),
         ({"message": "x" * 100_000}, 400, "message_too_long"),
         ({"message": "nul \x00 here"}, 400, "invalid_message"),
@@ -355,6 +359,25 @@ async def test_a_retried_background_request_gets_the_first_response_and_starts_n
     assert again["Location"] == first["Location"]
     await wait_for_runs()
     assert await runs_and_ledger(conversation) == before
+
+
+async def test_a_retry_after_the_conversation_was_deleted_still_gets_its_stored_202(alice):
+    conversation = await alice.conversation()
+    key = {"Idempotency-Key": "before-delete"}
+    first = await alice.start(conversation, "hello", mode="background", **key)
+    assert first.status_code == 202
+    await poll_run(alice, first.json()["id"])
+    deleted = await alice.client.delete(f"/api/v1/conversations/{conversation.id}")
+    assert deleted.status_code == 204
+
+    again = await alice.start(conversation, "hello", mode="background", **key)
+    assert again.status_code == 202, again.content
+    assert again["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    # Without a key (or with a new one) the conversation is gone: 404, nothing created.
+    fresh = await alice.start(
+        conversation, "hello", mode="background", **{"Idempotency-Key": "new"}
+    )
+    assert fresh.status_code == 404
 
 
 async def test_a_json_body_counts_by_its_content_not_its_spelling(alice):
@@ -503,6 +526,8 @@ async def test_over_the_concurrent_runs_limit_is_429(alice, settings):
     refused = await alice.start(other, "hi", mode="background")
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "concurrent_runs_limit"
+    assert refused["Retry-After"] == str(CONCURRENT_RUNS_RETRY_AFTER)
+    assert refused.json()["error"]["details"]["retry_after"] == CONCURRENT_RUNS_RETRY_AFTER
     assert not await Run.objects.filter(conversation=other).aexists()
     await alice.client.post(f"/api/v1/runs/{busy['id']}/cancel")
 
