@@ -114,7 +114,8 @@ def api_key_list(request: HttpRequest) -> dict[str, Any]:
 
 @router.post(
     "/api-keys/{api_key_id}/revoke",
-    response={200: ApiKeyOut, **errors(401, 403, 404, 422, 429)},
+    # 400/413: what the API answers any POST whose body (none is read here) is too big.
+    response={200: ApiKeyOut, **errors(400, 401, 403, 404, 413, 422, 429)},
     tags=["api keys"],
 )
 def api_key_revoke(request: HttpRequest, api_key_id: int) -> ApiKey:

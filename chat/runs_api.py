@@ -171,7 +171,9 @@ def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
 
 
 @router.post(
-    "/runs/{run_id}/cancel", response={202: RunOut, **errors(401, 403, 404, 409, 422, 429)}
+    "/runs/{run_id}/cancel",
+    # 400/413: what the API answers any POST whose body (none is read here) is too big.
+    response={202: RunOut, **errors(400, 401, 403, 404, 409, 413, 422, 429)},
 )
 def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
     """Stop a run under way (its spending stops at once); 202 with the run as it was

@@ -551,7 +551,7 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     run = paths["/api/v1/runs/{run_id}"]["get"]
     assert set(run["responses"]) == statuses(200, 401, 403, 404, 422, 429)
     cancel = paths["/api/v1/runs/{run_id}/cancel"]["post"]
-    assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 422, 429)
+    assert set(cancel["responses"]) == statuses(202, 400, 401, 403, 404, 409, 413, 422, 429)
     assert {op["tags"][0] for op in (create, events, cancel, run)} == {"runs"}
     # The events the streams carry are in the schema, every type of them.
     # Each event (OpenAPI 3.1: the stream's schema is one event's): its data is a RunEvent.
