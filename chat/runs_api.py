@@ -273,6 +273,7 @@ def run_out(run: Run) -> dict[str, Any]:
                 "role": m.role,
                 "content": m.content,
                 "tool": m.tool,
+                "run_id": m.run_id,
                 "imported": m.imported,
                 "created_at": m.created_at,
             }

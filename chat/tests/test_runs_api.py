@@ -565,6 +565,21 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
         assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
 
 
+async def test_a_run_and_its_events_share_one_set_of_shapes(alice):
+    components = (await alice.client.get("/api/openapi.json")).json()["components"]["schemas"]
+    run = components["RunOut"]["properties"]
+    assert run["messages"]["items"] == {"$ref": "#/components/schemas/MessageOut"}
+    assert run["usage"] == {"$ref": "#/components/schemas/UsageData"}
+    final = components["RunCompletedEvent"]["properties"]
+    assert final["usage"] == run["usage"]
+    assert not {"RunMessageOut", "RunUsageOut", "RunErrorOut"} & set(components)
+    # A run's messages read as the conversation's do.
+    conversation = await alice.conversation()
+    finished = (await alice.start(conversation, "What is 17 * 23?")).json()
+    page = (await alice.client.get(f"/api/v1/conversations/{conversation.id}/messages")).json()
+    assert finished["messages"] == page["items"]
+
+
 async def test_a_malformed_run_id_is_the_declared_422(alice):
     """Found by schemathesis: a run id that is no UUID was answered 422, undeclared."""
     for method, path in [("get", "/api/v1/runs/not-a-uuid"), ("post", "/api/v1/runs/x/cancel")]:
