@@ -263,3 +263,30 @@ def test_the_scopes_are_one_set_that_routers_name_without_billing():
             if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "require_scope"
         ]
         assert scopes and not [s for s in scopes if isinstance(s, ast.Constant)], router
+
+
+def test_every_lookup_for_a_caller_has_the_one_not_found(make_user, monkeypatch):
+    """The selectors that find a caller's object say "not found" through agentsite.auth,
+    so what another's object is (the same 404 as a missing one) is defined once."""
+    from agentsite import auth
+    from billing.selectors import api_key_get
+    from chat.selectors import conversation_get
+    from tracing.selectors import trace_absence, trace_get
+    from tracing.tests.test_api import make_trace
+
+    class Marked(auth.ApplicationError):
+        pass
+
+    monkeypatch.setattr(auth, "not_found", lambda name: Marked("not_found", name, 404))
+    alice, mallory = make_user("alice"), make_user("mallory")
+    trace = make_trace(alice)
+    key, _ = make_key(alice)
+    lookups = [
+        lambda: conversation_get(user=mallory, conversation_id=trace.run.conversation_id),
+        lambda: api_key_get(account=account_for_user(user_id=mallory.id), api_key_id=key.pk),
+        lambda: trace_get(user=mallory, run_id=trace.run_id),
+        lambda: trace_absence(user=mallory, run_id=trace.run_id),
+    ]
+    for lookup in lookups:
+        with pytest.raises(Marked):
+            lookup()
