@@ -20,23 +20,24 @@ from chat.openai_compat import api, wire
 from conftest import wait_for_runs
 
 
-async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monkeypatch):
+@pytest.mark.parametrize("abandon", [True, False])
+async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monkeypatch, abandon):
     created = threading.Event()
-    run = object()
+    run = Run()
 
-    def create_slowly() -> object:
+    def create_slowly() -> services.RunSubmitted:
         created.wait(30)
-        return run
+        return services.RunSubmitted(run=run)
 
     stopped: list[object] = []
     stopping = asyncio.Event()
 
-    def stop(run: object) -> None:
-        stopped.append(run)
+    def stop(*, run_id: object) -> None:
+        stopped.append(run_id)
         stopping.set()
 
-    monkeypatch.setattr(api, "_cancel_in_background", stop)
-    request = asyncio.create_task(api._started(sync_to_async(create_slowly)()))
+    monkeypatch.setattr(services, "run_abandon_in_background", stop)
+    request = asyncio.create_task(api._started(sync_to_async(create_slowly)(), abandon=abandon))
     await asyncio.sleep(0)  # the request is waiting for its run
 
     request.cancel()  # the client left
@@ -44,8 +45,12 @@ async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monk
         await request
     assert stopped == []  # nothing to stop yet
     created.set()
-    await asyncio.wait_for(stopping.wait(), timeout=30)
-    assert stopped == [run]
+    if abandon:
+        await asyncio.wait_for(stopping.wait(), timeout=30)
+        assert stopped == [run.id]
+    else:  # it sent an Idempotency-Key: it may come back for the answer
+        await asyncio.sleep(0.1)
+        assert stopped == []
 
 
 @pytest.mark.django_db
@@ -75,10 +80,12 @@ async def test_a_conversation_deleted_while_it_answers_ends_the_request_as_a_can
     started = threading.Event()
     run_start = api._run_start
 
-    def recorded(**kwargs: object) -> Run:
-        runs.append(run_start(**kwargs))  # type: ignore[arg-type]
+    def recorded(**kwargs: object) -> services.RunSubmitted:
+        submitted = run_start(**kwargs)  # type: ignore[arg-type]
+        assert submitted.run is not None
+        runs.append(submitted.run)
         started.set()
-        return runs[0]
+        return submitted
 
     monkeypatch.setattr(api, "_run_start", recorded)
     asking = asyncio.create_task(
@@ -109,10 +116,12 @@ async def test_events_that_end_without_a_final_one_mean_the_run_is_gone(monkeypa
 
     stopped: list[object] = []
     monkeypatch.setattr(api, "follow", follow_a_deleted_run)
-    monkeypatch.setattr(api, "_cancel_in_background", stopped.append)
+    monkeypatch.setattr(
+        services, "run_abandon_in_background", lambda *, run_id: stopped.append(run_id)
+    )
 
     with pytest.raises(wire.OpenAIError) as gone:
-        await api._answer(Run())
+        await api._final(Run(), abandon=True)
     assert (gone.value.status, gone.value.code) == (404, "conversation_not_found")
     assert stopped == []  # nothing left to stop
 
