@@ -360,7 +360,7 @@ def _abandon_once_started(starting: "asyncio.Future[services.RunSubmitted]") -> 
     if starting.cancelled() or starting.exception() is not None:
         return
     run = starting.result().run
-    if run is not None and not starting.result().replayed:
+    if run is not None:
         services.run_abandon_in_background(run_id=run.id)
 
 
