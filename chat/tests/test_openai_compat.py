@@ -153,3 +153,39 @@ async def test_a_stream_silent_for_a_while_carries_keep_alives(make_user, settin
     )
     assert text.endswith("> Hello")
     await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+
+async def test_a_replayed_stream_whose_tokens_expired_sends_the_answer_whole(monkeypatch):
+    final = {
+        "type": "run.completed",
+        "seq": 1,
+        "status": "completed",
+        "messages": [{"id": 1, "content": "Let me check."}, {"id": 2, "content": "It is 391."}],
+        "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
+    }
+
+    async def follow_an_expired_log(run_id: object, **options: object) -> AsyncIterator[Frame]:
+        # What `follow` gives once the log is gone: the final event, rebuilt.
+        yield Frame(1, "run.completed", json.dumps(final))
+
+    monkeypatch.setattr(api, "follow", follow_an_expired_log)
+    run = Run()
+    chunks = wire.Chunks(run_id=run.id, created=0, model="m", include_usage=False)
+
+    sent = [message async for message in api._stream(run, chunks, abandon=False)]
+
+    assert sent[-1] == wire.DONE
+    deltas = [json.loads(m[len("data: ") :])["choices"][0]["delta"] for m in sent[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me check.\n\nIt is 391."
+
+
+@pytest.mark.django_db
+def test_abandoning_a_run_that_is_over_or_gone_does_nothing(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    over = Run.objects.create(conversation=conversation, model="m", status=Run.Status.COMPLETED)
+
+    services.run_abandon(run_id=over.id)
+    over.refresh_from_db()
+    assert over.status == Run.Status.COMPLETED
+    services.conversation_delete(conversation=conversation)
+    services.run_abandon(run_id=over.id)  # went with its conversation: nothing to stop
