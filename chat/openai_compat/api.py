@@ -14,7 +14,6 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.core.exceptions import RequestDataTooBig
-from django.core.serializers.json import DjangoJSONEncoder
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -29,7 +28,12 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from agentsite.auth import require_scope
 from agentsite.errors import ApplicationError
-from agentsite.idempotency.http import REPLAYED_HEADER, idempotent_request
+from agentsite.idempotency.http import (
+    REPLAYED_HEADER,
+    idempotency_key_parameter,
+    idempotent_request,
+    json_response,
+)
 from agentsite.idempotency.services import (
     IdempotentRequest,
     StoredResponse,
@@ -222,6 +226,11 @@ def _model_check(model_id: str | None) -> None:
     "/chat/completions",
     response={200: dict[str, Any], **ERRORS},
     summary="Answer the messages with the agent (streamed or not)",
+    openapi_extra={
+        "parameters": [
+            idempotency_key_parameter(in_flight="409: the first one's run is still answering.")
+        ]
+    },
 )
 async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponseBase:
     caller = require_scope(request, SCOPE)
@@ -255,7 +264,7 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
         abandon=abandon,
     )
     if submitted.response is not None:  # the stored answer of an earlier request
-        return _json(submitted.response, replayed=True)
+        return json_response(submitted.response, replayed=True)
     run = submitted.run
     assert run is not None  # (the service refuses a lost run without a response)
     if submitted.replayed and run.is_active:
@@ -267,8 +276,6 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
         TRACE_PAGE_HEADER: request.build_absolute_uri(reverse("tracing:detail", args=[run.id])),
         **wire.NO_RETRY,
     }
-    if submitted.replayed:
-        headers[REPLAYED_HEADER] = "true"
     created = int(run.created_at.timestamp())
     if body.stream:
         options = body.stream_options
@@ -281,6 +288,8 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
         response = sse_response(_stream(run, chunks, abandon=abandon))
         for name, value in headers.items():
             response[name] = value
+        if submitted.replayed:
+            response[REPLAYED_HEADER] = "true"
         return response
     final = await _final(run, abandon=abandon)
     try:
@@ -299,21 +308,8 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
         answer = StoredResponse(error.status, error.body(), {**headers, **error.headers})
     if idempotency is not None:
         # The response of a run that is over: the key's retries get it again.
-        stored = {**answer.headers}
-        stored.pop(REPLAYED_HEADER, None)
-        await database_sync_to_async(idempotency_record)(
-            request=idempotency, response=StoredResponse(answer.status, answer.body, stored)
-        )
-    return _json(answer, replayed=False)
-
-
-def _json(response: StoredResponse, *, replayed: bool) -> HttpResponse:
-    answer = JsonResponse(
-        response.body, status=response.status, headers=response.headers, encoder=DjangoJSONEncoder
-    )
-    if replayed:
-        answer[REPLAYED_HEADER] = "true"
-    return answer
+        await database_sync_to_async(idempotency_record)(request=idempotency, response=answer)
+    return json_response(answer, replayed=submitted.replayed)
 
 
 def _run_start(

@@ -61,8 +61,9 @@ def test_its_schema_is_its_own_and_declares_its_errors(client):
         "/openai/v1/models",
         "/openai/v1/models/{model_id}",
     ]
-    declared = schema["paths"]["/openai/v1/chat/completions"]["post"]["responses"]
-    assert {"400", "401", "404", "409", "429", "502"} <= set(declared)
+    operation = schema["paths"]["/openai/v1/chat/completions"]["post"]
+    assert {"400", "401", "404", "405", "409", "422", "429", "502"} <= set(operation["responses"])
+    assert "Idempotency-Key" in [parameter["name"] for parameter in operation["parameters"]]
     assert "/openai/v1/models" not in client.get("/api/openapi.json").json()["paths"]
 
 
