@@ -502,7 +502,7 @@ def test_with_an_idempotency_key_a_client_that_leaves_gets_the_answer_on_retry(
 ) -> None:
     client = server.client()
     key = {"Idempotency-Key": str(uuid.uuid4())}
-    messages = [{"role": "user", "content": "Please say all of this back to me. " * 40}]
+    messages = [{"role": "user", "content": "Please say all of this back to me. " * 80}]
     with client.chat.completions.with_streaming_response.create(
         model=MODEL, messages=messages, stream=True, extra_headers=key
     ) as response:
