@@ -27,22 +27,18 @@ from agentsite.idempotency.http import (
     json_response,
 )
 from agentsite.idempotency.services import IdempotentRequest, StoredResponse, in_flight
-from agentsite.sse import SSE_HEARTBEAT, sse_message, sse_response
+from agentsite.sse import HEARTBEAT_SECONDS, SSE_HEARTBEAT, sse_message, sse_response
 
 from . import services
 from .event_schemas import run_event_adapter
 from .events import follow
 from .frames import MAX_SEQ
+from .http import RUN_HEADER
 from .models import Message, Run
 from .schemas import RunIn, RunOut
 
 router = Router(tags=["runs"])
 
-# Seconds of silence after which a stream sends a comment, so that proxies (nginx cuts
-# an idle response after 60 s by default) keep it open.
-HEARTBEAT_SECONDS = 15.0
-# Which header links a `wait` or `stream` response to its run.
-RUN_HEADER = "X-Agentsite-Run"
 
 # The run events, for the API's components: no operation returns one as JSON, so ninja
 # would not list them (agentsite.api adds them).
