@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import Case, Count, F, Q, Value, When
 from django.utils import timezone
 
+from agentsite.auth import Principal, owned_or_404
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.services import (
     IdempotentRequest,
@@ -327,6 +328,13 @@ def _cancel_or_close(run_id: UUID) -> None:
         )
 
 
+def run_response_record(*, idempotency: IdempotentRequest, response: StoredResponse) -> None:
+    """The response of a run's request that is known only once the run is over (`wait`):
+    stored for the key's retries, which otherwise derive it again from the run."""
+    with transaction.atomic():
+        idempotency_record(request=idempotency, response=response)
+
+
 @dataclass(frozen=True)
 class RunSubmitted:
     """A run started by `run_submit`, or the one an earlier request with the same
@@ -341,23 +349,28 @@ class RunSubmitted:
 
 def run_submit(
     *,
-    conversation: Conversation,
+    caller: Principal,
+    conversation_id: UUID,
     content: object,
-    api_key_id: int | None = None,
     idempotency: IdempotentRequest | None = None,
-    respond: Callable[[Run], StoredResponse | None] = lambda run: None,
+    respond: Callable[[Run], StoredResponse] | None = None,
 ) -> RunSubmitted:
-    """`run_create` for the JSON API, at most once per Idempotency-Key: the key is
-    claimed in the transaction that creates the run, and stored with the run's id and
-    `respond(run)`, the response if it is known now (a 202): so a retry finds the run
-    even if this request dies before it answers."""
-    return _submitted(
-        create=lambda: run_create(
-            conversation=conversation, content=content, api_key_id=api_key_id
-        ),
-        idempotency=idempotency,
-        respond=respond,
-    )
+    """`run_create` in `caller`'s conversation for the JSON API, at most once per
+    Idempotency-Key: the key is claimed in the transaction that creates the run, and
+    stored with the run's id and `respond(run)`, the response if it is known now (a
+    202): so a retry finds the run even if this request dies before it answers.
+
+    The key is looked up before the conversation: a retry is answered from what the
+    first request stored even after the conversation was deleted (a 404 only if nothing
+    was stored and the run is gone)."""
+
+    def create() -> Run:
+        conversation = owned_or_404(
+            Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
+        )
+        return run_create(conversation=conversation, content=content, api_key_id=caller.api_key_id)
+
+    return _submitted(create=create, idempotency=idempotency, respond=respond)
 
 
 def run_start(
@@ -395,14 +408,14 @@ def run_start(
             api_key_id=api_key_id,
         )
 
-    return _submitted(create=create, idempotency=idempotency, respond=lambda run: None)
+    return _submitted(create=create, idempotency=idempotency, respond=None)
 
 
 def _submitted(
     *,
     create: Callable[[], Run],
     idempotency: IdempotentRequest | None,
-    respond: Callable[[Run], StoredResponse | None],
+    respond: Callable[[Run], StoredResponse] | None,
 ) -> RunSubmitted:
     with transaction.atomic():
         earlier = idempotency_claim(request=idempotency) if idempotency is not None else None
@@ -413,7 +426,7 @@ def _submitted(
                 raise ApplicationError("run_not_found", "There is no such run.", http_status=404)
             return RunSubmitted(run=run, replayed=True, response=response)
         run = create()
-        response = respond(run)
+        response = respond(run) if respond is not None else None
         if idempotency is not None:
             idempotency_record(request=idempotency, resource=str(run.id), response=response)
     return RunSubmitted(run=run, response=response)
