@@ -57,15 +57,13 @@ def principal(request: HttpRequest) -> Principal:
     return auth
 
 
-def require_scope(request: HttpRequest, scope: Scope | str) -> Principal:
+def require_scope(request: HttpRequest, scope: Scope) -> Principal:
     """The caller, if it may act in `scope` (a session may do anything its user may);
-    else 403 `insufficient_scope`. (`str`: until the OpenAI endpoint names its scope as
-    `Scope.RUNS`; an unknown name is a bug, a ValueError.)"""
+    else 403 `insufficient_scope`."""
     caller = principal(request)
-    wanted = Scope(scope)
-    if not caller.has_scope(wanted):
+    if not caller.has_scope(scope):
         raise ApplicationError(
-            "insufficient_scope", f"This API key lacks the {wanted.value!r} scope.", http_status=403
+            "insufficient_scope", f"This API key lacks the {scope.value!r} scope.", http_status=403
         )
     return caller
 

@@ -26,7 +26,7 @@ from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI, Router
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from agentsite.auth import require_scope
+from agentsite.auth import Scope, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import (
     REPLAYED_HEADER,
@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 CONVERSATION_HEADER = "X-Agentsite-Conversation"
 TRACE_HEADER = "X-Agentsite-Trace"
 TRACE_PAGE_HEADER = "X-Agentsite-Trace-Page"
-# The scope a key needs (agentsite.auth's name for it once it has one).
-SCOPE = "runs"
 FINAL_TYPES = frozenset(FINAL_EVENTS.values())
 ERRORS = {
     status: ErrorOut for status in (400, 401, 403, 404, 405, 409, 413, 422, 429, 500, 502, 503)
@@ -233,7 +231,7 @@ def _model_check(model_id: str | None) -> None:
     },
 )
 async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponseBase:
-    caller = require_scope(request, SCOPE)
+    caller = require_scope(request, Scope.RUNS)
     _model_check(body.model)
     if body.n not in (None, 1):
         raise wire.OpenAIError(
