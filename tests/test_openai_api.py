@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
+from tests.conftest import ROOT, _server_env, serving
 from tests.fakes.openai_server import FakeOpenAIServer
 
 MODEL = "agentsite-offline-demo"
@@ -111,20 +111,9 @@ def start_server(workdir: Path, **env: str) -> Iterator[Server]:
     output = prepared.stdout.decode()
     assert prepared.returncode == 0, output + prepared.stderr.decode()[-3000:]
     keys = json.loads(output.rsplit("KEYS=", 1)[1])
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = workdir / "server.log"
-    server = _runserver(environment, port, log)
-    try:
-        _wait_until_up(url, server, log)
+    with serving(environment, log) as url:
         yield Server(url, keys, workdir / "db.sqlite3", log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture(scope="module")
