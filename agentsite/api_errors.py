@@ -87,7 +87,7 @@ def error_handlers_install(api: NinjaAPI) -> None:
         response = respond(
             request, error.http_status, error.code, error.message, error.extra or None
         )
-        if "retry_after" in error.extra:  # 429 rate_limited: whole seconds, as RFC 9110 wants
+        if "retry_after" in error.extra:  # 429: whole seconds, as RFC 9110 wants
             response["Retry-After"] = str(error.extra["retry_after"])
         return response
 

@@ -13,6 +13,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.core.signals import request_finished  # noqa: E402
 
 from agentsite.db import request_connections_close  # noqa: E402
+from agentsite.middleware import api_body_limit  # noqa: E402
 from agentsite.websocket import SameOriginValidator, daphne_fail_with_close_frames  # noqa: E402
 from chat.agent.models import chat_model_preload  # noqa: E402
 from chat.lifecycle import lease_keeper_start_with_server  # noqa: E402
@@ -23,7 +24,7 @@ daphne_fail_with_close_frames()
 request_finished.connect(request_connections_close)
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": api_body_limit(django_asgi_app),
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -2,7 +2,8 @@
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
@@ -17,6 +18,9 @@ from .logging import request_id_var
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 Response = HttpResponseBase
+
+# The methods whose body an operation of the JSON API reads.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class RequestIdMiddleware:
@@ -61,8 +65,15 @@ class RequestIdMiddleware:
 class ApiBoundaryMiddleware:
     """What the JSON API answers before and after its operations, in its error shape:
     413 `request_too_large` for a body over AGENT_API_MAX_BODY_BYTES (refused on its
-    Content-Length before anything reads it), and 405 `method_not_allowed` (ninja
-    answers that one itself, in plain text)."""
+    Content-Length before an operation reads it; 400 `bad_request` if that is no number;
+    under ASGI the handler has buffered it already, as far as `api_body_limit` lets it),
+    and 405 `method_not_allowed` (ninja answers that one itself, in plain text).
+
+    Only the methods that carry a body to an operation (BODY_METHODS) are refused, and
+    every operation of theirs declares 400 and 413; a GET's or DELETE's body is never
+    read by an operation, so it is ignored rather than answered with an undeclared
+    status. It sits after corsheaders in MIDDLEWARE, so a browser app on an allowed
+    origin can read these answers too."""
 
     async_capable = True
     sync_capable = True
@@ -98,6 +109,8 @@ class ApiBoundaryMiddleware:
 
     @staticmethod
     def _refuse(request: HttpRequest) -> Response | None:
+        if request.method not in BODY_METHODS:
+            return None
         limit = settings.AGENT_API_MAX_BODY_BYTES
         try:
             declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -105,9 +118,11 @@ class ApiBoundaryMiddleware:
             return error_response("bad_request", "Content-Length is not a number.", status=400)
         if declared > limit:
             return request_too_large(limit)
-        if declared == 0 and request.method not in ("GET", "HEAD", "OPTIONS"):
-            # No length given (a chunked body): the ASGI handler has already buffered it
-            # (Django bounds that read by DATA_UPLOAD_MAX_MEMORY_SIZE); measure it.
+        if declared == 0:
+            # No length given (a chunked body): the ASGI handler has buffered it already,
+            # without a limit of its own (ASGIHandler.read_body spools every byte; Django
+            # checks DATA_UPLOAD_MAX_MEMORY_SIZE against Content-Length only), but no
+            # further than agentsite.asgi's api_body_limit lets it: measure it.
             try:
                 size = len(request.body)
             except RequestDataTooBig:
@@ -127,3 +142,42 @@ class ApiBoundaryMiddleware:
         )
         shaped["Allow"] = response["Allow"]
         return shaped
+
+
+ASGIReceive = Callable[[], Awaitable[Mapping[str, Any]]]
+ASGISend = Callable[[Mapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
+
+
+def api_body_limit(app: ASGIApp) -> ASGIApp:
+    """Bound what Django buffers of a JSON API request's body. ASGIHandler.read_body
+    spools the whole body before any middleware runs, with no limit (Django checks
+    DATA_UPLOAD_MAX_MEMORY_SIZE against Content-Length only, after the fact), so a
+    chunked body of any size would be written to disk before ApiBoundaryMiddleware
+    could refuse it. Past AGENT_API_MAX_BODY_BYTES the body ends for Django (which then
+    holds more than the limit: ApiBoundaryMiddleware answers 413), and the rest of it is
+    read and dropped, as Django expects nothing after the body but the disconnect."""
+
+    async def bounded(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await app(scope, receive, send)
+            return
+        limit = settings.AGENT_API_MAX_BODY_BYTES
+        received = 0
+        cut = False
+
+        async def receive_bounded() -> Mapping[str, Any]:
+            nonlocal received, cut
+            message = await receive()
+            while cut and message["type"] == "http.request":
+                message = await receive()  # the rest of a body over the limit: dropped
+            if message["type"] == "http.request" and message.get("more_body", False):
+                received += len(message.get("body", b""))
+                if received > limit:
+                    cut = True
+                    return {**message, "more_body": False}
+            return message
+
+        await app(scope, receive_bounded, send)
+
+    return bounded

@@ -82,10 +82,12 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "agentsite.middleware.RequestIdMiddleware",
-    "agentsite.middleware.ApiBoundaryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "corsheaders.middleware.CorsMiddleware",
+    # After corsheaders: its 413/400/405 answers get the CORS headers an allowed
+    # browser app needs to read them.
+    "agentsite.middleware.ApiBoundaryMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",

@@ -14,6 +14,9 @@ from django.http import StreamingHttpResponse
 
 # A comment line: clients ignore it; it keeps the connection from looking idle.
 SSE_HEARTBEAT = ": keep-alive\n\n"
+# Seconds of silence after which a stream sends SSE_HEARTBEAT, so that proxies (nginx
+# cuts an idle response after 60 s by default) keep it open.
+HEARTBEAT_SECONDS = 15.0
 
 # Each of these ends a line in an event stream; `str.splitlines` would split on more.
 _LINE_END = re.compile(r"\r\n|\r|\n")

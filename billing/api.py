@@ -14,7 +14,7 @@ from django.utils import timezone
 from ninja import Query, Router
 
 from agentsite.api_errors import errors
-from agentsite.auth import principal, require_scope
+from agentsite.auth import Scope, principal, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import (
     idempotency_key_parameter,
@@ -42,7 +42,7 @@ def usage(request: HttpRequest, params: Query[UsageParams]) -> dict[str, Any]:
     """The caller's account: today's and this month's spend and tokens against its
     limits (days and months are UTC), and its spend per day: this month's, or the last
     `days` days'."""
-    account = selectors.account_get(account_id=require_scope(request, "usage").account_id)
+    account = selectors.account_get(account_id=require_scope(request, Scope.USAGE).account_id)
     now = timezone.now()
     summary = selectors.usage_summary(account=account, now=now)
     today = summary.day.start.date()
@@ -114,7 +114,8 @@ def api_key_list(request: HttpRequest) -> dict[str, Any]:
 
 @router.post(
     "/api-keys/{api_key_id}/revoke",
-    response={200: ApiKeyOut, **errors(401, 403, 404, 422, 429)},
+    # 400/413: what the API answers any POST whose body (none is read here) is too big.
+    response={200: ApiKeyOut, **errors(400, 401, 403, 404, 413, 422, 429)},
     tags=["api keys"],
 )
 def api_key_revoke(request: HttpRequest, api_key_id: int) -> ApiKey:

@@ -365,6 +365,12 @@ def account_lock(*, account_id: int) -> None:
         sql.account_lock(cursor, account_id=account_id)
 
 
+# Seconds a client refused for the concurrent-runs limit is told to wait (Retry-After,
+# `retry_after`). When a slot frees is unknowable (a run ends when its answer does), so
+# this is a polling interval: short beside a typical answer, long enough not to hammer.
+CONCURRENT_RUNS_RETRY_AFTER = 5
+
+
 def runs_admit(*, limits: AccountLimits, active_runs: int) -> None:
     """Refuse a new run when the account already has as many under way (`active_runs`)
     as its `limits` allow. Count them after `account_lock`, in the transaction that
@@ -378,4 +384,5 @@ def runs_admit(*, limits: AccountLimits, active_runs: int) -> None:
             f"This account may have {limit} answer{'s' if limit != 1 else ''} in progress "
             f"at once, and has {active_runs}. Wait for one to finish or stop one. {HOW_TO_RAISE}",
             http_status=429,
+            retry_after=CONCURRENT_RUNS_RETRY_AFTER,
         )

@@ -5,6 +5,8 @@ costs (prices), what is spent (the ledger) and what is promised to calls in flig
 from django.conf import settings
 from django.db import models
 
+from agentsite import auth
+
 
 class Quotas(models.Model):
     """The limits a plan sets and an account may override. Blank means no limit on a
@@ -114,12 +116,8 @@ class ApiKey(models.Model):
     and a slow password hash (or a per-row salt) would add latency to every request for
     no gain; unlike an HMAC keyed with SECRET_KEY, it survives a SECRET_KEY rotation."""
 
-    class Scope(models.TextChoices):
-        # Conversations too: a key that may run the agent opens, reads and deletes the
-        # conversations it runs in. Managing keys is no scope: only a browser session may.
-        RUNS = "runs"
-        TRACES = "traces"
-        USAGE = "usage"
+    # The API's scopes are defined on the ground floor, where every router reads them.
+    Scope = auth.Scope
 
     account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="api_keys")
     # The key acts as this user (what it may see is what they own); a key outliving its

@@ -5,9 +5,8 @@ from typing import Annotated
 from ninja import Field, Schema
 from pydantic import AwareDatetime, PlainSerializer
 
+from agentsite.auth import Scope
 from agentsite.schemas import BodyIn
-
-from .models import ApiKey
 
 # Money is a decimal string with the ledger's 8 places ("0.00007200"), never a float,
 # and never str(Decimal)'s exponent form: a zero read back from an 8-place column is
@@ -85,7 +84,7 @@ class ApiKeyCreateIn(BodyIn):
         "whitespace is dropped; blank, or with a NUL character or an unpaired surrogate: "
         "400 `invalid_name`.",
     )
-    scopes: list[ApiKey.Scope] = Field(
+    scopes: list[Scope] = Field(
         min_length=1,
         description="What the key may do: `runs` (conversations and runs), `traces`, `usage`.",
     )

@@ -10,6 +10,7 @@ from django.db.models import Count, DecimalField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
+from agentsite.auth import object_or_404
 from agentsite.errors import ApplicationError
 
 from .models import Account, ApiKey, DailySpend, Membership, UsageRecord
@@ -35,10 +36,7 @@ def api_key_list(*, account: Account) -> QuerySet[ApiKey]:
 
 def api_key_get(*, account: Account, api_key_id: int) -> ApiKey:
     """One of the account's keys; another account's is not found, like a missing one."""
-    try:
-        return ApiKey.objects.get(account=account, pk=api_key_id)
-    except ApiKey.DoesNotExist as error:
-        raise ApplicationError("not_found", "There is no such API key.", http_status=404) from error
+    return object_or_404(ApiKey.objects.filter(account=account), name="API key", pk=api_key_id)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 An API key needs the `runs` scope for them: a conversation is where runs happen, and a
 key that may run the agent must be able to open, read and close the conversations it
-runs in (see `billing.models.ApiKey.Scope`)."""
+runs in (see `agentsite.auth.Scope`)."""
 
 from typing import Any, cast
 from uuid import UUID
@@ -12,11 +12,10 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router, Status
 
 from agentsite.api_errors import errors
-from agentsite.auth import owned_or_404, principal, require_scope
+from agentsite.auth import Scope, owned_or_404, principal, require_scope
 from agentsite.idempotency.http import idempotency_key_parameter, idempotent_response
 from agentsite.idempotency.services import StoredResponse
 from agentsite.pagination import DEFAULT_LIMIT, Page, PageParams
-from billing.models import ApiKey
 
 from . import selectors, services
 from .models import Conversation, Message
@@ -33,7 +32,7 @@ router = Router(tags=["conversations"])
 
 
 def _caller(request: HttpRequest) -> User:
-    require_scope(request, ApiKey.Scope.RUNS)
+    require_scope(request, Scope.RUNS)
     # The API's auth set the user (a key acts as its user).
     return cast(User, request.user)
 
@@ -41,7 +40,7 @@ def _caller(request: HttpRequest) -> User:
 def _owned(request: HttpRequest, conversation_id: UUID) -> Conversation:
     return owned_or_404(
         Conversation.objects.all(),
-        principal=require_scope(request, ApiKey.Scope.RUNS),
+        principal=require_scope(request, Scope.RUNS),
         name="conversation",
         id=conversation_id,
     )

@@ -19,7 +19,7 @@ from django.urls import reverse
 from ninja import Header, Query, Router, Schema, Status
 
 from agentsite.api_errors import errors
-from agentsite.auth import Principal, owned_or_404, require_scope
+from agentsite.auth import Principal, Scope, owned_or_404, require_scope
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.http import (
     REPLAYED_HEADER,
@@ -27,30 +27,19 @@ from agentsite.idempotency.http import (
     idempotent_request,
     json_response,
 )
-from agentsite.idempotency.services import (
-    IdempotentRequest,
-    StoredResponse,
-    idempotency_record,
-    in_flight,
-)
-from agentsite.sse import SSE_HEARTBEAT, sse_message, sse_response
-from billing.models import ApiKey
+from agentsite.idempotency.services import IdempotentRequest, StoredResponse, in_flight
+from agentsite.sse import HEARTBEAT_SECONDS, SSE_HEARTBEAT, sse_message, sse_response
 
 from . import services
 from .event_schemas import FINAL_EVENT_TYPES, run_event_adapter
 from .events import Frame, follow
 from .frames import MAX_SEQ
-from .models import Conversation, Message, Run
+from .http import RUN_HEADER
+from .models import Message, Run
 from .schemas import RunIn, RunOut
 
 router = Router(tags=["runs"])
 
-SCOPE = "runs"
-# Seconds of silence after which a stream sends a comment, so that proxies (nginx cuts
-# an idle response after 60 s by default) keep it open.
-HEARTBEAT_SECONDS = 15.0
-# Which header links a `wait` or `stream` response to its run.
-RUN_HEADER = "X-Agentsite-Run"
 
 # The run events, for the API's components: no operation returns one as JSON, so ninja
 # would not list them (agentsite.api adds them).
@@ -112,7 +101,7 @@ async def run_create(
     202 at once (`background`, the run's URL in `Location`). 409 `run_active` while the
     conversation's previous run is under way. A client that disconnects only stops
     reading: the run goes on (follow it on `/runs/{id}/events`)."""
-    caller = require_scope(request, SCOPE)
+    caller = require_scope(request, Scope.RUNS)
     submitted, idempotency = await database_sync_to_async(_submit)(
         request, caller, conversation_id, payload
     )
@@ -135,16 +124,15 @@ async def run_create(
 def _submit(
     request: HttpRequest, caller: Principal, conversation_id: UUID, payload: RunIn
 ) -> tuple[services.RunSubmitted, IdempotentRequest | None]:
-    conversation = owned_or_404(
-        Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
-    )
     idempotency = idempotent_request(request, account_id=caller.account_id, caller=caller.user_id)
     submitted = services.run_submit(
-        conversation=conversation,
+        caller=caller,
+        conversation_id=conversation_id,
         content=payload.message,
-        api_key_id=caller.api_key_id,
         idempotency=idempotency,
-        respond=_accepted if payload.mode == "background" else _unknown_yet,
+        # `wait` and `stream` answer once the run is over: their response is derived
+        # from the run then (`_finished`), by the first request or by a retry.
+        respond=_accepted if payload.mode == "background" else None,
     )
     return submitted, idempotency
 
@@ -153,19 +141,13 @@ def _accepted(run: Run) -> StoredResponse:
     return StoredResponse(202, run_out(run), {"Location": _run_url(run.id)})
 
 
-def _unknown_yet(run: Run) -> None:
-    # `wait` and `stream` answer once the run is over: their response is derived from
-    # the run then (see `_finished`), by the first request or by a retry.
-    return None
-
-
 def _finished(
     *, caller: Principal, run_id: UUID, idempotency: IdempotentRequest | None
 ) -> StoredResponse:
     """The `wait` response of a run that is over, stored for the key's retries."""
     response = StoredResponse(200, run_out(_run_get(caller, run_id)), {RUN_HEADER: str(run_id)})
     if idempotency is not None:
-        idempotency_record(request=idempotency, response=response)
+        services.run_response_record(idempotency=idempotency, response=response)
     return response
 
 
@@ -182,16 +164,18 @@ async def _over(run_id: UUID) -> None:
 )
 def run_get(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """A run: its status, answer, messages, usage, cost and error."""
-    return run_out(_run_get(require_scope(request, SCOPE), run_id))
+    return run_out(_run_get(require_scope(request, Scope.RUNS), run_id))
 
 
 @router.post(
-    "/runs/{run_id}/cancel", response={202: RunOut, **errors(401, 403, 404, 409, 422, 429)}
+    "/runs/{run_id}/cancel",
+    # 400/413: what the API answers any POST whose body (none is read here) is too big.
+    response={202: RunOut, **errors(400, 401, 403, 404, 409, 413, 422, 429)},
 )
 def run_cancel(request: HttpRequest, run_id: UUID) -> Status[dict[str, Any]]:
     """Stop a run under way (its spending stops at once); 202 with the run as it was
     when asked: its final event and status follow. 409 if it is over already."""
-    run = _run_get(require_scope(request, SCOPE), run_id)
+    run = _run_get(require_scope(request, Scope.RUNS), run_id)
     services.run_cancel(conversation=run.conversation, run_id=run.id)
     return Status(202, run_out(run))
 
@@ -214,7 +198,7 @@ async def run_events(
     """The run's events as Server-Sent Events: every event after `Last-Event-ID` (or
     `after_seq`; from the first without either), replayed and then live, each once and
     in order, ending after the final event."""
-    caller = require_scope(request, SCOPE)
+    caller = require_scope(request, Scope.RUNS)
     after_seq = _after_seq(last_event_id, params.after_seq)
     run = await database_sync_to_async(_run_get)(caller, run_id)
     return _event_stream(run.id, caller=caller, after_seq=after_seq, replayed=False)
@@ -254,7 +238,7 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 def _event_stream(
     run_id: UUID, *, caller: Principal, after_seq: int, replayed: bool
 ) -> StreamingHttpResponse:
-    sees_budget = caller.has_scope(ApiKey.Scope.USAGE)
+    sees_budget = caller.has_scope(Scope.USAGE)
 
     async def messages() -> AsyncIterator[str]:
         async for frame in follow(run_id, after_seq, idle=HEARTBEAT_SECONDS):
@@ -302,6 +286,7 @@ def run_out(run: Run) -> dict[str, Any]:
                 "role": m.role,
                 "content": m.content,
                 "tool": m.tool,
+                "run_id": m.run_id,
                 "imported": m.imported,
                 "created_at": m.created_at,
             }

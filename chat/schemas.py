@@ -8,6 +8,7 @@ from ninja import Field, Schema
 
 from agentsite.schemas import BodyIn
 
+from .event_schemas import ErrorData, UsageData
 from .models import Conversation, Message
 from .services import TITLE_MAX_CHARS
 
@@ -82,7 +83,7 @@ class ConversationDetailOut(ConversationOut):
     messages: MessagePageOut
 
 
-class RunIn(Schema):
+class RunIn(BodyIn):
     message: str = Field(description="The user's message: what the agent answers.")
     mode: Literal["wait", "stream", "background"] = Field(
         "wait",
@@ -93,29 +94,6 @@ class RunIn(Schema):
             "at once, with the run and its URL in `Location`."
         ),
     )
-
-
-class RunUsageOut(Schema):
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-
-
-class RunErrorOut(Schema):
-    code: str
-    message: str
-
-
-class RunMessageOut(Schema):
-    id: int
-    role: Literal["user", "assistant", "tool"]
-    content: str
-    # Tool messages: {"tool_call_id", "name", "args", "result", "is_error"}.
-    tool: dict[str, Any] | None
-    # Earlier conversation its caller sent with the message (the OpenAI-compatible
-    # endpoint): the run's input, not its output, whatever the role.
-    imported: bool
-    created_at: datetime
 
 
 class RunOut(Schema):
@@ -135,12 +113,13 @@ class RunOut(Schema):
     # The agent's answer: its text messages, joined; null if it wrote none (yet).
     answer: str | None
     # The run's messages: the user's, then the agent's and its tool calls, in order.
-    messages: list[RunMessageOut]
+    messages: list[MessageOut]
     steps: int
-    usage: RunUsageOut
+    # The shapes of the run's final event: one set for the event stream and RunOut.
+    usage: UsageData
     # A decimal string (exact, unlike a JSON number); null: unpriced, not free.
     cost_usd: str | None
-    error: RunErrorOut | None
+    error: ErrorData | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -5,6 +5,7 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
+from agentsite.auth import user_owned_or_404
 from agentsite.errors import ApplicationError
 from agentsite.pagination import Page, PageParams, paginate
 from billing.display import BudgetDisplay, BudgetLeft, budget_display, budget_left_for_user
@@ -29,14 +30,11 @@ def conversation_page(*, owner: User, params: PageParams) -> Page[Conversation]:
 
 
 def conversation_get(*, user: User | AnonymousUser, conversation_id: UUID | str) -> Conversation:
-    """The conversation, if `user` may see it. Another user's conversation is not found
-    (not forbidden), exactly like a missing one, so ids cannot be probed for existence."""
-    try:
-        return Conversation.objects.get(id=conversation_id, owner_id=user.pk)
-    except (Conversation.DoesNotExist, ValidationError, ValueError) as error:
-        raise ApplicationError(
-            "not_found", "There is no such conversation.", http_status=404
-        ) from error
+    """The conversation, if `user` owns it; else 404 `not_found`, as the JSON API's
+    (agentsite.auth: another's conversation is not found, exactly like a missing one)."""
+    return user_owned_or_404(
+        Conversation.objects.all(), user_id=user.pk, name="conversation", id=conversation_id
+    )
 
 
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:
@@ -58,6 +56,8 @@ def run_get_active(*, conversation: Conversation) -> Run | None:
 
 
 def run_get(*, conversation: Conversation, run_id: UUID | str) -> Run:
+    """A run of a conversation the caller was already allowed (its owner's, by
+    `conversation_get`): membership, not ownership, with the WebSocket's own code."""
     try:
         return conversation.runs.get(id=run_id)
     except (Run.DoesNotExist, ValidationError, ValueError) as error:

@@ -1,6 +1,8 @@
 """Writes. Services own transactions; side effects (starting or cancelling a run,
 forgetting agent memory) happen on commit."""
 
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -8,12 +10,14 @@ from typing import Any, Literal
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
 from django.db import transaction
 from django.db.models import Case, Count, F, Q, Value, When
 from django.utils import timezone
 
+from agentsite.auth import Principal, owned_or_404
 from agentsite.errors import ApplicationError
 from agentsite.idempotency.services import (
     IdempotentRequest,
@@ -32,6 +36,8 @@ from .agent.checkpointer import delete_thread
 from .agent.executor import get_executor
 from .agent.models import model_info
 from .models import Conversation, Message, Run, lease_held, lease_lapsed
+
+logger = logging.getLogger(__name__)
 
 TITLE_MAX_CHARS = 200
 DEFAULT_TITLE = "New conversation"
@@ -322,6 +328,13 @@ def _cancel_or_close(run_id: UUID) -> None:
         )
 
 
+def run_response_record(*, idempotency: IdempotentRequest, response: StoredResponse) -> None:
+    """The response of a run's request that is known only once the run is over (`wait`):
+    stored for the key's retries, which otherwise derive it again from the run."""
+    with transaction.atomic():
+        idempotency_record(request=idempotency, response=response)
+
+
 @dataclass(frozen=True)
 class RunSubmitted:
     """A run started by `run_submit`, or the one an earlier request with the same
@@ -336,16 +349,74 @@ class RunSubmitted:
 
 def run_submit(
     *,
-    conversation: Conversation,
+    caller: Principal,
+    conversation_id: UUID,
     content: object,
+    idempotency: IdempotentRequest | None = None,
+    respond: Callable[[Run], StoredResponse] | None = None,
+) -> RunSubmitted:
+    """`run_create` in `caller`'s conversation for the JSON API, at most once per
+    Idempotency-Key: the key is claimed in the transaction that creates the run, and
+    stored with the run's id and `respond(run)`, the response if it is known now (a
+    202): so a retry finds the run even if this request dies before it answers.
+
+    The key is looked up before the conversation: a retry is answered from what the
+    first request stored even after the conversation was deleted (a 404 only if nothing
+    was stored and the run is gone)."""
+
+    def create() -> Run:
+        conversation = owned_or_404(
+            Conversation.objects.all(), principal=caller, name="conversation", id=conversation_id
+        )
+        return run_create(conversation=conversation, content=content, api_key_id=caller.api_key_id)
+
+    return _submitted(create=create, idempotency=idempotency, respond=respond)
+
+
+def run_start(
+    *,
+    owner: User,
+    conversation_id: UUID | str | None,
+    source: Conversation.Source,
+    content: object,
+    history: Sequence[Turn] = (),
+    instructions: str = "",
     api_key_id: int | None = None,
     idempotency: IdempotentRequest | None = None,
-    respond: Callable[[Run], StoredResponse | None] = lambda run: None,
 ) -> RunSubmitted:
-    """`run_create` for the JSON API, at most once per Idempotency-Key: the key is
-    claimed in the transaction that creates the run, and stored with the run's id and
-    `respond(run)`, the response if it is known now (a 202): so a retry finds the run
-    even if this request dies before it answers."""
+    """A run answering `content` for a client that keeps the conversation itself (the
+    OpenAI-compatible endpoint), at most once per Idempotency-Key (see `run_submit`).
+    Without `conversation_id`, in a new conversation (`conversation_start`, fed
+    `history`); with it, continuing that conversation of `owner`'s (`not_found`
+    otherwise), whose agent remembers the rest: `history` is not used."""
+
+    def create() -> Run:
+        if conversation_id is None:
+            return conversation_start(
+                owner=owner,
+                source=source,
+                content=content,
+                history=history,
+                instructions=instructions,
+                api_key_id=api_key_id,
+            )
+        conversation = selectors.conversation_get(user=owner, conversation_id=conversation_id)
+        return run_create(
+            conversation=conversation,
+            content=content,
+            instructions=instructions,
+            api_key_id=api_key_id,
+        )
+
+    return _submitted(create=create, idempotency=idempotency, respond=None)
+
+
+def _submitted(
+    *,
+    create: Callable[[], Run],
+    idempotency: IdempotentRequest | None,
+    respond: Callable[[Run], StoredResponse] | None,
+) -> RunSubmitted:
     with transaction.atomic():
         earlier = idempotency_claim(request=idempotency) if idempotency is not None else None
         if earlier is not None:
@@ -354,8 +425,36 @@ def run_submit(
             if run is None and response is None:  # deleted with its conversation since
                 raise ApplicationError("run_not_found", "There is no such run.", http_status=404)
             return RunSubmitted(run=run, replayed=True, response=response)
-        run = run_create(conversation=conversation, content=content, api_key_id=api_key_id)
-        response = respond(run)
+        run = create()
+        response = respond(run) if respond is not None else None
         if idempotency is not None:
             idempotency_record(request=idempotency, resource=str(run.id), response=response)
     return RunSubmitted(run=run, response=response)
+
+
+def run_abandon(*, run_id: UUID) -> None:
+    """Stop a run whose client left and cannot come back for its answer (the
+    OpenAI-compatible endpoint without an Idempotency-Key), so it does not go on
+    spending. A run that ended meanwhile, or went with its conversation, is left be."""
+    run = Run.objects.select_related("conversation").filter(id=run_id).first()
+    if run is None:
+        return
+    try:
+        run_cancel(conversation=run.conversation, run_id=run_id)
+    except ApplicationError:  # over already
+        return
+    logger.info("run %s: cancelled, its client left", run_id)
+
+
+_abandoning: set["asyncio.Task[None]"] = set()
+
+
+def run_abandon_in_background(*, run_id: UUID) -> None:
+    """`run_abandon`, not awaited: for a request being cancelled (its client left),
+    which cannot await anything any more. Call it on the event loop."""
+    task = asyncio.get_running_loop().create_task(
+        database_sync_to_async(run_abandon)(run_id=run_id)
+    )
+    # Held until done: the loop keeps only a weak reference to a task.
+    _abandoning.add(task)
+    task.add_done_callback(_abandoning.discard)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,30 @@ def _runserver(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[by
         )
 
 
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        # After a run the server does not exit on SIGTERM: the checkpointer's
+        # aiosqlite connection keeps a non-daemon thread alive.
+        server.kill()
+        server.wait()
+
+
+@contextmanager
+def serving(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`make run`'s server on a free port while the block runs: its URL, once it answers."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _runserver(env, port, log)
+    try:
+        _wait_until_up(url, server, log)
+        yield url
+    finally:
+        _stop(server)
+
+
 def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -184,14 +209,7 @@ def agentsite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveS
         yield LiveServer(url=url, username=USERNAME, password=PASSWORD, log=log)
     finally:
         preparing.kill()
-        server.terminate()
-        try:
-            server.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            # After a run the server does not exit on SIGTERM: the checkpointer's
-            # aiosqlite connection keeps a non-daemon thread alive.
-            server.kill()
-            server.wait()
+        _stop(server)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
+from tests.conftest import ROOT, _server_env, serving
 from tests.fakes.openai_server import FakeOpenAIServer
 
 MODEL = "agentsite-offline-demo"
@@ -47,7 +48,7 @@ for name, scopes, limits in %s:
 print("KEYS=" + json.dumps(keys))
 """
 USERS = [
-    ("alice", ["runs"], {}),
+    ("alice", ["runs", "traces"], {}),
     ("reader", ["traces"], {}),
     ("hasty", ["runs"], {"requests_per_minute_per_account": 1}),
     ("broke", ["runs"], {"tokens_per_day": 1}),
@@ -76,8 +77,26 @@ class Server:
         return str(self.query("SELECT status FROM chat_run WHERE id = ?", hex_id(run_id))[0][0])
 
 
-def hex_id(uuid: str) -> str:
-    return uuid.replace("-", "")  # how SQLite stores Django's UUIDs
+def hex_id(id_: str) -> str:
+    return id_.replace("-", "")  # how SQLite stores Django's UUIDs
+
+
+def auth(server: Server, user: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.keys[user]}"}
+
+
+def stored_answer(server: Server, run_id: str) -> str:
+    """The run's answer as the JSON API gives it (RunOut.answer)."""
+    rows = server.query(
+        "SELECT content FROM chat_message WHERE run_id = ? AND role = 'assistant' "
+        "AND NOT imported AND content != '' ORDER BY created_at, id",
+        hex_id(run_id),
+    )
+    return "\n\n".join(content for (content,) in rows)
+
+
+def streamed_text(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 def start_server(workdir: Path, **env: str) -> Iterator[Server]:
@@ -92,20 +111,9 @@ def start_server(workdir: Path, **env: str) -> Iterator[Server]:
     output = prepared.stdout.decode()
     assert prepared.returncode == 0, output + prepared.stderr.decode()[-3000:]
     keys = json.loads(output.rsplit("KEYS=", 1)[1])
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = workdir / "server.log"
-    server = _runserver(environment, port, log)
-    try:
-        _wait_until_up(url, server, log)
+    with serving(environment, log) as url:
         yield Server(url, keys, workdir / "db.sqlite3", log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +173,13 @@ def test_an_answer_that_uses_a_tool_with_its_usage_and_its_run(server: Server) -
     # The run behind it, its trace and its conversation (new, marked as the endpoint's).
     run_id = raw.headers["x-agentsite-run"]
     assert completion.id == "chatcmpl-" + hex_id(run_id)
-    assert raw.headers["x-agentsite-trace"] == f"{server.url}/traces/{run_id}/"
+    # Its trace: in the API (for a key with the traces scope), and the page for a
+    # signed-in browser.
+    trace_url = raw.headers["x-agentsite-trace"]
+    assert trace_url == f"{server.url}/api/v1/runs/{run_id}/trace"
+    assert raw.headers["x-agentsite-trace-page"] == f"{server.url}/traces/{run_id}/"
+    trace = httpx.get(trace_url, headers=auth(server), timeout=WAIT)
+    assert trace.status_code == 200, trace.text
     assert server.run_status(run_id) == "completed"
     [(tool,)] = server.query(
         "SELECT tool FROM chat_message WHERE run_id = ? AND role = 'tool'", hex_id(run_id)
@@ -439,6 +453,102 @@ def test_a_provider_failure_is_a_502_the_sdk_does_not_retry(
     fake_llm.assert_script_used()
 
 
+def test_an_answer_in_several_messages_is_joined_as_the_runs_answer(
+    provider_server: Server, fake_llm: FakeOpenAIServer
+) -> None:
+    client = provider_server.client()
+    for stream in (False, True):
+        # Text before the tool call, and the answer after it: two assistant messages.
+        fake_llm.tool_call("calculator", {"expression": "17 * 23"}, text="Let me check.")
+        fake_llm.text("It is 391.")
+        if stream:
+            with client.chat.completions.with_streaming_response.create(
+                model="gpt-fake-mini", messages=ASK_ARITHMETIC, stream=True
+            ) as response:
+                run_id = response.headers["x-agentsite-run"]
+                content = streamed_text(list(response.parse()))
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-fake-mini", messages=ASK_ARITHMETIC
+            )
+            run_id = raw.headers["x-agentsite-run"]
+            content = raw.parse().choices[0].message.content or ""
+
+        assert content == "Let me check.\n\nIt is 391.", stream
+        assert content == stored_answer(provider_server, run_id)
+        fake_llm.assert_script_used()
+
+
+# -- Idempotency-Key --------------------------------------------------------------------
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_same_completion(server: Server) -> None:
+    client = server.client()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ASK_ARITHMETIC, extra_headers=key
+    )
+    again = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ASK_ARITHMETIC, extra_headers=key
+    )
+
+    assert again.parse().model_dump() == first.parse().model_dump()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["x-agentsite-run"] == first.headers["x-agentsite-run"]
+    # The agent ran once.
+    conversation = hex_id(first.headers["x-agentsite-conversation"])
+    assert server.query(
+        "SELECT COUNT(*) FROM chat_run WHERE conversation_id = ?", conversation
+    ) == [(1,)]
+    with pytest.raises(openai.UnprocessableEntityError) as reused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], extra_headers=key
+        )
+    assert reused.value.code == "idempotency_key_reused"
+    assert reused.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as blank:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK_ARITHMETIC, extra_headers={"Idempotency-Key": "k" * 256}
+        )
+    assert blank.value.code == "invalid_idempotency_key"
+
+
+def test_with_an_idempotency_key_a_client_that_leaves_gets_the_answer_on_retry(
+    server: Server,
+) -> None:
+    client = server.client()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    messages = [{"role": "user", "content": "Please say all of this back to me. " * 80}]
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=messages, stream=True, extra_headers=key
+    ) as response:
+        run_id = response.headers["x-agentsite-run"]
+        for chunk in response.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # an answer under way; leave (a timeout, a dropped connection)
+
+    # The run goes on: the client can come back for it with the key.
+    with pytest.raises(openai.ConflictError) as busy:
+        client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, extra_headers=key
+        )
+    assert busy.value.code == "idempotency_in_flight"
+    deadline = time.monotonic() + WAIT
+    while server.run_status(run_id) in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.run_status(run_id) == "completed"
+
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=messages, stream=True, extra_headers=key
+    ) as replay:
+        assert replay.headers["x-agentsite-run"] == run_id
+        assert replay.headers["idempotent-replayed"] == "true"
+        chunks = list(replay.parse())
+    assert streamed_text(chunks) == stored_answer(server, run_id)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 # -- errors -----------------------------------------------------------------------------
 
 
@@ -478,6 +588,16 @@ def test_a_path_that_is_no_endpoint_is_an_openai_shaped_404(server: Server) -> N
     response = httpx.get(server.url + "/openai/v1/completions", timeout=WAIT)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_url"
+
+
+def test_a_method_an_endpoint_does_not_allow_is_an_openai_shaped_405(server: Server) -> None:
+    response = httpx.get(
+        server.url + "/openai/v1/chat/completions", headers=auth(server), timeout=WAIT
+    )
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("method_not_allowed", "invalid_request_error")
 
 
 def test_a_key_without_the_runs_scope_is_refused(server: Server) -> None:

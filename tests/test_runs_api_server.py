@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
+from tests.conftest import ROOT, _server_env, serving
 from tests.servers import postgres_available, postgres_database
 
 # A user whose account has no limits, a key with the `runs` scope, and conversations
@@ -69,19 +69,9 @@ def start_server(workdir: Path, database_url: str) -> Iterator[Server]:
     )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     key, *conversations = prepared.stdout.strip().splitlines()[-9:]
-    port = _free_port()
     log = workdir / "server.log"
-    server = _runserver(env, port, log)
-    try:
-        _wait_until_up(f"http://127.0.0.1:{port}", server, log)
-        yield Server(f"http://127.0.0.1:{port}", key, conversations, log, database_url)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with serving(env, log) as url:
+        yield Server(url, key, conversations, log, database_url)
 
 
 @pytest.fixture(scope="module")

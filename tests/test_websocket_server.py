@@ -7,7 +7,6 @@ import asyncio
 import http.cookiejar
 import json
 import re
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,11 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.conftest import (
     PASSWORD,
     USERNAME,
-    _free_port,
     _prepare_database,
-    _runserver,
     _server_env,
-    _wait_until_up,
+    serving,
 )
 from tests.servers import postgres_available, postgres_database
 
@@ -79,23 +76,12 @@ class Server:
 
 def start_server(workdir: Path, database_url: str) -> Iterator[Server]:
     env = {**_server_env(workdir), "DATABASE_URL": database_url}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = workdir / "server.log"
     preparing = _prepare_database(env)
     prepared, _ = preparing.communicate(timeout=180)
     assert preparing.returncode == 0, prepared.decode()[-3000:]
-    server = _runserver(env, port, log)
-    try:
-        _wait_until_up(url, server, log)
+    with serving(env, log) as url:
         yield log_in(url, log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def log_in(url: str, log: Path) -> Server:

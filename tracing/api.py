@@ -5,7 +5,7 @@ from django.http import HttpRequest
 from ninja import Router
 
 from agentsite.api_errors import errors
-from agentsite.auth import owned_or_404, require_scope
+from agentsite.auth import Scope, owned_or_404, require_scope
 
 from . import selectors
 from .models import Trace
@@ -18,7 +18,7 @@ router = Router(tags=["traces"])
 @router.get("/runs/{run_id}/trace", response={200: TraceOut, **errors(401, 403, 404, 422, 429)})
 def run_trace(request: HttpRequest, run_id: UUID) -> dict[str, Any]:
     """The span tree of a run: run → graph node → LLM call / tool call → …"""
-    caller = require_scope(request, "traces")
+    caller = require_scope(request, Scope.TRACES)
     # Its user's traces only, even for staff: operators browse everyone's in the app,
     # and a key handed to a program must not carry an operator's view.
     trace = owned_or_404(

@@ -4,15 +4,16 @@ helpers) gets the same answer about who may see what."""
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.utils import timezone
 
+from agentsite.auth import object_or_404, user_owned_or_404
 from agentsite.errors import ApplicationError
 from chat.models import Run
 
@@ -22,6 +23,8 @@ from .models import Span, Trace
 # a trace that does not exist yet. For this long after a run ends, a missing trace is
 # taken to be on its way; after that, it is not coming.
 TRACE_PENDING_GRACE = timedelta(seconds=60)
+
+M = TypeVar("M", bound=Model)
 
 
 @dataclass
@@ -79,32 +82,17 @@ def trace_list(
 def trace_get(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> Trace:
     """The trace of a run, if `user` may see it. Another user's trace is reported as
     not found (not forbidden), so run ids cannot be probed for existence."""
-    not_found = _trace_not_found()
-    if not user.is_authenticated:
-        raise not_found
-    try:
-        trace = Trace.objects.select_related("user", "run").get(run_id=run_id)
-    except (Trace.DoesNotExist, ValidationError, ValueError) as error:
-        raise not_found from error
-    if not _may_see(user=user, owner_id=trace.user_id):
-        raise not_found
-    return trace
+    traces = Trace.objects.select_related("user", "run")
+    return _visible_or_404(traces, user=user, owner_field="user", run_id=run_id)
 
 
 def trace_absence(*, user: AbstractBaseUser | AnonymousUser, run_id: UUID | str) -> TraceAbsence:
     """Why a run has no trace `user` may see, for a trace link followed before (or
     without) its trace. A run `user` may not see is not found, exactly like its trace,
     so run ids cannot be probed."""
-    not_found = _trace_not_found()
-    if not user.is_authenticated:
-        raise not_found
-    try:
-        run = Run.objects.select_related("conversation").get(id=run_id)
-    except (Run.DoesNotExist, ValidationError, ValueError) as error:
-        raise not_found from error
+    runs = Run.objects.select_related("conversation")
+    run = _visible_or_404(runs, user=user, owner_field="conversation__owner", id=run_id)
     owner_id = run.conversation.owner_id
-    if not _may_see(user=user, owner_id=owner_id):
-        raise not_found
     reason: Literal["pending", "disabled", "absent"]
     if not settings.TRACING_ENABLED:
         reason = "disabled"
@@ -167,11 +155,19 @@ def trace_flatten(*, roots: list[SpanNode]) -> list[SpanNode]:
     return flat
 
 
-def _trace_not_found() -> ApplicationError:
-    return ApplicationError("not_found", "There is no such trace.", http_status=404)
-
-
-def _may_see(*, user: AbstractBaseUser | AnonymousUser, owner_id: int) -> bool:
-    """The owner sees their own; staff see everyone's (in the browsing pages: the JSON
-    API's one policy, agentsite.auth.owned_or_404, grants staff nothing more)."""
-    return owner_id == user.pk or getattr(user, "is_staff", False)
+def _visible_or_404(
+    queryset: QuerySet[M],
+    *,
+    user: AbstractBaseUser | AnonymousUser,
+    owner_field: str,
+    **lookup: Any,
+) -> M:
+    """For the browsing pages: the owner sees their own, as everywhere (agentsite.auth's
+    one policy, whose 404 this is); staff see everyone's, since operators debug other
+    users' runs here. The JSON API never comes here: tracing.api looks traces up with
+    `owned_or_404`, so a key, even a staff user's, carries no operator's view."""
+    if getattr(user, "is_staff", False):
+        return object_or_404(queryset, name="trace", **lookup)
+    return user_owned_or_404(
+        queryset, user_id=user.pk, name="trace", owner_field=owner_field, **lookup
+    )

@@ -6,7 +6,8 @@ conversation, an API key) needs one call:
     return idempotent_response(request, caller=principal(request), create=lambda: StoredResponse(
         201, ThingOut.from_orm(thing_create(...)).model_dump()))
 
-and declares 400 and 422 (and 409) among its errors, and the `Idempotency-Key` header
+and declares 400 and 422 among its errors (no 409: its response is recorded with the
+key, so a retry never finds the first one still answering), and the `Idempotency-Key` header
 (`openapi_extra={"parameters": [idempotency_key_parameter()]}`)."""
 
 from collections.abc import Callable

@@ -148,9 +148,10 @@ def idempotent(
         if request is not None:
             earlier = idempotency_claim(request=request)
             if earlier is not None:
+                # Recorded in the transaction that claimed the key: a claim without its
+                # response was rolled back, and the claim above would have won it.
                 replay = stored_response(earlier)
-                if replay is None:
-                    raise in_flight()
+                assert replay is not None
                 return Idempotent(replay, replayed=True)
         response = create()
         if request is not None:

@@ -12,7 +12,7 @@ from ninja import NinjaAPI, Schema
 
 from agentsite.api import AUTH
 from agentsite.api_errors import error_handlers_install, errors
-from agentsite.auth import aowned_or_404, owned_or_404, principal, require_scope
+from agentsite.auth import Scope, aowned_or_404, owned_or_404, principal, require_scope
 from chat.models import Conversation
 
 
@@ -48,7 +48,7 @@ def whoami(request: HttpRequest) -> dict[str, Any]:
 
 @probe.get("/async/whoami", response={200: PrincipalOut, **errors(401, 403, 429)})
 async def async_whoami(request: HttpRequest) -> dict[str, Any]:
-    require_scope(request, "runs")
+    require_scope(request, Scope.RUNS)
     return _out(request)
 
 
@@ -76,7 +76,7 @@ async def async_conversation(request: HttpRequest, conversation_id: str) -> dict
 
 @probe.post("/echo", response={200: EchoIn, **errors(401, 403, 413, 422, 429)})
 def echo(request: HttpRequest, body: EchoIn) -> EchoIn:
-    require_scope(request, "runs")
+    require_scope(request, Scope.RUNS)
     return body
 
 

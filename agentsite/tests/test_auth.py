@@ -2,8 +2,10 @@
 (agentsite.api_errors), on the real database. Operations no real endpoint has yet (an
 unsafe method, async ones, failures) are probes (api_probe.py), composed like the API."""
 
+import ast
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -240,3 +242,51 @@ def test_operations_declare_their_error_statuses():
     assert error == {"$ref": "#/components/schemas/ErrorOut"}
     trace = schema["paths"]["/api/v1/runs/{run_id}/trace"]["get"]["responses"]
     assert {"200", "401", "403", "404", "422", "429"} <= set(trace)
+
+
+def test_the_scopes_are_one_set_that_routers_name_without_billing():
+    from agentsite.auth import Scope
+
+    assert ApiKey.Scope is Scope
+    assert set(Scope.values) == {"runs", "traces", "usage"}
+    root = Path(__file__).resolve().parents[2]
+    for router in ("chat/api.py", "chat/runs_api.py", "billing/api.py", "tracing/api.py"):
+        tree = ast.parse((root / router).read_text())
+        nodes = list(ast.walk(tree))
+        modules = [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names]
+        if router != "billing/api.py":
+            assert not [m for m in modules if m.split(".")[0] == "billing"], router
+        scopes = [
+            n.args[1]
+            for n in nodes
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "require_scope"
+        ]
+        assert scopes and not [s for s in scopes if isinstance(s, ast.Constant)], router
+
+
+def test_every_lookup_for_a_caller_has_the_one_not_found(make_user, monkeypatch):
+    """The selectors that find a caller's object say "not found" through agentsite.auth,
+    so what another's object is (the same 404 as a missing one) is defined once."""
+    from agentsite import auth
+    from billing.selectors import api_key_get
+    from chat.selectors import conversation_get
+    from tracing.selectors import trace_absence, trace_get
+    from tracing.tests.test_api import make_trace
+
+    class Marked(auth.ApplicationError):
+        pass
+
+    monkeypatch.setattr(auth, "not_found", lambda name: Marked("not_found", name, 404))
+    alice, mallory = make_user("alice"), make_user("mallory")
+    trace = make_trace(alice)
+    key, _ = make_key(alice)
+    lookups = [
+        lambda: conversation_get(user=mallory, conversation_id=trace.run.conversation_id),
+        lambda: api_key_get(account=account_for_user(user_id=mallory.id), api_key_id=key.pk),
+        lambda: trace_get(user=mallory, run_id=trace.run_id),
+        lambda: trace_absence(user=mallory, run_id=trace.run_id),
+    ]
+    for lookup in lookups:
+        with pytest.raises(Marked):
+            lookup()

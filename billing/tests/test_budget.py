@@ -12,6 +12,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from billing.budget import (
+    CONCURRENT_RUNS_RETRY_AFTER,
     BudgetExceeded,
     Usage,
     budget_release_stale,
@@ -237,6 +238,7 @@ async def test_the_concurrent_runs_limit_refuses_one_more(make_user, prices, set
 
     assert refused["type"] == "error" and refused["code"] == "concurrent_runs_limit"
     assert "may have 1 answer in progress at once" in refused["message"]
+    assert refused["retry_after"] == CONCURRENT_RUNS_RETRY_AFTER
     await receive_until(busy, "run.completed")
     await wait_for_runs()
     # Once the first is done the socket works again.

@@ -21,20 +21,34 @@ How the OpenAI protocol maps onto the agent (decisions, for the README):
   agent makes, and nothing it answers could be fed back into a run.
 - Tool steps are not streamed as content (they would end up in the client's copy of
   the history and be sent back as if the assistant had said them); they are in the
-  run's trace, linked by the `X-Agentsite-Trace` header.
+  run's trace, linked by the `X-Agentsite-Trace` header (the JSON API's URL of it;
+  `X-Agentsite-Trace-Page`: the page, for a signed-in browser).
 - Options the agent's configuration governs (`max_tokens`, `temperature`, `top_p`,
   `stop`, `seed`, ...) are accepted and ignored; `n` must be 1; `model`, when given,
   must be the one `/models` lists.
-- Disconnects cancel. A client that closes the connection before the answer is
-  complete (the "stop" button of chat front ends, a timeout) stops the run, as OpenAI
-  stops generating: it has no way to come back for the answer over this protocol, and
+- Disconnects cancel, without an Idempotency-Key. A client that closes the connection
+  before the answer is complete (the "stop" button of chat front ends, a timeout) stops
+  the run, as OpenAI stops generating: it has no way to come back for the answer, and
   the run would go on spending. (The `/api/v1` runs are detached instead.)
+- Idempotency-Key, as in /api/v1 (`agentsite.idempotency`, `chat.services.run_start`):
+  the SDKs retry a timeout or a dropped connection on their own, never having seen
+  `x-should-retry: false`, and without a key that runs the agent again. With a key a
+  retry starts nothing: it gets the stored completion (non-streamed, stored once the
+  run is over), or the run's events again as chunks (streamed; the answer in one chunk
+  if the log expired), or 409 `idempotency_in_flight` while the run answers; another
+  body with the key is a 422. And a client with a key that leaves does not stop its run:
+  it can come back for the answer, so its retry gets the one run's answer, not a cancel
+  it never asked for (a run cancelled otherwise replays its 409 `cancelled`).
+- Answer text: the run's assistant messages (before and after tool calls) joined with a
+  blank line, as `RunOut.answer`; streamed, a "\n\n" delta where a message follows a
+  tool step (tokens do not say which message they are in).
 - Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` and
   status: 400 bad request, 401 bad key, 403 key without the `runs` scope, 404 unknown
   model or conversation, 409 the conversation is busy, 429 rate or budget limits (with
-  `Retry-After` when it is known), 5xx the run failed (502: the model provider). A
-  response to a request that started a run says `x-should-retry: false`, so the SDKs
-  do not run the agent again on their own. A run that fails after its stream started
+  `Retry-After` when it is known), 5xx the run failed (502: the model provider); 405 a
+  wrong method, 422 a reused Idempotency-Key. A response to a request that started a
+  run says `x-should-retry: false`, so the SDKs do not retry it (see Idempotency-Key
+  for the retries they make all the same). A run that fails after its stream started
   ends it with a `data: {"error": {...}}` event (the SDKs raise `APIError`), and no
   `data: [DONE]`, so no client takes a cut answer for a whole one.
 """

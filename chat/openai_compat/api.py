@@ -1,34 +1,52 @@
-"""The OpenAI-compatible API: a NinjaAPI of its own, mounted at /openai/v1/, so that
-every error it gives (authentication and validation included) has OpenAI's shape; its
-OpenAPI schema is its own (/openai/v1/openapi.json), apart from /api's."""
+"""The OpenAI-compatible API: a NinjaAPI of its own (`openai_api`, which the
+composition root builds with the auth it configures), mounted at /openai/v1/, so that
+every error it gives (authentication, validation and wrong methods included) has
+OpenAI's shape; its OpenAPI schema is its own (/openai/v1/openapi.json), apart from
+/api's. This adapter parses, calls `chat.services`, and renders."""
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from inspect import iscoroutinefunction
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.urls import reverse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    JsonResponse,
+)
+from django.http.response import HttpResponseBase
+from django.urls import URLPattern, URLResolver, reverse
 from django.views.decorators.csrf import csrf_exempt
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Router
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from agentsite.auth import Principal, require_scope
+from agentsite.auth import Scope, require_scope
 from agentsite.errors import ApplicationError
-from agentsite.sse import SSE_HEARTBEAT, sse_response
-from billing.auth import ApiKeyBearerAuth
-from billing.models import ApiKey
-from chat import selectors, services
+from agentsite.idempotency.http import (
+    REPLAYED_HEADER,
+    idempotency_key_parameter,
+    idempotent_request,
+    json_response,
+)
+from agentsite.idempotency.services import (
+    IdempotentRequest,
+    StoredResponse,
+    idempotency_record,
+    in_flight,
+)
+from agentsite.sse import HEARTBEAT_SECONDS, SSE_HEARTBEAT, sse_response
+from chat import services
 from chat.agent.models import model_info
 from chat.events import Event, follow
-from chat.lifecycle import FINAL_EVENTS, lease_keeper
+from chat.http import RUN_HEADER
+from chat.lifecycle import FINAL_EVENTS
 from chat.models import Conversation, Run
-from chat.runs_api import HEARTBEAT_SECONDS, RUN_HEADER
 
 from . import wire
 from .schemas import ChatCompletionIn, ErrorOut, ModelListOut, ModelOut
@@ -36,91 +54,130 @@ from .schemas import ChatCompletionIn, ErrorOut, ModelListOut, ModelOut
 logger = logging.getLogger(__name__)
 
 # The request header that binds a request to a stored conversation, and the response
-# headers that link to what the request started (its run: RUN_HEADER, as /api's).
+# headers that link to what the request started (its run: RUN_HEADER, as /api's): its
+# trace in the JSON API (the key reads it) and as a page (for a signed-in browser).
 CONVERSATION_HEADER = "X-Agentsite-Conversation"
 TRACE_HEADER = "X-Agentsite-Trace"
+TRACE_PAGE_HEADER = "X-Agentsite-Trace-Page"
 FINAL_TYPES = frozenset(FINAL_EVENTS.values())
-ERRORS = {status: ErrorOut for status in (400, 401, 403, 404, 409, 413, 429, 500, 502, 503)}
+ERRORS = {
+    status: ErrorOut for status in (400, 401, 403, 404, 405, 409, 413, 422, 429, 500, 502, 503)
+}
+
+router = Router()
 
 
-api = NinjaAPI(
-    title="Agentsite OpenAI-compatible API",
-    version="1",
-    urls_namespace="openai",
-    # An Agentsite API key as the bearer token, as the OpenAI SDKs send theirs.
-    auth=ApiKeyBearerAuth(),
-    docs_url=None,
-    openapi_url="/openapi.json",
-)
+class OpenAIAPI(NinjaAPI):
+    @property
+    def urls(self) -> tuple[list[URLResolver | URLPattern], str, str]:
+        patterns, app_name, namespace = super().urls
+        for pattern in patterns:
+            # ninja answers a method no operation takes itself, in plain text.
+            if isinstance(pattern, URLPattern):
+                pattern.callback = _with_openai_405(pattern.callback)
+        return patterns, app_name, namespace
 
 
-def _error_response(request: HttpRequest, error: wire.OpenAIError) -> HttpResponse:
-    response = api.create_response(request, error.body(), status=error.status)
-    for name, value in error.headers.items():
-        response[name] = value
-    return response
+def openai_api(*, auth: Sequence[Callable[..., Any]]) -> NinjaAPI:
+    """The API, its callers authenticated by `auth` (each sets request.auth to an
+    agentsite.auth.Principal and request.user to the key's user; an OpenAI SDK sends
+    its key as `Authorization: Bearer`)."""
+    api = OpenAIAPI(
+        title="Agentsite OpenAI-compatible API",
+        version="1",
+        urls_namespace="openai",
+        auth=list(auth),
+        docs_url=None,
+        openapi_url="/openapi.json",
+    )
+    api.exception_handler(wire.OpenAIError)(_openai_error)
+    api.exception_handler(ApplicationError)(_application_error)
+    api.exception_handler(AuthenticationError)(_authentication_error)
+    api.exception_handler(ValidationError)(_validation_error)
+    api.exception_handler(HttpError)(_http_error)
+    api.exception_handler(RequestDataTooBig)(_too_big)
+    api.exception_handler(Exception)(_unexpected)
+    api.add_router("/", router)
+    return api
 
 
-@api.exception_handler(wire.OpenAIError)
-def openai_error(request: HttpRequest, error: wire.OpenAIError) -> HttpResponse:
-    return _error_response(request, error)
+def _error_response(error: wire.OpenAIError) -> JsonResponse:
+    return JsonResponse(error.body(), status=error.status, headers=error.headers)
 
 
-@api.exception_handler(ApplicationError)
-def application_error(request: HttpRequest, error: ApplicationError) -> HttpResponse:
-    return _error_response(request, wire.error_of(error))
+def _openai_error(request: HttpRequest, error: wire.OpenAIError) -> HttpResponse:
+    return _error_response(error)
 
 
-@api.exception_handler(AuthenticationError)
-def authentication_error(request: HttpRequest, error: AuthenticationError) -> HttpResponse:
+def _application_error(request: HttpRequest, error: ApplicationError) -> HttpResponse:
+    return _error_response(wire.error_of(error))
+
+
+def _authentication_error(request: HttpRequest, error: AuthenticationError) -> HttpResponse:
     return _error_response(
-        request,
         wire.OpenAIError(
             401,
             "Send an Agentsite API key as the bearer token (Authorization: Bearer ak_...).",
             code="invalid_api_key",
-        ),
+        )
     )
 
 
-@api.exception_handler(ValidationError)
-def validation_error(request: HttpRequest, error: ValidationError) -> HttpResponse:
+def _validation_error(request: HttpRequest, error: ValidationError) -> HttpResponse:
     first = error.errors[0] if error.errors else {}
     # ninja's location starts with where it looked ("body") and the argument's name.
     location = [str(part) for part in first.get("loc", ())][2:]
     param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in location).lstrip(".")
     message = first.get("msg", "The request is not valid.")
     return _error_response(
-        request,
         wire.OpenAIError(
             400, f"{param}: {message}" if param else message, code="invalid_request", param=param
-        ),
+        )
     )
 
 
-@api.exception_handler(HttpError)
-def http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
+def _http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
     # ninja's own: a body that is not JSON, say.
-    return _error_response(
-        request, wire.OpenAIError(error.status_code, str(error), code="invalid_request")
-    )
+    return _error_response(wire.OpenAIError(error.status_code, str(error), code="invalid_request"))
 
 
-@api.exception_handler(RequestDataTooBig)
-def too_big(request: HttpRequest, error: RequestDataTooBig) -> HttpResponse:
+def _too_big(request: HttpRequest, error: RequestDataTooBig) -> HttpResponse:
     # Over DATA_UPLOAD_MAX_MEMORY_SIZE (Django's own limit on a body read at once).
     return _error_response(
-        request, wire.OpenAIError(413, "The request body is too large.", code="too_large")
+        wire.OpenAIError(413, "The request body is too large.", code="too_large")
     )
 
 
-@api.exception_handler(Exception)
-def unexpected(request: HttpRequest, error: Exception) -> HttpResponse:
+def _unexpected(request: HttpRequest, error: Exception) -> HttpResponse:
     logger.exception("openai api: unexpected error", exc_info=error)
     return _error_response(
-        request,
-        wire.OpenAIError(500, "Something went wrong on our side; it has been logged."),
+        wire.OpenAIError(500, "Something went wrong on our side; it has been logged.")
     )
+
+
+def _with_openai_405(view: Callable[..., Any]) -> Callable[..., Any]:
+    def reshaped(response: HttpResponseBase) -> HttpResponseBase:
+        if not isinstance(response, HttpResponseNotAllowed):
+            return response
+        allowed = response["Allow"]
+        error = wire.OpenAIError(
+            405, f"This endpoint allows {allowed} only.", code="method_not_allowed"
+        )
+        return JsonResponse(error.body(), status=405, headers={"Allow": allowed})
+
+    if iscoroutinefunction(view):
+
+        async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            return reshaped(await view(request, *args, **kwargs))
+
+        wrapped: Callable[..., Any] = async_view
+    else:
+
+        def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            return reshaped(view(request, *args, **kwargs))
+
+        wrapped = sync_view
+    return csrf_exempt(wrapped)  # as ninja's views are
 
 
 @csrf_exempt
@@ -138,12 +195,12 @@ def _model() -> ModelOut:
     return ModelOut(id=model_info().name, created=0, owned_by="agentsite")
 
 
-@api.get("/models", response={200: ModelListOut, **ERRORS}, summary="The model the agent uses")
+@router.get("/models", response={200: ModelListOut, **ERRORS}, summary="The model the agent uses")
 def model_list(request: HttpRequest) -> ModelListOut:
     return ModelListOut(data=[_model()])
 
 
-@api.get("/models/{model_id}", response={200: ModelOut, **ERRORS}, summary="One model")
+@router.get("/models/{model_id}", response={200: ModelOut, **ERRORS}, summary="One model")
 def model_get(request: HttpRequest, model_id: str) -> ModelOut:
     _model_check(model_id)
     return _model()
@@ -163,15 +220,18 @@ def _model_check(model_id: str | None) -> None:
 # -- chat completions -------------------------------------------------------------------
 
 
-@api.post(
+@router.post(
     "/chat/completions",
     response={200: dict[str, Any], **ERRORS},
     summary="Answer the messages with the agent (streamed or not)",
+    openapi_extra={
+        "parameters": [
+            idempotency_key_parameter(in_flight="409: the first one's run is still answering.")
+        ]
+    },
 )
-async def chat_completions(
-    request: HttpRequest, body: ChatCompletionIn
-) -> HttpResponse | StreamingHttpResponse:
-    caller = require_scope(request, ApiKey.Scope.RUNS)
+async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponseBase:
+    caller = require_scope(request, Scope.RUNS)
     _model_check(body.model)
     if body.n not in (None, 1):
         raise wire.OpenAIError(
@@ -185,21 +245,33 @@ async def chat_completions(
             param="tools" if body.tools else "functions",
         )
     prompt = wire.prompt_of(body.messages)
+    idempotency = idempotent_request(request, account_id=caller.account_id, caller=caller.user_id)
+    # With a key, a client that leaves can come back for the answer (a retry with the
+    # key); without one it cannot, and its run is stopped rather than left spending.
+    abandon = idempotency is None
     # The key's user (set by its auth): what it starts is theirs, as in the browser.
     assert isinstance(request.user, User)
-    lease_keeper().ensure_started()
-    run = await _started(
+    submitted = await _started(
         database_sync_to_async(_run_start)(
-            user=request.user,
-            caller=caller,
+            owner=request.user,
+            api_key_id=caller.api_key_id,
             prompt=prompt,
             bound=request.headers.get(CONVERSATION_HEADER),
-        )
+            idempotency=idempotency,
+        ),
+        abandon=abandon,
     )
+    if submitted.response is not None:  # the stored answer of an earlier request
+        return json_response(submitted.response, replayed=True)
+    run = submitted.run
+    assert run is not None  # (the service refuses a lost run without a response)
+    if submitted.replayed and run.is_active:
+        raise wire.error_of(in_flight(run=str(run.id)))
     headers = {
         RUN_HEADER: str(run.id),
         CONVERSATION_HEADER: str(run.conversation_id),
-        TRACE_HEADER: request.build_absolute_uri(reverse("tracing:detail", args=[run.id])),
+        TRACE_HEADER: request.build_absolute_uri(reverse("api:run_trace", args=[run.id])),
+        TRACE_PAGE_HEADER: request.build_absolute_uri(reverse("tracing:detail", args=[run.id])),
         **wire.NO_RETRY,
     }
     created = int(run.created_at.timestamp())
@@ -211,39 +283,51 @@ async def chat_completions(
             model=run.model,
             include_usage=bool(options and options.include_usage),
         )
-        response = sse_response(_stream(run, chunks))
+        response = sse_response(_stream(run, chunks, abandon=abandon))
         for name, value in headers.items():
             response[name] = value
+        if submitted.replayed:
+            response[REPLAYED_HEADER] = "true"
         return response
-    content, final = await _answer(run)
+    final = await _final(run, abandon=abandon)
     try:
-        answer = wire.completion(
-            run_id=run.id, created=created, model=run.model, content=content, final=final
+        answer = StoredResponse(
+            200,
+            wire.completion(
+                run_id=run.id,
+                created=created,
+                model=run.model,
+                content=_content(final),
+                final=final,
+            ),
+            headers,
         )
     except wire.OpenAIError as error:
-        error.headers = {**headers, **error.headers}
-        raise
-    return JsonResponse(answer, headers=headers)
+        answer = StoredResponse(error.status, error.body(), {**headers, **error.headers})
+    if idempotency is not None:
+        # The response of a run that is over: the key's retries get it again.
+        await database_sync_to_async(idempotency_record)(request=idempotency, response=answer)
+    return json_response(answer, replayed=submitted.replayed)
 
 
-def _run_start(*, user: User, caller: Principal, prompt: wire.Prompt, bound: str | None) -> Run:
+def _run_start(
+    *,
+    owner: User,
+    api_key_id: int | None,
+    prompt: wire.Prompt,
+    bound: str | None,
+    idempotency: IdempotentRequest | None,
+) -> services.RunSubmitted:
     try:
-        if bound is None:
-            return services.conversation_start(
-                owner=user,
-                source=Conversation.Source.OPENAI,
-                content=prompt.content,
-                history=prompt.history,
-                instructions=prompt.instructions,
-                api_key_id=caller.api_key_id,
-            )
-        # The agent remembers the stored conversation: only the last message is new.
-        conversation = selectors.conversation_get(user=user, conversation_id=bound)
-        return services.run_create(
-            conversation=conversation,
+        return services.run_start(
+            owner=owner,
+            conversation_id=bound,
+            source=Conversation.Source.OPENAI,
             content=prompt.content,
+            history=prompt.history,
             instructions=prompt.instructions,
-            api_key_id=caller.api_key_id,
+            api_key_id=api_key_id,
+            idempotency=idempotency,
         )
     except ApplicationError as error:
         refused = wire.error_of(error, prompt=prompt)
@@ -252,47 +336,66 @@ def _run_start(*, user: User, caller: Principal, prompt: wire.Prompt, bound: str
         raise refused from error
 
 
-async def _started(start: Awaitable[Run]) -> Run:
-    """The run `start` creates. A client that leaves meanwhile (this request is
-    cancelled) does not leave it running unwatched: it is stopped once it exists."""
+async def _started(
+    start: Awaitable[services.RunSubmitted], *, abandon: bool
+) -> services.RunSubmitted:
+    """What `start` submits. A client that leaves meanwhile (this request is cancelled)
+    does not leave its run going unwatched if `abandon`: it is stopped once it exists."""
     starting = asyncio.ensure_future(start)
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
-        starting.add_done_callback(_stop_once_started)
+        if abandon:
+            starting.add_done_callback(_abandon_once_started)
         raise
 
 
-def _stop_once_started(starting: "asyncio.Future[Run]") -> None:
-    if not starting.cancelled() and starting.exception() is None:
-        _cancel_in_background(starting.result())
+def _abandon_once_started(starting: "asyncio.Future[services.RunSubmitted]") -> None:
+    if starting.cancelled() or starting.exception() is not None:
+        return
+    run = starting.result().run
+    if run is not None:
+        services.run_abandon_in_background(run_id=run.id)
 
 
-async def _answer(run: Run) -> tuple[str, Event]:
-    texts: list[str] = []
-    async for event in _events(run):
-        if event is None:
-            continue
-        if event["type"] == "token":
-            texts.append(event["text"])
-        else:
-            return "".join(texts), event
+def _content(final: Event) -> str:
+    """The answer: the run's assistant messages (text before and after its tool calls),
+    joined as the JSON API joins them (RunOut.answer)."""
+    return "\n\n".join(m["content"] for m in final["messages"] if m["content"])
+
+
+async def _final(run: Run, *, abandon: bool) -> Event:
+    async for event in _events(run, abandon=abandon):
+        if event is not None and event["type"] in FINAL_TYPES:
+            return event
     raise wire.run_gone()
 
 
-async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
+async def _stream(run: Run, chunks: wire.Chunks, *, abandon: bool) -> AsyncIterator[str]:
     yield chunks.delta({"role": "assistant", "content": ""})
-    async for event in _events(run):
+    # Tokens do not say which message they belong to: a tool call between two of them
+    # starts a new one, which the answer separates as RunOut.answer does.
+    streamed = new_message = False
+    async for event in _events(run, abandon=abandon):
         if event is None:
             yield SSE_HEARTBEAT
         elif event["type"] == "token":
-            yield chunks.delta({"content": event["text"]})
+            text = ("\n\n" if streamed and new_message else "") + event["text"]
+            streamed, new_message = True, False
+            yield chunks.delta({"content": text})
+        elif event["type"] in ("tool.started", "tool.finished"):
+            new_message = True
         else:
             try:
                 finish_reason = wire.finish_reason_of(event)
             except wire.OpenAIError as error:
                 yield wire.sse(error.body())
                 return
+            content = _content(event)
+            if not streamed and content:
+                # Its tokens are no longer in the event log (a replay, long after): the
+                # answer in one piece.
+                yield chunks.delta({"content": content})
             yield chunks.delta({}, finish_reason)
             if chunks.include_usage:
                 yield chunks.usage(event)
@@ -301,37 +404,22 @@ async def _stream(run: Run, chunks: wire.Chunks) -> AsyncIterator[str]:
     yield wire.sse(wire.run_gone().body())
 
 
-async def _events(run: Run) -> AsyncIterator[Event | None]:
-    """The run's tokens and final event, from its first, and None when it is silent for
-    a while. A client that leaves before the final one (the request is cancelled) stops
-    the run."""
+_SHOWN = frozenset({"token", "tool.started", "tool.finished"})
+
+
+async def _events(run: Run, *, abandon: bool) -> AsyncIterator[Event | None]:
+    """The run's tokens, tool steps and final event, from its first, and None when it
+    is silent for a while. A client that leaves before the final one (the request is
+    cancelled) stops the run if `abandon`."""
     finished = False
     try:
         async for frame in follow(run.id, idle=HEARTBEAT_SECONDS):
             if frame is None:
                 yield None
-            elif frame.type == "token" or frame.type in FINAL_TYPES:
+            elif frame.type in _SHOWN or frame.type in FINAL_TYPES:
                 finished = frame.type in FINAL_TYPES
                 yield json.loads(frame.text)
         finished = True  # without a final event: the run was deleted meanwhile
     finally:
-        if not finished:
-            _cancel_in_background(run)
-
-
-_cancelling: set[asyncio.Task[Any]] = set()
-
-
-def _cancel_in_background(run: Run) -> None:
-    # Not awaited here: this request's task is being cancelled (the client left).
-    async def cancel() -> None:
-        # It ended meanwhile (ApplicationError), or went with its conversation.
-        with contextlib.suppress(ApplicationError, Conversation.DoesNotExist):
-            await database_sync_to_async(
-                lambda: services.run_cancel(conversation=run.conversation, run_id=run.id)
-            )()
-        logger.info("run %s: cancelled, its OpenAI client left", run.id)
-
-    task = asyncio.get_running_loop().create_task(cancel())
-    _cancelling.add(task)
-    task.add_done_callback(_cancelling.discard)
+        if abandon and not finished:
+            services.run_abandon_in_background(run_id=run.id)

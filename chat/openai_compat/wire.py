@@ -20,16 +20,19 @@ _ERROR_TYPES = {
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "requests",
 }
 # Our codes that OpenAI clients know by another name.
 _OPENAI_CODES = {"rate_limited": "rate_limit_exceeded", "budget_exceeded": "insufficient_quota"}
 # Codes of our input checks (chat.services), which name the message at fault.
 _MESSAGE_CODES = {"invalid_message", "empty_message", "message_too_long"}
-# A request that started a run is not retried by the SDKs on their own: that would run
-# the agent (and its tools) again.
+# A response to a request that started a run: the SDKs do not retry it on their own,
+# which would run the agent (and its tools) again. (They retry a timeout or a dropped
+# connection all the same, never having seen this: see the Idempotency-Key.)
 NO_RETRY = {"x-should-retry": "false"}
 
 

@@ -20,23 +20,24 @@ from chat.openai_compat import api, wire
 from conftest import wait_for_runs
 
 
-async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monkeypatch):
+@pytest.mark.parametrize("abandon", [True, False])
+async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monkeypatch, abandon):
     created = threading.Event()
-    run = object()
+    run = Run()
 
-    def create_slowly() -> object:
+    def create_slowly() -> services.RunSubmitted:
         created.wait(30)
-        return run
+        return services.RunSubmitted(run=run)
 
     stopped: list[object] = []
     stopping = asyncio.Event()
 
-    def stop(run: object) -> None:
-        stopped.append(run)
+    def stop(*, run_id: object) -> None:
+        stopped.append(run_id)
         stopping.set()
 
-    monkeypatch.setattr(api, "_cancel_in_background", stop)
-    request = asyncio.create_task(api._started(sync_to_async(create_slowly)()))
+    monkeypatch.setattr(services, "run_abandon_in_background", stop)
+    request = asyncio.create_task(api._started(sync_to_async(create_slowly)(), abandon=abandon))
     await asyncio.sleep(0)  # the request is waiting for its run
 
     request.cancel()  # the client left
@@ -44,8 +45,12 @@ async def test_a_client_that_leaves_while_its_run_is_created_still_stops_it(monk
         await request
     assert stopped == []  # nothing to stop yet
     created.set()
-    await asyncio.wait_for(stopping.wait(), timeout=30)
-    assert stopped == [run]
+    if abandon:
+        await asyncio.wait_for(stopping.wait(), timeout=30)
+        assert stopped == [run.id]
+    else:  # it sent an Idempotency-Key: it may come back for the answer
+        await asyncio.sleep(0.1)
+        assert stopped == []
 
 
 @pytest.mark.django_db
@@ -56,8 +61,9 @@ def test_its_schema_is_its_own_and_declares_its_errors(client):
         "/openai/v1/models",
         "/openai/v1/models/{model_id}",
     ]
-    declared = schema["paths"]["/openai/v1/chat/completions"]["post"]["responses"]
-    assert {"400", "401", "404", "409", "429", "502"} <= set(declared)
+    operation = schema["paths"]["/openai/v1/chat/completions"]["post"]
+    assert {"400", "401", "404", "405", "409", "422", "429", "502"} <= set(operation["responses"])
+    assert "Idempotency-Key" in [parameter["name"] for parameter in operation["parameters"]]
     assert "/openai/v1/models" not in client.get("/api/openapi.json").json()["paths"]
 
 
@@ -75,10 +81,12 @@ async def test_a_conversation_deleted_while_it_answers_ends_the_request_as_a_can
     started = threading.Event()
     run_start = api._run_start
 
-    def recorded(**kwargs: object) -> Run:
-        runs.append(run_start(**kwargs))  # type: ignore[arg-type]
+    def recorded(**kwargs: object) -> services.RunSubmitted:
+        submitted = run_start(**kwargs)  # type: ignore[arg-type]
+        assert submitted.run is not None
+        runs.append(submitted.run)
         started.set()
-        return runs[0]
+        return submitted
 
     monkeypatch.setattr(api, "_run_start", recorded)
     asking = asyncio.create_task(
@@ -109,10 +117,12 @@ async def test_events_that_end_without_a_final_one_mean_the_run_is_gone(monkeypa
 
     stopped: list[object] = []
     monkeypatch.setattr(api, "follow", follow_a_deleted_run)
-    monkeypatch.setattr(api, "_cancel_in_background", stopped.append)
+    monkeypatch.setattr(
+        services, "run_abandon_in_background", lambda *, run_id: stopped.append(run_id)
+    )
 
     with pytest.raises(wire.OpenAIError) as gone:
-        await api._answer(Run())
+        await api._final(Run(), abandon=True)
     assert (gone.value.status, gone.value.code) == (404, "conversation_not_found")
     assert stopped == []  # nothing left to stop
 
@@ -144,3 +154,39 @@ async def test_a_stream_silent_for_a_while_carries_keep_alives(make_user, settin
     )
     assert text.endswith("> Hello")
     await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+
+async def test_a_replayed_stream_whose_tokens_expired_sends_the_answer_whole(monkeypatch):
+    final = {
+        "type": "run.completed",
+        "seq": 1,
+        "status": "completed",
+        "messages": [{"id": 1, "content": "Let me check."}, {"id": 2, "content": "It is 391."}],
+        "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
+    }
+
+    async def follow_an_expired_log(run_id: object, **options: object) -> AsyncIterator[Frame]:
+        # What `follow` gives once the log is gone: the final event, rebuilt.
+        yield Frame(1, "run.completed", json.dumps(final))
+
+    monkeypatch.setattr(api, "follow", follow_an_expired_log)
+    run = Run()
+    chunks = wire.Chunks(run_id=run.id, created=0, model="m", include_usage=False)
+
+    sent = [message async for message in api._stream(run, chunks, abandon=False)]
+
+    assert sent[-1] == wire.DONE
+    deltas = [json.loads(m[len("data: ") :])["choices"][0]["delta"] for m in sent[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me check.\n\nIt is 391."
+
+
+@pytest.mark.django_db
+def test_abandoning_a_run_that_is_over_or_gone_does_nothing(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    over = Run.objects.create(conversation=conversation, model="m", status=Run.Status.COMPLETED)
+
+    services.run_abandon(run_id=over.id)
+    over.refresh_from_db()
+    assert over.status == Run.Status.COMPLETED
+    services.conversation_delete(conversation=conversation)
+    services.run_abandon(run_id=over.id)  # went with its conversation: nothing to stop

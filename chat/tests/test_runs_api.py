@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
+from billing.budget import CONCURRENT_RUNS_RETRY_AFTER
 from billing.models import ApiKey, UsageRecord
 from billing.services import account_for_user, api_key_create
 from chat import services
@@ -320,6 +321,9 @@ async def test_missing_invalid_and_unscoped_keys_are_refused(alice, make_user):
     [
         ({"message": "hi", "mode": "sideways"}, 422, "invalid_request"),
         ({"mode": "wait"}, 422, "invalid_request"),
+        # A misspelt field is refused, not ignored (this one would have run in `wait`).
+        ({"message": "hi", "mdoe": "stream"}, 422, "invalid_request"),
+        ('"hi"', 422, "invalid_request"),
         ({"message": "   "}, 400, "empty_message"),
         ({"message": "x" * 100_000}, 400, "message_too_long"),
         ({"message": "nul \x00 here"}, 400, "invalid_message"),
@@ -382,6 +386,25 @@ async def test_a_retried_background_request_gets_the_first_response_and_starts_n
     assert again["Location"] == first["Location"]
     await wait_for_runs()
     assert await runs_and_ledger(conversation) == before
+
+
+async def test_a_retry_after_the_conversation_was_deleted_still_gets_its_stored_202(alice):
+    conversation = await alice.conversation()
+    key = {"Idempotency-Key": "before-delete"}
+    first = await alice.start(conversation, "hello", mode="background", **key)
+    assert first.status_code == 202
+    await poll_run(alice, first.json()["id"])
+    deleted = await alice.client.delete(f"/api/v1/conversations/{conversation.id}")
+    assert deleted.status_code == 204
+
+    again = await alice.start(conversation, "hello", mode="background", **key)
+    assert again.status_code == 202, again.content
+    assert again["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    # Without a key (or with a new one) the conversation is gone: 404, nothing created.
+    fresh = await alice.start(
+        conversation, "hello", mode="background", **{"Idempotency-Key": "new"}
+    )
+    assert fresh.status_code == 404
 
 
 async def test_a_json_body_counts_by_its_content_not_its_spelling(alice):
@@ -530,6 +553,8 @@ async def test_over_the_concurrent_runs_limit_is_429(alice, settings):
     refused = await alice.start(other, "hi", mode="background")
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "concurrent_runs_limit"
+    assert refused["Retry-After"] == str(CONCURRENT_RUNS_RETRY_AFTER)
+    assert refused.json()["error"]["details"]["retry_after"] == CONCURRENT_RUNS_RETRY_AFTER
     assert not await Run.objects.filter(conversation=other).aexists()
     await alice.client.post(f"/api/v1/runs/{busy['id']}/cancel")
 
@@ -553,7 +578,7 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     run = paths["/api/v1/runs/{run_id}"]["get"]
     assert set(run["responses"]) == statuses(200, 401, 403, 404, 422, 429)
     cancel = paths["/api/v1/runs/{run_id}/cancel"]["post"]
-    assert set(cancel["responses"]) == statuses(202, 401, 403, 404, 409, 422, 429)
+    assert set(cancel["responses"]) == statuses(202, 400, 401, 403, 404, 409, 413, 422, 429)
     assert {op["tags"][0] for op in (create, events, cancel, run)} == {"runs"}
     # The events the streams carry are in the schema, every type of them.
     # Each event (OpenAPI 3.1: the stream's schema is one event's): its data is a RunEvent.
@@ -565,6 +590,21 @@ async def test_the_schema_declares_every_status_and_the_event_stream(alice):
     assert {"run.started", "token", "run.completed", "run.cancelled"} <= set(event_types)
     for ref in event_types.values():
         assert ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
+
+
+async def test_a_run_and_its_events_share_one_set_of_shapes(alice):
+    components = (await alice.client.get("/api/openapi.json")).json()["components"]["schemas"]
+    run = components["RunOut"]["properties"]
+    assert run["messages"]["items"] == {"$ref": "#/components/schemas/MessageOut"}
+    assert run["usage"] == {"$ref": "#/components/schemas/UsageData"}
+    final = components["RunCompletedEvent"]["properties"]
+    assert final["usage"] == run["usage"]
+    assert not {"RunMessageOut", "RunUsageOut", "RunErrorOut"} & set(components)
+    # A run's messages read as the conversation's do.
+    conversation = await alice.conversation()
+    finished = (await alice.start(conversation, "What is 17 * 23?")).json()
+    page = (await alice.client.get(f"/api/v1/conversations/{conversation.id}/messages")).json()
+    assert finished["messages"] == page["items"]
 
 
 async def test_a_malformed_run_id_is_the_declared_422(alice):

@@ -84,6 +84,19 @@ def test_another_users_trace_is_not_found(make_user):
     assert missing.status_code == 404 and missing.json() == response.json()
 
 
+def test_staff_browse_everyones_traces_in_the_pages_but_not_through_the_api(make_user):
+    from tracing.selectors import trace_absence, trace_get
+
+    alice, staff = make_user("alice"), make_user("staff")
+    staff.is_staff = True
+    staff.save()
+    trace = make_trace(alice)
+    assert trace_get(user=staff, run_id=trace.run_id) == trace
+    assert trace_absence(user=staff, run_id=trace.run_id).conversation_id is None
+    response = client_for(staff).get(f"/api/v1/runs/{trace.run_id}/trace")
+    assert response.status_code == 404
+
+
 def test_the_api_wants_a_signed_in_user_and_valid_ids(make_user):
     trace = make_trace(make_user("alice"))
     anonymous = Client().get(f"/api/v1/runs/{trace.run_id}/trace")
