@@ -339,6 +339,9 @@ AGENT_RUN_LEASE_SECONDS = env.float("AGENT_RUN_LEASE_SECONDS", default=10.0)
 AGENT_CONTEXT_TOKENS = env.int("AGENT_CONTEXT_TOKENS", default=6000)
 AGENT_MAX_MESSAGE_CHARS = env.int("AGENT_MAX_MESSAGE_CHARS", default=8000)
 AGENT_EVENT_TTL = env.int("AGENT_EVENT_TTL", default=3600)
+# Hold every event a run publishes to its schema (chat.event_schemas), raising at the
+# emitter that drifts from it: in development and the tests, not on production's path.
+AGENT_CHECK_EVENTS = env.bool("AGENT_CHECK_EVENTS", default=DEBUG)
 AGENT_CHECKPOINT_SQLITE_PATH = env.path(
     "AGENT_CHECKPOINT_SQLITE_PATH", default=VAR_DIR / "checkpoints.sqlite3"
 )

@@ -11,6 +11,8 @@ for name in ("DATABASE_URL", "AGENT_REDIS_URL", "AGENT_MODEL", "ALLOWED_HOSTS"):
 from agentsite.settings import *  # noqa: E402,F403
 
 AGENT_OFFLINE_TOKEN_DELAY = 0.0
+# pytest-django turns DEBUG off while tests run; every event they publish is checked.
+AGENT_CHECK_EVENTS = True
 _TEST_DIR = tempfile.mkdtemp(prefix="agentsite-test-")
 AGENT_CHECKPOINT_SQLITE_PATH = os.path.join(_TEST_DIR, "checkpoints.sqlite3")
 # A file, not Django's shared-cache in-memory database: the web requests and the run

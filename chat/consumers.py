@@ -55,7 +55,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
+        # Every run this socket followed or was asked to resume, with the last seq it
+        # sent of it: a run's entry stays once its follow is over, so that a late
+        # "run.events" for it (a batch announced after its final event was read) does
+        # not start it again.
         self.sent_seq: dict[str, int] = {}
+        # The follows under way, one per run; each drops itself when it ends.
         self.following: dict[str, asyncio.Task[None]] = {}
         # The run under way at connect: followed only once the client resumes it.
         self.awaiting_resume: set[str] = set()
@@ -131,20 +136,29 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         key = str(run.id)
         self.sent_seq[key] = max(self.sent_seq.get(key, 0), after_seq)
         following = self.following.get(key)
-        if following is None or following.done():
+        if following is None or following.done():  # done: not yet dropped
             self._follow(key)
 
     async def run_events(self, message: dict[str, Any]) -> None:
         """A run of the conversation has new events (handler for type "run.events")."""
         run: str = message["run"]
-        if run in self.following or run in self.awaiting_resume:
-            # Followed already; or under way when this socket connected: the client
-            # resumes it from the last seq it saw (the session frame named it).
+        if run in self.following or run in self.sent_seq or run in self.awaiting_resume:
+            # Followed already (or now); or under way when this socket connected: the
+            # client resumes it from the last seq it saw (the session frame named it).
             return
         self._follow(run)
 
     def _follow(self, run: str) -> None:
-        self.following[run] = asyncio.create_task(self._send_run(run))
+        self.sent_seq.setdefault(run, 0)
+        task = asyncio.create_task(self._send_run(run))
+        self.following[run] = task
+
+        def drop(done: asyncio.Task[None]) -> None:
+            # Unless a resume has started another follow of the run meanwhile.
+            if self.following.get(run) is done:
+                del self.following[run]
+
+        task.add_done_callback(drop)
 
     async def _send_run(self, run: str) -> None:
         try:

@@ -10,7 +10,7 @@ The events are built where the run emits them (`chat.agent.runner`, the translat
 `event_of`, `chat.lifecycle._final_event`); `chat/tests/test_event_schemas.py` holds
 every event of real runs to these schemas, so the two cannot drift apart."""
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 from ninja import Field, Schema
@@ -118,8 +118,12 @@ class _FinalBase(_EventBase):
         ..., description="A decimal string; null when a call was unpriced (not free)."
     )
     error: ErrorData | None = Field(None, description="Absent when the run succeeded.")
+    # Optional: the account's usage and limits are what an API key's `usage` scope
+    # guards, so the API leaves this out for a key without it (`chat.runs_api`).
     budget: BudgetData | None = Field(
-        ..., description="What the account has left after the run; null: not known."
+        None,
+        description="What the account has left after the run; null: not known. Absent "
+        "for an API key without the `usage` scope.",
     )
 
 
@@ -169,3 +173,15 @@ RunEvent = Annotated[
 ]
 
 run_event_adapter: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)
+
+FINAL_EVENT_TYPES = frozenset(
+    get_args(event.model_fields["type"].annotation)[0]
+    for event in (
+        RunCompletedEvent,
+        RunFailedEvent,
+        RunCancelledEvent,
+        RunLimitReachedEvent,
+        RunBudgetExceededEvent,
+        RunInterruptedEvent,
+    )
+)

@@ -27,6 +27,8 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from .event_schemas import FINAL_EVENT_TYPES, run_event_adapter
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
@@ -53,6 +55,22 @@ def frames_of(events: Sequence[Event]) -> list[Frame]:
     return [Frame(event["seq"], event["type"], json.dumps(event)) for event in events]
 
 
+def frames_checked(events: Sequence[Event]) -> list[Frame]:
+    """`frames_of` for the events a run publishes. With AGENT_CHECK_EVENTS (development,
+    the tests) each is first held to its schema, `RunEvent`, as a client decodes it:
+    emitters build plain dicts, and this is where one that drifts from the documented
+    schema fails, in its own run (at `emit` for most events; for a batched token, in
+    the batch's flush, its seqs missing after). Here rather than at each emitter: every
+    event published passes here, the closed runs' and rebuilt final events too. Not in
+    production: validating every token would cost more than encoding it, for what the
+    tests already hold."""
+    frames = frames_of(events)
+    if settings.AGENT_CHECK_EVENTS:
+        for frame in frames:
+            run_event_adapter.validate_json(frame.text, strict=True)
+    return frames
+
+
 def conversation_group(conversation_id: UUID | str) -> str:
     return f"conversation.{conversation_id}"
 
@@ -71,9 +89,12 @@ class EventLog(Protocol):
 
 class MemoryEventLog:
     """For the single-process monolith. Runs are kept for `ttl` seconds after their last
-    event, and at most `max_events` events in all: past that, the runs least recently
-    appended to are forgotten whole (their followers get their final event from the
-    database, see `follow`), so a burst of long runs cannot take the process's memory.
+    event, and at most `max_events` events in all: past that, runs are forgotten whole,
+    so a burst of long runs cannot take the process's memory: first the runs that are
+    over (their final event logged; a follower that resumes one gets its final event
+    from the database, see `follow`), least recently appended to first; only when none
+    is left, runs under way (their followers lose events, and end with the final event,
+    see `follow`).
 
     Followers wait on a future per `wait` call, woken by the next append to their run,
     on the loop they wait on (appends come from the serving loop in the monolith, but
@@ -83,27 +104,29 @@ class MemoryEventLog:
         self._ttl = ttl
         self._max_events = max_events
         self._events = 0
-        # Least recently appended to first.
-        self._runs: dict[UUID, tuple[float, list[Frame]]] = {}
+        # Runs under way, and runs over (their final event logged): each least recently
+        # appended to first.
+        self._live: dict[UUID, tuple[float, list[Frame]]] = {}
+        self._over: dict[UUID, tuple[float, list[Frame]]] = {}
         self._waiters: dict[UUID, set[asyncio.Future[None]]] = {}
 
     async def append(self, run_id: UUID, frames: Sequence[Frame]) -> None:
         now = time.monotonic()
-        _, logged = self._runs.pop(run_id, (now, []))
+        _, logged = self._runs_of(run_id).pop(run_id, (now, []))
         logged.extend(frames)
-        self._runs[run_id] = (now, logged)
+        over = any(frame.type in FINAL_EVENT_TYPES for frame in frames)
+        (self._over if over else self._live)[run_id] = (now, logged)
         self._events += len(frames)
         if frames and frames[0].seq == 1:
             self._forget_expired(now)
-        while self._events > self._max_events and len(self._runs) > 1:
-            self._forget(next(iter(self._runs)))
+        self._evict(keep=run_id)
         for waiter in list(self._waiters.get(run_id, ())):
             loop = waiter.get_loop()
             if not loop.is_closed():  # a follower left behind by a loop that ended
                 loop.call_soon_threadsafe(_wake, waiter)
 
     async def after(self, run_id: UUID, seq: int) -> list[Frame]:
-        _, logged = self._runs.get(run_id, (0.0, []))
+        _, logged = self._runs_of(run_id).get(run_id, (0.0, []))
         return [frame for frame in logged if frame.seq > seq]
 
     async def wait(self, run_id: UUID, seq: int, within: float) -> list[Frame]:
@@ -126,13 +149,40 @@ class MemoryEventLog:
                 self._waiters.pop(run_id, None)
 
     def _forget_expired(self, now: float) -> None:
-        expired = [rid for rid, (touched, _) in self._runs.items() if now - touched > self._ttl]
+        expired = [
+            run_id
+            for runs in (self._live, self._over)
+            for run_id, (touched, _) in runs.items()
+            if now - touched > self._ttl
+        ]
         for run_id in expired:
             self._forget(run_id)
 
+    def _evict(self, *, keep: UUID) -> None:
+        """Forget runs until within the cap, but for `keep` (just appended to)."""
+        while self._events > self._max_events:
+            # Runs over first; `keep` is last of its dict, so this stops early.
+            victim = next(
+                (run_id for runs in (self._over, self._live) for run_id in runs if run_id != keep),
+                None,
+            )
+            if victim is None:
+                return
+            if victim in self._live:
+                logger.warning(
+                    "run %s: forgotten by the event log while under way (over its cap of "
+                    "%d events); its followers end with its final event",
+                    victim,
+                    self._max_events,
+                )
+            self._forget(victim)
+
     def _forget(self, run_id: UUID) -> None:
-        _, logged = self._runs.pop(run_id)
+        _, logged = self._runs_of(run_id).pop(run_id)
         self._events -= len(logged)
+
+    def _runs_of(self, run_id: UUID) -> dict[UUID, tuple[float, list[Frame]]]:
+        return self._live if run_id in self._live else self._over
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -246,21 +296,30 @@ async def follow(
     waits on a run that is over. A log that cannot be read is retried, with a warning
     and backoff, never raised. A run deleted meanwhile ends with the final event its
     executor publishes, or, if none comes by the next check, without one. The caller
-    checks that the run is the client's to follow."""
-    # Imported here: lifecycle publishes its final events through this module.
-    from .lifecycle import FINAL_EVENTS, RunEnd, run_end_owed
+    checks that the run is the client's to follow.
 
-    final_types = frozenset(FINAL_EVENTS.values())
+    Events the log lost (a run under way forgotten past the memory log's cap, batches
+    Redis never got) are not skipped silently: at the first gap (an event other than
+    the final one that is not the one after the last yielded; both logs return
+    everything they hold after a seq, so what is missing then is gone) it warns and
+    yields nothing more but the final event, from the log or rebuilt from the database
+    as above. A final event after a gap is the run's end all the same: a run closed by
+    another process numbers it past anything its writer may have used."""
+    # Imported here: lifecycle publishes its final events through this module.
+    from .lifecycle import RunEnd, run_end_owed
+
     log = event_log()
     loop = asyncio.get_running_loop()
-    seq = after_seq
+    seq = after_seq  # the last yielded
+    read = after_seq  # the last read from the log
+    lost = False  # events after `seq` are missing from the log
     quiet_since = check_at = loop.time()
     retry = 0.0
     deleted = False  # found gone at the last check
     within = 0.0  # the first read is what the log holds already
     while True:
         try:
-            frames = await log.wait(run_id, seq, within)
+            frames = await log.wait(run_id, read, within)
         except Exception as error:
             frames = []
             if not retry:
@@ -271,12 +330,27 @@ async def follow(
             if retry:
                 logger.warning("run %s: event log readable again", run_id)
             retry = 0.0
+        yielded = False
         for frame in frames:
+            read = frame.seq
+            final = frame.type in FINAL_EVENT_TYPES
+            if not final and not lost and frame.seq != seq + 1:
+                lost = True
+                logger.warning(
+                    "run %s: events %d-%d missing from the log; its followers get its "
+                    "final event next",
+                    run_id,
+                    seq + 1,
+                    frame.seq - 1,
+                )
+            if lost and not final:
+                continue
             seq = frame.seq
             yield frame
-            if frame.type in final_types:
+            yielded = True
+            if final:
                 return
-        if frames:
+        if yielded:
             quiet_since = loop.time()
         else:
             if idle is not None and loop.time() - quiet_since >= idle:
@@ -291,7 +365,7 @@ async def follow(
                     logger.warning("run %s: could not check whether it is over: %r", run_id, error)
                     end = RunEnd(over=False)
                 if end.final is not None:
-                    yield frames_of([end.final])[0]
+                    yield frames_checked([end.final])[0]
                     return
                 if end.deleted:
                     if deleted:
@@ -318,7 +392,7 @@ async def events_publish(
     goes on, and its outcome still reaches its followers, rebuilt from the database
     (`follow`)."""
     run = events[0]["run"]
-    frames = frames_of(events)
+    frames = frames_checked(events)
     seqs = f"{frames[0].seq}-{frames[-1].seq}"
     delivered = True
     try:

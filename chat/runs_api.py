@@ -6,6 +6,7 @@ A run is detached from the request that started it: a client that disconnects fr
 (with `Last-Event-ID`) picks up where the client left off.
 """
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,8 +31,8 @@ from agentsite.idempotency.services import IdempotentRequest, StoredResponse, in
 from agentsite.sse import HEARTBEAT_SECONDS, SSE_HEARTBEAT, sse_message, sse_response
 
 from . import services
-from .event_schemas import run_event_adapter
-from .events import follow
+from .event_schemas import FINAL_EVENT_TYPES, run_event_adapter
+from .events import Frame, follow
 from .frames import MAX_SEQ
 from .http import RUN_HEADER
 from .models import Message, Run
@@ -111,7 +112,7 @@ async def run_create(
     if submitted.replayed and run.is_active:
         raise in_flight(run=str(run.id))
     if payload.mode == "stream":
-        return _event_stream(run.id, after_seq=0, replayed=submitted.replayed)
+        return _event_stream(run.id, caller=caller, after_seq=0, replayed=submitted.replayed)
     if not submitted.replayed:
         await _over(run.id)
     response = await database_sync_to_async(_finished)(
@@ -200,7 +201,7 @@ async def run_events(
     caller = require_scope(request, Scope.RUNS)
     after_seq = _after_seq(last_event_id, params.after_seq)
     run = await database_sync_to_async(_run_get)(caller, run_id)
-    return _event_stream(run.id, after_seq=after_seq, replayed=False)
+    return _event_stream(run.id, caller=caller, after_seq=after_seq, replayed=False)
 
 
 def _run_get(caller: Principal, run_id: UUID) -> Run:
@@ -234,19 +235,35 @@ def _after_seq(last_event_id: str | None, after_seq: int | None) -> int:
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
-def _event_stream(run_id: UUID, *, after_seq: int, replayed: bool) -> StreamingHttpResponse:
+def _event_stream(
+    run_id: UUID, *, caller: Principal, after_seq: int, replayed: bool
+) -> StreamingHttpResponse:
+    sees_budget = caller.has_scope(Scope.USAGE)
+
     async def messages() -> AsyncIterator[str]:
         async for frame in follow(run_id, after_seq, idle=HEARTBEAT_SECONDS):
             if frame is None:
                 yield SSE_HEARTBEAT
             else:
-                yield sse_message(frame.text, event=frame.type, id=frame.seq)
+                text = frame.text if sees_budget else _without_budget(frame)
+                yield sse_message(text, event=frame.type, id=frame.seq)
 
     response = sse_response(messages())
     response[RUN_HEADER] = str(run_id)
     if replayed:
         response[REPLAYED_HEADER] = "true"
     return response
+
+
+def _without_budget(frame: Frame) -> str:
+    """The event without the account's budget (a final event's `budget`): the account's
+    usage and limits are what the `usage` scope guards, and a key may have `runs`
+    without it. Only final events carry it; the others pass as they were encoded."""
+    if frame.type not in FINAL_EVENT_TYPES:
+        return frame.text
+    event = frame.event()
+    event.pop("budget", None)
+    return json.dumps(event)
 
 
 def run_out(run: Run) -> dict[str, Any]:

@@ -406,6 +406,34 @@ def test_the_agent_is_given_the_whole_history_and_the_clients_instructions(
     fake_llm.assert_script_used()
 
 
+def test_a_clients_instructions_hold_for_its_request_only(
+    provider_server: Server, fake_llm: FakeOpenAIServer
+) -> None:
+    fake_llm.requests.clear()
+    fake_llm.text("Forty-two.")
+    fake_llm.text("Still 42.")
+    client = provider_server.client()
+    first = client.chat.completions.with_raw_response.create(
+        model="gpt-fake-mini",
+        messages=[
+            {"role": "system", "content": "Answer in words, not digits."},
+            {"role": "user", "content": "Which number?"},
+        ],
+    )
+    conversation = first.headers["x-agentsite-conversation"]
+
+    client.chat.completions.create(  # bound, and without a system message
+        model="gpt-fake-mini",
+        messages=[{"role": "user", "content": "And now?"}],
+        extra_headers={"X-Agentsite-Conversation": conversation},
+    )
+
+    first_system, second_system = (r.messages[0]["content"] for r in fake_llm.requests)
+    assert first_system.endswith("Answer in words, not digits.")
+    assert "Answer in words" not in second_system
+    fake_llm.assert_script_used()
+
+
 def test_a_provider_failure_is_a_502_the_sdk_does_not_retry(
     provider_server: Server, fake_llm: FakeOpenAIServer
 ) -> None:

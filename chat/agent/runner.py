@@ -175,7 +175,9 @@ def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
 def _graph_input(start: lifecycle.StartedRun) -> State:
     """What the run adds to its conversation's memory: the user's message, after any
     earlier turns the caller brought (the agent has not seen them), and the caller's
-    instructions, which stay with the conversation until a run brings others."""
+    instructions: always set, empty when the run brings none, since the graph's state
+    outlives the run (its checkpoint) and one client's instructions must not reach a
+    later run's model (a browser message, another request)."""
     turns: list[AnyMessage] = [
         HumanMessage(content=m.content)
         if m.role == Message.Role.USER
@@ -183,13 +185,11 @@ def _graph_input(start: lifecycle.StartedRun) -> State:
         for m in start.history
     ]
     message = start.user_message
-    graph_input: State = {
+    return {
         "messages": [*turns, HumanMessage(content=message.content if message else "")],
         "steps": 0,
+        "instructions": start.run.instructions,
     }
-    if start.run.instructions:
-        graph_input["instructions"] = start.run.instructions
-    return graph_input
 
 
 async def _drive_graph(

@@ -13,7 +13,8 @@ How the OpenAI protocol maps onto the agent (decisions, for the README):
   only its last user message is new, the agent remembers the rest itself.
 - System (and `developer`) messages are the caller's instructions: given to the model
   after the agent's own system prompt, never instead of it (the agent keeps its tools
-  and rules). Several are joined in order.
+  and rules). Several are joined in order. They hold for that request's run only: a
+  later request in a bound conversation brings its own again, as OpenAI clients do.
 - Tools are the agent's, executed on the server. A client's own tools cannot be offered
   (`tools`/`functions` other than empty, assistant `tool_calls`, `tool`/`function`
   messages are refused with a 400 that says so): a client cannot execute a call the

@@ -425,3 +425,35 @@ async def open_socket_with_cookie(path, cookie):
     connected, _ = await communicator.connect()
     assert connected
     return communicator
+
+
+async def test_a_socket_drops_a_finished_follow_and_does_not_start_it_again(monkeypatch):
+    """A follow that ends is forgotten, but its run is not: a late "run.events" for it
+    (a batch announced after the final event was read) starts nothing."""
+    from chat.consumers import ChatConsumer
+
+    run = str(uuid.uuid4())
+    follows: list[int] = []
+
+    async def follow(run_id, after_seq=0, **options):
+        follows.append(after_seq)
+        for seq in range(after_seq + 1, 4):
+            yield frames_of([{"type": "token", "run": run, "seq": seq, "text": "x"}])[0]
+
+    monkeypatch.setattr("chat.consumers.follow", follow)
+    consumer = ChatConsumer()
+    consumer.sent_seq, consumer.following, consumer.awaiting_resume = {}, {}, set()
+    sent: list[str] = []
+
+    async def send(text_data=None, bytes_data=None, close=False):
+        sent.append(text_data)
+
+    monkeypatch.setattr(consumer, "send", send)
+
+    await consumer.run_events({"type": "run.events", "run": run, "seqs": [1]})
+    async with asyncio.timeout(30):
+        await consumer.following[run]  # its own drop runs first: added first
+    await consumer.run_events({"type": "run.events", "run": run, "seqs": [3]})
+
+    assert consumer.following == {}
+    assert follows == [0] and len(sent) == 3 and consumer.sent_seq == {run: 3}

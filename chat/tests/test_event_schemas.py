@@ -9,8 +9,8 @@ from channels.db import database_sync_to_async
 from pydantic import ValidationError
 
 from chat import lifecycle, services
-from chat.event_schemas import run_event_adapter
-from chat.events import event_log
+from chat.event_schemas import FINAL_EVENT_TYPES, run_event_adapter
+from chat.events import RunEventStream, event_log
 from chat.models import Run
 from chat.tests.provider_helpers import serve
 from conftest import account_with_limits, open_socket, receive_until, wait_for_runs
@@ -100,3 +100,25 @@ def test_an_event_off_its_schema_is_refused(change):
 
     with pytest.raises(ValidationError):
         run_event_adapter.validate_json(json.dumps(event), strict=True)
+
+
+async def test_an_emitter_that_drifts_from_the_schema_fails_in_the_tests(settings):
+    """AGENT_CHECK_EVENTS (on in the tests): every event a run publishes is held to its
+    schema, so an emitter that adds, drops or mistypes a field fails where it emits."""
+    assert settings.AGENT_CHECK_EVENTS
+    stream = RunEventStream(uuid.uuid4(), uuid.uuid4())
+
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+
+    await stream.emit("usage", **usage)
+    with pytest.raises(ValidationError):
+        await stream.emit("usage", **usage, cost="$0.01")
+    with pytest.raises(ValidationError):
+        await stream.emit("usage", **{**usage, "total_tokens": "2"})
+
+    settings.AGENT_CHECK_EVENTS = False  # production: published as built
+    await stream.emit("usage", **usage, cost="$0.01")
+
+
+def test_the_final_event_types_are_the_runs_final_statuses():
+    assert set(lifecycle.FINAL_EVENTS.values()) == FINAL_EVENT_TYPES

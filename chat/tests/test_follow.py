@@ -186,6 +186,49 @@ async def test_a_memory_log_appended_from_another_thread_wakes_its_follower(monk
     assert await follower.done() == [1]
 
 
+async def test_the_memory_log_forgets_finished_runs_before_runs_under_way() -> None:
+    log = MemoryEventLog(ttl=60, max_events=5)
+    live, over, new = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await log.append(live, [token(live, 1), token(live, 2)])
+    await log.append(over, [token(over, 1), final(over, 2)])
+    await log.append(new, [token(new, 1), token(new, 2)])  # past the cap
+
+    assert [frame.seq for frame in await log.after(live, 0)] == [1, 2]
+    assert await log.after(over, 0) == []
+    assert [frame.seq for frame in await log.after(new, 0)] == [1, 2]
+
+
+async def test_a_follower_of_a_run_the_log_lost_events_of_ends_with_its_final_event(
+    log, make_user, quick_checks, caplog
+):
+    """Events missing from the log (a run under way forgotten past the memory log's cap,
+    batches Redis never got) are not skipped silently: the follower warns, yields
+    nothing after the gap, and ends with the run's final event, rebuilt from the
+    database if the log does not have it."""
+    run = await database_sync_to_async(a_run)(make_user)
+    await log.append(run.id, [token(run.id, 1), token(run.id, 2)])
+    follower = Follower(run.id)
+    await follower.has(2)
+    if isinstance(log, MemoryEventLog):
+        log._forget(run.id)  # as past its cap
+    await log.append(run.id, [token(run.id, 5), token(run.id, 6)])  # 3 and 4 are lost
+    async with asyncio.timeout(30):
+        while "events 3-4 missing from the log" not in caplog.text:
+            assert not follower.task.done()
+            await asyncio.sleep(0.01)
+    await database_sync_to_async(run_over)(run, final_seq=7)  # and its final event
+
+    assert await follower.done() == [1, 2, 7]
+    assert follower.got[-1] is not None and follower.got[-1].event()["status"] == "completed"
+
+
+async def test_a_follower_resuming_into_a_gap_gets_the_logged_final_event(log, make_user):
+    run = await database_sync_to_async(a_run)(make_user)
+    await log.append(run.id, [token(run.id, 3), token(run.id, 4), final(run.id, 5)])
+
+    assert await Follower(run.id, after_seq=1).done() == [5]
+
+
 async def test_the_memory_log_forgets_the_least_recent_runs_past_its_cap() -> None:
     log = MemoryEventLog(ttl=60, max_events=5)
     old, new = uuid.uuid4(), uuid.uuid4()

@@ -514,6 +514,30 @@ async def test_a_run_feeds_the_history_it_brings_and_the_callers_instructions(ll
     assert [m["content"] for m in rebuilt["messages"]] == ["Sixteen."]
 
 
+async def test_a_callers_instructions_end_with_its_run(llm, make_user):
+    """Instructions belong to the run that brought them: a later run in the same
+    conversation without any (a browser message, a bound OpenAI request with no system
+    message) is given none, not the earlier caller's."""
+    from chat import services
+
+    user = await database_sync_to_async(make_user)()
+    await database_sync_to_async(account_with_limits)(user)
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    llm.text("One.")
+    llm.text("Two.")
+    await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Count.", instructions="Answer in French."
+    )
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+    await database_sync_to_async(services.run_create)(conversation=conversation, content="Again.")
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    first, second = (request.messages[0]["content"] for request in llm.requests)
+    assert first.endswith("Answer in French.")
+    assert "Answer in French." not in second
+    assert second.startswith(SYSTEM_PROMPT_START)
+
+
 async def test_a_turn_of_history_that_is_not_text_is_refused_by_its_index(make_user):
     from agentsite.errors import ApplicationError
     from chat import services

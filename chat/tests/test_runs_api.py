@@ -177,6 +177,33 @@ async def test_a_silent_stream_sends_heartbeats(alice, settings, monkeypatch):
     await alice.client.post(f"/api/v1/runs/{response['X-Agentsite-Run']}/cancel")
 
 
+@pytest.mark.parametrize("scopes", [("runs",), ("runs", "usage")])
+async def test_only_a_key_with_the_usage_scope_sees_the_budget_in_events(make_user, scopes):
+    """The final event's `budget` is the account's usage and limits: what the `usage`
+    scope guards. A key without it gets every event but that field."""
+
+    def caller() -> Caller:
+        caller = _caller(make_user, scopes=scopes)
+        account_with_limits(caller.user, tokens_per_day=1_000_000)
+        return caller
+
+    key = await database_sync_to_async(caller)()
+    conversation = await key.conversation()
+    streamed = await sse_events((await key.start(conversation, mode="stream")).streaming_content)
+    followed = await sse_events(
+        (await key.client.get(f"/api/v1/runs/{streamed[-1]['run']}/events")).streaming_content
+    )
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    for events in (streamed, followed):
+        assert events[-1]["type"] == "run.completed"
+        if "usage" in scopes:
+            assert events[-1]["budget"]["left"]["tokens_today"][1] == 1_000_000
+        else:
+            assert not any("budget" in event for event in events)
+            assert "budget" not in json.dumps(events)
+
+
 async def test_events_resume_after_the_last_event_id_and_after_seq(alice):
     conversation = await alice.conversation()
     run = (await alice.start(conversation, "What is 17 * 23?")).json()
