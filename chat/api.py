@@ -56,7 +56,9 @@ def conversation_create(request: HttpRequest, body: ConversationCreateIn) -> Htt
     owner = _caller(request)
 
     def create() -> StoredResponse:
-        conversation = services.conversation_create(owner=owner, title=body.title)
+        conversation = services.conversation_create(
+            owner=owner, title=body.title, source=Conversation.Source.API
+        )
         return StoredResponse(201, ConversationOut.from_orm(conversation).model_dump())
 
     return idempotent_response(request, caller=principal(request), create=create)

@@ -9,10 +9,12 @@ from django.utils import timezone
 
 class Conversation(models.Model):
     class Source(models.TextChoices):
-        """Where it was started: the chat page, or an OpenAI client (`chat.openai_api`),
-        whose conversations are created one per request unless it binds to one."""
+        """Where it was started: the chat page, the JSON API, or an OpenAI client
+        (`chat.openai_compat`), whose conversations are created one per request unless it
+        binds to one."""
 
         BROWSER = "browser"
+        API = "api", "JSON API"
         OPENAI = "openai", "OpenAI client"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

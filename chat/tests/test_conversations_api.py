@@ -73,7 +73,7 @@ def test_create_without_a_title_gives_the_placeholder_and_with_one_cleans_it(ali
     plain = send(client, "post", BASE, {})
     assert plain.status_code == 201, plain.content
     body = plain.json()
-    assert body["title"] == "New conversation" and body["source"] == "browser"
+    assert body["title"] == "New conversation" and body["source"] == "api"
     assert set(body) == {"id", "title", "source", "created_at", "updated_at"}
     titled = send(client, "post", BASE, {"title": "  Plans   for\tMay "})
     assert titled.status_code == 201 and titled.json()["title"] == "Plans for May"

@@ -213,13 +213,16 @@ def test_a_run_stopped_by_the_budget_says_so_in_the_history(client, make_user):
     assert "The account&#x27;s daily budget of $0.00001 is used up." in footer
 
 
-def test_conversations_an_openai_client_started_are_marked_in_the_list(client, make_user):
+def test_conversations_programs_started_are_marked_in_the_list(client, make_user):
     user = make_user()
     client.force_login(user)
     mine = services.conversation_create(owner=user, title="Typed here")
     services.conversation_create(
-        owner=user, title="Sent by a program", source=Conversation.Source.OPENAI
+        owner=user, title="Sent by an OpenAI client", source=Conversation.Source.OPENAI
+    )
+    services.conversation_create(
+        owner=user, title="Made over the API", source=Conversation.Source.API
     )
     page = client.get(reverse("chat:conversation", args=[mine.id])).content.decode()
     marked = re.findall(r'<span class="source">API</span> ([^<]+)</a>', page)
-    assert marked == ["Sent by a program"]
+    assert sorted(marked) == ["Made over the API", "Sent by an OpenAI client"]
