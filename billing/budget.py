@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.db.models import Sum, Value
 from django.db.models.functions import Coalesce
@@ -232,6 +233,11 @@ def _check(state: sql.AccountState, *, amount: Decimal, tokens: int) -> None:
         )
 
 
+def _user_if_any(user_id: int | None) -> int | None:
+    exists = user_id is not None and get_user_model().objects.filter(pk=user_id).exists()
+    return user_id if exists else None
+
+
 def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     """Record the call in the ledger at its actual cost and free its reservation, in one
     transaction. A call whose hold was already released (its run was given up for dead
@@ -240,9 +246,11 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
     its tokens, flagged, never free."""
     # No savepoint of its own where a caller's transaction holds it (a reserve, a close).
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        held = sql.reservation_delete(cursor, reservation_id=reservation.id)
-        if not held and UsageRecord.objects.filter(span_id=reservation.id).exists():
-            return False
+        held, user_id = sql.reservation_take(cursor, reservation_id=reservation.id)
+        if not held:
+            if UsageRecord.objects.filter(span_id=reservation.id).exists():
+                return False
+            user_id = _user_if_any(reservation.user_id)
         price = price_for_model(model=reservation.model)
         cost = (
             cost_of(
@@ -258,7 +266,8 @@ def budget_settle(*, reservation: BudgetReservation, usage: Usage) -> bool:
             cursor,
             UsageRecord(
                 account_id=reservation.account_id,
-                user_id=reservation.user_id,
+                # As the row has it now: its user may have been deleted mid-run.
+                user_id=user_id,
                 run_id=reservation.run_id,
                 api_key_id=reservation.api_key_id,
                 api_key_prefix=reservation.api_key_prefix,

@@ -204,6 +204,17 @@ def reservation_delete(cursor: CursorWrapper, *, reservation_id: UUID) -> bool:
     return cursor.rowcount > 0
 
 
+def reservation_take(cursor: CursorWrapper, *, reservation_id: UUID) -> tuple[bool, int | None]:
+    """Delete a reservation: whether it was held, and the user it names now (null once
+    that user was deleted, which a copy read earlier does not know)."""
+    cursor.execute(
+        f"DELETE FROM {RESERVATION} WHERE id = %s RETURNING user_id",
+        [_prep(BudgetReservation, "id", reservation_id)],
+    )
+    row = cursor.fetchone()
+    return (True, row[0]) if row is not None else (False, None)
+
+
 def reservation_release(cursor: CursorWrapper, *, reservation: BudgetReservation) -> bool:
     """Drop a reservation and its hold on the counters; False if it was already gone."""
     if not reservation_delete(cursor, reservation_id=reservation.id):

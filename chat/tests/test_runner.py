@@ -100,3 +100,24 @@ async def test_a_run_deleted_with_its_conversation_leaves_no_agent_memory(make_u
 
     assert not await Run.objects.filter(id=run.id).aexists()
     assert await database_sync_to_async(checkpoints_of)(thread) == 0
+
+
+async def test_a_user_deleted_mid_run_still_leaves_its_spend_in_the_ledger(make_user, settings):
+    # Deleting a user in the admin deletes their runs, not the account's money: the call
+    # the run was making is recorded all the same, naming no user.
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_for_user)(user_id=user.id)
+    run = await start_run(user, "What is 17 * 23?")
+    async for frame in follow(run.id):
+        if frame is not None and frame.type == "token":
+            break
+
+    await user.adelete()
+    await asyncio.wait_for(wait_for_runs(), timeout=60)
+
+    calls = [record async for record in UsageRecord.objects.filter(run_id=run.id)]
+    assert len(calls) == 2  # the calculator call, and the answer cut short
+    assert {record.user_id for record in calls} == {None}
+    assert {record.account_id for record in calls} == {account.id}
+    assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
