@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from chat.event_schemas import FINAL_EVENT_TYPES
 from tests.drills import (
     DrillServer,
     Login,
@@ -27,15 +28,6 @@ from tests.drills import (
 pytestmark = pytest.mark.skipif(
     not redis_server_available(), reason="redis-server is NOT installed: Redis drill skipped"
 )
-
-FINAL = {
-    "run.completed",
-    "run.failed",
-    "run.cancelled",
-    "run.limit_reached",
-    "run.budget_exceeded",
-    "run.interrupted",
-}
 
 
 def readyz(url: str) -> tuple[int, dict[str, Any]]:
@@ -61,7 +53,7 @@ async def resume_until_final(
                 await socket.send(json.dumps(resume))
                 while True:
                     frame = await receive(socket)
-                    if frame["type"] in FINAL:
+                    if frame["type"] in FINAL_EVENT_TYPES:
                         return frame
         except ConnectionClosed:
             await asyncio.sleep(0.5)
@@ -88,12 +80,12 @@ async def test_a_client_learns_how_a_run_ended_across_a_redis_restart(tmp_path: 
             redis.start()
             # Whatever the broken socket still delivers, until it closes or goes quiet.
             try:
-                while seen[-1]["type"] not in FINAL:
+                while seen[-1]["type"] not in FINAL_EVENT_TYPES:
                     seen.append(await receive(socket, wait=5))
             except (ConnectionClosed, TimeoutError):
                 pass
 
-        if seen[-1]["type"] not in FINAL:
+        if seen[-1]["type"] not in FINAL_EVENT_TYPES:
             after_seq = max(frame.get("seq", 0) for frame in seen if frame.get("run") == run)
             seen.append(await resume_until_final(server, login, run, after_seq=after_seq))
         final = seen[-1]

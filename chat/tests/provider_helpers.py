@@ -11,18 +11,12 @@ from pytest_django.fixtures import Settings
 
 from billing.models import UsageRecord
 from chat.agent.models import chat_model_preload
+from chat.event_schemas import FINAL_EVENT_TYPES
 from chat.models import Conversation, Message, Run
 from conftest import receive_until, wait_for_runs
 from tests.fakes.base import FakeLLMServer, RecordedRequest
 
 MAX_RETRIES = 2
-FINAL_EVENTS = {
-    "run.completed",
-    "run.failed",
-    "run.cancelled",
-    "run.limit_reached",
-    "run.budget_exceeded",
-}
 
 Fake = TypeVar("Fake", bound=FakeLLMServer)
 Frames = list[dict[str, Any]]
@@ -60,7 +54,7 @@ class Chat:
         `until` (any final event stops the wait, so a wrong outcome fails at once)."""
         await self.socket.send_json_to({"type": "message", "content": content})
         frames: Frames = []
-        while not frames or frames[-1]["type"] not in FINAL_EVENTS:
+        while not frames or frames[-1]["type"] not in FINAL_EVENT_TYPES:
             frames.append(await self.socket.receive_json_from(timeout=10))
         await wait_for_runs()
         assert frames[-1]["type"] == until, frames[-1]

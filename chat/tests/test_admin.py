@@ -11,12 +11,11 @@ from django.urls import reverse
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from chat import services
+from chat.event_schemas import FINAL_EVENT_TYPES
 from chat.models import Conversation
 from conftest import open_socket, receive_until, wait_for_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-FINAL = ("run.completed", "run.failed", "run.cancelled", "run.limit_reached")
 
 
 def checkpoints_of(conversation_id: str) -> int:
@@ -54,7 +53,7 @@ async def test_an_admin_delete_stops_the_runs_and_forgets_the_memory(
     response = await sync_to_async(delete_in_admin)(admin_client, conversation, how)
     assert response.status_code == 302, response.content[:3000]
     frames = []
-    while not frames or frames[-1]["type"] not in FINAL:
+    while not frames or frames[-1]["type"] not in FINAL_EVENT_TYPES:
         frames.append(await socket.receive_json_from(timeout=30))
     await asyncio.wait_for(wait_for_runs(), timeout=30)
     await socket.disconnect()
