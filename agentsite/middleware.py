@@ -23,8 +23,9 @@ Response = HttpResponseBase
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-class RequestIdMiddleware:
-    """Gives every request an id (X-Request-ID), logged with each line it causes."""
+class _SyncAndAsyncMiddleware:
+    """A middleware that serves sync and async stacks alike, with no thread hop in
+    either: an async stack's requests go to `_acall`, a sync stack's to `_call`."""
 
     async_capable = True
     sync_capable = True
@@ -36,8 +37,19 @@ class RequestIdMiddleware:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> Response | Awaitable[Response]:
-        if self._is_async:
-            return self._acall(request)
+        return self._acall(request) if self._is_async else self._call(request)
+
+    def _call(self, request: HttpRequest) -> Response:
+        raise NotImplementedError
+
+    async def _acall(self, request: HttpRequest) -> Response:
+        raise NotImplementedError
+
+
+class RequestIdMiddleware(_SyncAndAsyncMiddleware):
+    """Gives every request an id (X-Request-ID), logged with each line it causes."""
+
+    def _call(self, request: HttpRequest) -> Response:
         token = request_id_var.set(self._request_id(request))
         try:
             response = self.get_response(request)
@@ -62,7 +74,7 @@ class RequestIdMiddleware:
         return given if _VALID_ID.match(given) else uuid.uuid4().hex
 
 
-class ApiBoundaryMiddleware:
+class ApiBoundaryMiddleware(_SyncAndAsyncMiddleware):
     """What the JSON API answers before and after its operations, in its error shape:
     413 `request_too_large` for a body over AGENT_API_MAX_BODY_BYTES (refused on its
     Content-Length before an operation reads it; 400 `bad_request` if that is no number;
@@ -75,18 +87,7 @@ class ApiBoundaryMiddleware:
     status. It sits after corsheaders in MIDDLEWARE, so a browser app on an allowed
     origin can read these answers too."""
 
-    async_capable = True
-    sync_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], Response | Awaitable[Response]]):
-        self.get_response = get_response
-        self._is_async = iscoroutinefunction(get_response)
-        if self._is_async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> Response | Awaitable[Response]:
-        if self._is_async:
-            return self._acall(request)
+    def _call(self, request: HttpRequest) -> Response:
         if not request.path_info.startswith(API_PREFIX):
             response = self.get_response(request)
             assert isinstance(response, HttpResponseBase)
