@@ -59,9 +59,9 @@ print(json.dumps({"status": run.status, "loaded": loaded}))
 """
 
 
-def test_the_offline_server_on_sqlite_loads_no_provider_sdk_postgres_redis_or_exporter(
-    tmp_path: Path,
-) -> None:
+def _last_line_of(script: str, *args: str, **settings: str) -> str:
+    """Run `script` in a fresh interpreter whose environment sets nothing of ours but
+    `settings`; the last line it printed."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -71,13 +71,10 @@ def test_the_offline_server_on_sqlite_loads_no_provider_sdk_postgres_redis_or_ex
         DJANGO_SETTINGS_MODULE="agentsite.settings",
         AGENTSITE_READ_DOTENV="false",
         DEBUG="true",
-        AGENT_MODEL="offline",
-        AGENT_OFFLINE_TOKEN_DELAY="0",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        AGENT_CHECKPOINT_SQLITE_PATH=str(tmp_path / "checkpoints.sqlite3"),
+        **settings,
     )
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *NOT_ON_THE_DEFAULT_PATH],
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -86,36 +83,30 @@ def test_the_offline_server_on_sqlite_loads_no_provider_sdk_postgres_redis_or_ex
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"status": "completed", "loaded": []}
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_offline_server_on_sqlite_loads_no_provider_sdk_postgres_redis_or_exporter(
+    tmp_path: Path,
+) -> None:
+    last = _last_line_of(
+        SCRIPT,
+        *NOT_ON_THE_DEFAULT_PATH,
+        AGENT_MODEL="offline",
+        AGENT_OFFLINE_TOKEN_DELAY="0",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        AGENT_CHECKPOINT_SQLITE_PATH=str(tmp_path / "checkpoints.sqlite3"),
+    )
+    assert json.loads(last) == {"status": "completed", "loaded": []}
 
 
 def test_a_server_on_one_provider_loads_its_sdk_at_startup_and_not_the_others() -> None:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("AGENT_", "DJANGO_"))
-    }
-    env.update(
-        DJANGO_SETTINGS_MODULE="agentsite.settings",
-        AGENTSITE_READ_DOTENV="false",
-        DEBUG="true",
-        AGENT_MODEL="openai",
-        AGENT_OPENAI_API_KEY="sk-test",
-    )
     script = (
         "import sys, django\n"
         "django.setup()\n"
         "import agentsite.asgi\n"
         "print([name for name in ('openai', 'anthropic') if name in sys.modules])\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    last = _last_line_of(script, AGENT_MODEL="openai", AGENT_OPENAI_API_KEY="sk-test")
     # Loaded before the first run (an import takes seconds of the event loop), alone.
-    assert done.stdout.strip().splitlines()[-1] == "['openai']"
+    assert last == "['openai']"
