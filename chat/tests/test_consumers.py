@@ -3,13 +3,14 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 
 from agentsite.asgi import application
 from billing.services import account_quotas_for_user
 from chat import services
 from chat.agent.executor import get_executor
 from chat.agent.history import TOOL_SKIPPED_MESSAGE
-from chat.events import RunEventStream, event_log, frames_of
+from chat.events import RunEventStream, conversation_group, event_log, frames_of
 from chat.lifecycle import LeaseKeeper
 from chat.models import Message, Run
 from conftest import open_socket, receive_until, session_cookie, wait_for_runs
@@ -427,33 +428,19 @@ async def open_socket_with_cookie(path, cookie):
     return communicator
 
 
-async def test_a_socket_drops_a_finished_follow_and_does_not_start_it_again(monkeypatch):
-    """A follow that ends is forgotten, but its run is not: a late "run.events" for it
-    (a batch announced after the final event was read) starts nothing."""
-    from chat.consumers import ChatConsumer
+async def test_a_late_announcement_of_a_finished_run_sends_nothing_again(make_user):
+    """A batch announced after the socket read the run's final event (announcements and
+    the log race) must not start its follow again: the client would get the run twice."""
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    frames = await receive_until(socket, "run.completed")
 
-    run = str(uuid.uuid4())
-    follows: list[int] = []
+    layer = get_channel_layer()
+    await layer.group_send(
+        conversation_group(conversation.id),
+        {"type": "run.events", "run": frames[-1]["run"], "seqs": [frames[-1]["seq"]]},
+    )
 
-    async def follow(run_id, after_seq=0, **options):
-        follows.append(after_seq)
-        for seq in range(after_seq + 1, 4):
-            yield frames_of([{"type": "token", "run": run, "seq": seq, "text": "x"}])[0]
-
-    monkeypatch.setattr("chat.consumers.follow", follow)
-    consumer = ChatConsumer()
-    consumer.sent_seq, consumer.following, consumer.awaiting_resume = {}, {}, set()
-    sent: list[str] = []
-
-    async def send(text_data=None, bytes_data=None, close=False):
-        sent.append(text_data)
-
-    monkeypatch.setattr(consumer, "send", send)
-
-    await consumer.run_events({"type": "run.events", "run": run, "seqs": [1]})
-    async with asyncio.timeout(30):
-        await consumer.following[run]  # its own drop runs first: added first
-    await consumer.run_events({"type": "run.events", "run": run, "seqs": [3]})
-
-    assert consumer.following == {}
-    assert follows == [0] and len(sent) == 3 and consumer.sent_seq == {run: 3}
+    assert await socket.receive_nothing(timeout=0.5)
+    await socket.disconnect()
