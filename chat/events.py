@@ -291,9 +291,9 @@ async def follow(
     yield (for heartbeats, and to notice a client gone).
 
     A run that ended without its final event in the log (Redis was down, the log
-    expired) still ends with it, rebuilt from the database: asked as soon as the log has
-    nothing to give and every FOLLOW_CHECK_INTERVAL seconds after, so a follower never
-    waits on a run that is over. A log that cannot be read is retried, with a warning
+    expired) still ends with it, rebuilt from the database: asked at once when the log
+    has nothing to give, and after FOLLOW_CHECK_INTERVAL seconds of silence once it has
+    given something, so a follower never waits on a run that is over. A log that cannot be read is retried, with a warning
     and backoff, never raised. A run deleted meanwhile ends with the final event its
     executor publishes, or, if none comes by the next check, without one. The caller
     checks that the run is the client's to follow.
@@ -351,7 +351,10 @@ async def follow(
             if final:
                 return
         if yielded:
+            # Events flow: the run is not over unnoticed, and the database is asked only
+            # once the log has stayed silent a while (not once per follower and run).
             quiet_since = loop.time()
+            check_at = quiet_since + FOLLOW_CHECK_INTERVAL
         else:
             if idle is not None and loop.time() - quiet_since >= idle:
                 yield None

@@ -359,6 +359,21 @@ class Hops:
         self.queries.clear()
 
 
+async def test_a_socket_following_a_turn_asks_the_database_nothing(make_user, monkeypatch):
+    # Its follow reads the log; the database is asked whether the run is over only when
+    # the log stays silent (FOLLOW_CHECK_INTERVAL), not once per follower and run.
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await start(user)
+    counted = Hops(monkeypatch)
+
+    await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
+    await receive_until(socket, "run.completed")
+    await asyncio.wait_for(wait_for_runs(), timeout=30)
+
+    assert "run_end_owed" not in counted.hops, counted.hops
+    await socket.disconnect()
+
+
 async def test_connect_is_two_thread_hops_and_three_queries(make_user, monkeypatch):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
