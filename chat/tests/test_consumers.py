@@ -363,7 +363,7 @@ async def test_a_socket_following_a_turn_asks_the_database_nothing(make_user, mo
     # Its follow reads the log; the database is asked whether the run is over only when
     # the log stays silent (FOLLOW_CHECK_INTERVAL), not once per follower and run.
     user = await database_sync_to_async(make_user)()
-    conversation, socket = await start(user)
+    _, socket = await start(user)
     counted = Hops(monkeypatch)
 
     await socket.send_json_to({"type": "message", "content": "What is 17 * 23?"})
