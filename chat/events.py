@@ -294,8 +294,9 @@ async def follow(
     expired) still ends with it, rebuilt from the database: asked at once when the log
     has nothing to give, and after FOLLOW_CHECK_INTERVAL seconds of silence once it has
     given something, so a follower never waits on a run that is over. A log that
-    cannot be read is retried, with a warning and backoff, never raised. A run deleted meanwhile ends with the final event its
-    executor publishes, or, if none comes by the next check, without one. The caller
+    cannot be read is retried, with a warning and backoff, never raised. A run deleted
+    meanwhile ends with the final event its executor publishes, or, if none comes by
+    the next check, without one. The caller
     checks that the run is the client's to follow.
 
     Events the log lost (a run under way forgotten past the memory log's cap, batches
