@@ -296,8 +296,8 @@ async def follow(
     given something, so a follower never waits on a run that is over. A log that
     cannot be read is retried, with a warning and backoff, never raised. A run deleted
     meanwhile ends with the final event its executor publishes, or, if none comes by
-    the next check, without one. The caller
-    checks that the run is the client's to follow.
+    the next check, without one. The caller checks that the run is the client's to
+    follow.
 
     Events the log lost (a run under way forgotten past the memory log's cap, batches
     Redis never got) are not skipped silently: at the first gap (an event other than
