@@ -33,9 +33,7 @@ async def test_a_run_whose_server_was_killed_resumes_and_completes(tmp_path: Pat
             run_id = uuid_hex(run)
             # Until a lease renewal has recorded some of the answer (and flushed the
             # trace row): the run is mid-stream, its cut call billable.
-            while server.query("SELECT output_tokens FROM chat_run WHERE id = ?", run_id) == [
-                (0,)
-            ]:
+            while server.query("SELECT output_tokens FROM chat_run WHERE id = ?", run_id) == [(0,)]:
                 seen.append(await receive(socket))
             last_seq = seen[-1]["seq"]
             server.kill()
@@ -93,8 +91,10 @@ async def test_a_run_whose_server_was_killed_resumes_and_completes(tmp_path: Pat
             "WHERE run_id = ? ORDER BY created_at",
             run_id,
         )
-        assert [(tokens, estimated) for _, tokens, estimated in calls][0] == (streamed, 1)
-        assert len(calls) == 2 and calls[1][2] == 0 and calls[1][1] > streamed
+        assert len(calls) == 2
+        (_, cut, cut_estimated), (_, rerun, rerun_estimated) = calls
+        assert (cut, cut_estimated) == (streamed, 1)
+        assert rerun_estimated == 0 and rerun > streamed
         assert len({span_id for span_id, _, _ in calls}) == 2
         assert output_tokens == sum(tokens for _, tokens, _ in calls)
         assert frames[-1]["usage"]["output_tokens"] == output_tokens

@@ -53,12 +53,14 @@ def lapsed_run(conversation, **fields) -> Run:
     return Run.objects.create(
         conversation=conversation,
         model=MODEL,
-        status=Run.Status.RUNNING,
-        started_at=timezone.now() - timedelta(seconds=30),
-        lease_owner="dead-host:4242:0badf00d",
-        lease_expires_at=timezone.now() - timedelta(seconds=1),
-        event_seq=lifecycle.SEQ_BLOCK,
-        **fields,
+        **{
+            "status": Run.Status.RUNNING,
+            "started_at": timezone.now() - timedelta(seconds=30),
+            "lease_owner": "dead-host:4242:0badf00d",
+            "lease_expires_at": timezone.now() - timedelta(seconds=1),
+            "event_seq": lifecycle.SEQ_BLOCK,
+            **fields,
+        },
     )
 
 
@@ -141,3 +143,148 @@ async def test_a_run_handed_back_mid_answer_is_resumed_from_its_checkpoint(
     gap = await Span.objects.aget(trace_id=run.id, name="interrupted")
     assert gap.attributes == {"recoveries": 1} and gap.parent_id == run.id
     assert await Span.objects.filter(trace_id=run.id, kind=Span.Kind.TOOL).acount() == 1
+
+
+def recover(run_id: uuid.UUID, **lease):
+    lease = {"lease_owner": "other-host:1:0", "lease_expires_at": timezone.now()} | lease
+    return lifecycle.run_recover(run_id=run_id, lease=lease)
+
+
+def test_of_two_reapers_exactly_one_recovers_a_run(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    run = lapsed_run(conversation)
+    lease = {"lease_owner": "web-2:77:1", "lease_expires_at": timezone.now() + timedelta(60)}
+
+    claims = [recover(run.id, **lease), recover(run.id, **lease)]
+
+    assert claims[0] == lifecycle.RecoveredRun(run_id=run.id, recoveries=1)
+    assert claims[1] is None
+    run.refresh_from_db()
+    assert (run.status, run.recoveries, run.lease_owner) == (Run.Status.QUEUED, 1, "web-2:77:1")
+
+
+def test_a_run_that_kills_its_process_every_time_is_given_up(make_user, settings):
+    settings.AGENT_RUN_MAX_RECOVERIES = 2
+    conversation = services.conversation_create(owner=make_user())
+    run = lapsed_run(conversation)
+
+    claims = [recover(run.id)]
+    for _ in range(2):
+        # Started again, and its process died again.
+        Run.objects.filter(id=run.id).update(
+            status=Run.Status.RUNNING, lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        claims.append(recover(run.id))
+
+    assert [type(claim).__name__ for claim in claims] == [
+        "RecoveredRun",
+        "RecoveredRun",
+        "ClosedRun",
+    ]
+    final = claims[-1].final
+    assert final["type"] == "run.interrupted" and "stopped 3 times" in final["error"]["message"]
+    run.refresh_from_db()
+    assert (run.status, run.recoveries) == (Run.Status.INTERRUPTED, 2)
+
+
+def test_a_recovered_run_starts_where_it_was_numbering_past_its_earlier_seqs(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    fresh = Run.objects.create(
+        conversation=conversation, model=MODEL, **lifecycle.run_queued_lease()
+    )
+    # Its writer had reserved a second block of seqs before its process died.
+    crashed = lapsed_run(conversation, event_seq=2 * lifecycle.SEQ_BLOCK)
+    conversation.messages.create(run=crashed, role="user", content="Hello")
+    recover(crashed.id)
+
+    first = lifecycle.run_start(run_id=fresh.id)
+    again = lifecycle.run_start(run_id=crashed.id)
+
+    assert first is not None and again is not None
+    assert (first.resumed, first.seq, first.run.event_seq) == (False, 0, lifecycle.SEQ_BLOCK)
+    assert (again.resumed, again.seq) == (True, 2 * lifecycle.SEQ_BLOCK)
+    assert again.run.event_seq == 3 * lifecycle.SEQ_BLOCK
+    assert again.run.started_at == crashed.started_at  # the run's start, not this one's
+    assert again.user_message is not None and again.user_message.content == "Hello"
+
+
+def test_a_run_recovered_before_it_ever_started_starts_as_a_fresh_one(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    # Created under a process's lease, which died before starting it.
+    run = Run.objects.create(
+        conversation=conversation,
+        model=MODEL,
+        lease_owner="dead-host:1:0",
+        lease_expires_at=timezone.now() - timedelta(seconds=1),
+    )
+    recover(run.id)
+
+    start = lifecycle.run_start(run_id=run.id)
+
+    assert start is not None and (start.resumed, start.seq) == (False, 0)
+    assert start.run.started_at is not None
+
+
+@pytest.mark.usefixtures("prices")
+async def test_a_recovered_run_whose_latest_checkpoint_is_an_earlier_runs_starts_afresh(
+    make_user, model_calls, keeper_held_off
+):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="What is 2 * 3?"
+    )
+    await wait_for_runs()
+    # The next run's process died before its first checkpoint.
+    run = await database_sync_to_async(lapsed_run)(conversation)
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
+    model_calls.clear()
+
+    assert await lifecycle.runs_reap(executor=get_executor()) == 1
+    await wait_for_runs()
+
+    events = await events_of(run.id)
+    assert events[0]["type"] == "run.resumed" and events[-1]["type"] == "run.completed"
+    # Its own question answered in full (not the earlier run's finished checkpoint).
+    assert model_calls == ["HumanMessage", "ToolMessage"]
+    [tool] = [e for e in events if e["type"] == "tool.finished"]
+    assert tool["result"] == "391" and "391" in events[-1]["messages"][0]["content"]
+
+
+async def test_a_run_recovered_elsewhere_is_stopped_here_and_left_be(make_user, settings):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Tell me about yourself"
+    )
+    async for frame in follow(run.id):  # under way once it has said something
+        if frame is not None and frame.type == "token":
+            break
+
+    # This process stalled past its lease, and another one recovered the run.
+    def taken_over() -> None:
+        Run.objects.filter(id=run.id).update(lease_expires_at=timezone.now())
+        lease = {"lease_expires_at": timezone.now() + timedelta(seconds=60)}
+        assert isinstance(recover(run.id, **lease), lifecycle.RecoveredRun)
+
+    await database_sync_to_async(taken_over)()
+    await lifecycle.lease_keeper().tick()  # this process's next renewal finds it gone
+    await wait_for_runs()
+
+    # Stopped here without ending it: it is the other process's to resume and finish.
+    logged = {f.type for f in await event_log().after(run.id, 0)}
+    assert not logged & set(lifecycle.FINAL_EVENTS.values())
+    run = await Run.objects.aget(id=run.id)
+    assert (run.status, run.recoveries, run.lease_owner) == (Run.Status.QUEUED, 1, "other-host:1:0")
+    assert run.finished_at is None
+
+
+async def test_handing_back_runs_it_does_not_hold_does_nothing(make_user):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(lapsed_run)(conversation)
+
+    await lifecycle.lease_keeper().hand_back([run.id])
+
+    assert (await Run.objects.aget(id=run.id)).lease_owner == "dead-host:4242:0badf00d"
