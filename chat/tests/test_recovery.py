@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
+from agentsite.errors import ApplicationError
 from billing.models import BudgetReservation, UsageRecord
 from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import lifecycle, services
@@ -288,3 +289,23 @@ async def test_handing_back_runs_it_does_not_hold_does_nothing(make_user):
     await lifecycle.lease_keeper().hand_back([run.id])
 
     assert (await Run.objects.aget(id=run.id)).lease_owner == "dead-host:4242:0badf00d"
+
+
+async def test_a_message_while_a_run_is_to_be_resumed_waits_for_it(make_user, keeper_held_off):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(lapsed_run)(conversation)
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
+
+    # The agent is still answering: the run whose process died is resumed, not dropped.
+    with pytest.raises(ApplicationError) as refused:
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="Hello?"
+        )
+    assert refused.value.code == "run_active"
+    await lifecycle.runs_reap(executor=get_executor())
+    await wait_for_runs()
+
+    events = await events_of(run.id)
+    assert events[-1]["type"] == "run.completed" and "391" in events[-1]["messages"][0]["content"]
+    assert await Run.objects.filter(conversation=conversation).acount() == 1
