@@ -539,17 +539,15 @@ class Reaped:
     closed: list[ClosedRun]
 
 
-def runs_recover_lapsed(
-    *,
-    executor: RunSubmitter,
-    conversation_id: UUID | None = None,
-    exclude: Iterable[UUID] = (),
-) -> Reaped:
-    """Recover every run whose lease lapsed (of one conversation, or all, but for
-    `exclude`) and hand each to `executor`, each in its own transaction, so the run and
-    its submission commit together (`run_recover`)."""
+def runs_recover_lapsed(*, executor: RunSubmitter, conversation_id: UUID | None = None) -> Reaped:
+    """Recover every run whose lease lapsed (of one conversation, or all) and hand each
+    to `executor`, each in its own transaction, so the run and its submission commit
+    together (`run_recover`). Not the runs this process executes: a lease of theirs
+    lapsed only because this process stalled, and they are still going here (recovered
+    here, they would run twice in this process)."""
     reaped = Reaped(recovered=[], closed=[])
-    for run_id in runs_lapsed(conversation_id=conversation_id, exclude=exclude):
+    held = _keeper.held()
+    for run_id in runs_lapsed(conversation_id=conversation_id, exclude=held):
         with transaction.atomic():
             result = run_recover(run_id=run_id, lease=executor.queued_lease())
             if isinstance(result, RecoveredRun):
@@ -560,9 +558,9 @@ def runs_recover_lapsed(
     return reaped
 
 
-async def runs_reap(*, executor: RunSubmitter, exclude: Iterable[UUID] = ()) -> int:
+async def runs_reap(*, executor: RunSubmitter) -> int:
     """`runs_recover_lapsed`, then the final events of those closed; how many in all."""
-    reaped = await _on_keeper_thread(runs_recover_lapsed)(executor=executor, exclude=exclude)
+    reaped = await _on_keeper_thread(runs_recover_lapsed)(executor=executor)
     for run in reaped.closed:
         await run_closed_publish(run)
     return len(reaped.recovered) + len(reaped.closed)
@@ -650,6 +648,10 @@ class LeaseKeeper:
         if lease is not None:
             lease.released.set()
 
+    def held(self) -> list[UUID]:
+        """The runs this process executes (safe to call from any thread)."""
+        return list(self._held)
+
     def handed_back(self, run_id: UUID) -> bool:
         """Whether the run was handed back (`hand_back`): its executor stops it without
         finishing it."""
@@ -717,9 +719,7 @@ class LeaseKeeper:
             if lease.tracer is not None:
                 lease.tracer.flush()
         if self._executor is not None:
-            # Not the runs this process executes: a lease of theirs lapsed only because
-            # this process stalled, and they are still going here.
-            await runs_reap(executor=self._executor, exclude=list(self._held))
+            await runs_reap(executor=self._executor)
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:

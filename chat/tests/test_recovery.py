@@ -309,3 +309,30 @@ async def test_a_message_while_a_run_is_to_be_resumed_waits_for_it(make_user, ke
     events = await events_of(run.id)
     assert events[-1]["type"] == "run.completed" and "391" in events[-1]["messages"][0]["content"]
     assert await Run.objects.filter(conversation=conversation).acount() == 1
+
+
+async def test_a_run_this_process_executes_is_not_recovered_here_when_its_lease_lags(
+    make_user, settings
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Tell me about yourself"
+    )
+    async for frame in follow(run.id):
+        if frame is not None and frame.type == "token":
+            break
+    # This process stalled past the lease of a run it is still executing.
+    await Run.objects.filter(id=run.id).aupdate(lease_expires_at=timezone.now())
+
+    # A socket joins the conversation: the run is not taken from under its own process.
+    joined = await database_sync_to_async(services.conversation_join)(
+        user=user, conversation_id=conversation.id
+    )
+    await wait_for_runs()
+
+    assert joined.active_run is not None and joined.active_run.id == run.id
+    types = [e["type"] for e in await events_of(run.id)]
+    assert "run.resumed" not in types and types[-1] == "run.completed"
+    assert (await Run.objects.aget(id=run.id)).recoveries == 0
