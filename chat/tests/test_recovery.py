@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.test import Client
 from django.utils import timezone
 
 from agentsite.errors import ApplicationError
@@ -144,6 +145,15 @@ async def test_a_run_handed_back_mid_answer_is_resumed_from_its_checkpoint(
     gap = await Span.objects.aget(trace_id=run.id, name="interrupted")
     assert gap.attributes == {"recoveries": 1} and gap.parent_id == run.id
     assert await Span.objects.filter(trace_id=run.id, kind=Span.Kind.TOOL).acount() == 1
+    assert trace.span_count == await Span.objects.filter(trace_id=run.id).acount()
+
+    def trace_page() -> str:
+        client = Client()
+        client.force_login(user)
+        return client.get(f"/traces/{run.id}/").content.decode()
+
+    page = await database_sync_to_async(trace_page)()
+    assert "interrupted" in page and "calculator" in page
 
 
 def recover(run_id: uuid.UUID, **lease):
