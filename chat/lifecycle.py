@@ -649,8 +649,9 @@ class LeaseKeeper:
             lease.released.set()
 
     def held(self) -> list[UUID]:
-        """The runs this process executes (safe to call from any thread)."""
-        return list(self._held)
+        """The runs this process executes, those it is handing back included until they
+        stop (safe to call from any thread)."""
+        return [*self._held, *self._handed_back]
 
     def handed_back(self, run_id: UUID) -> bool:
         """Whether the run was handed back (`hand_back`): its executor stops it without
