@@ -41,7 +41,7 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, Value, When
+from django.db.models import Case, DateTimeField, F, Min, PositiveIntegerField, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -88,6 +88,8 @@ GIVEN_UP_MESSAGE = (
 
 # How long `hand_back` waits for the runs it stops to return.
 HAND_BACK_WAIT = 10.0
+# How long after a lease lapses the keeper looks for it (see `LeaseKeeper._pause`).
+LAPSE_MARGIN = 0.05
 
 
 def _lease_expiry() -> datetime:
@@ -560,10 +562,25 @@ def runs_recover_lapsed(*, executor: RunSubmitter, conversation_id: UUID | None 
 
 async def runs_reap(*, executor: RunSubmitter) -> int:
     """`runs_recover_lapsed`, then the final events of those closed; how many in all."""
-    reaped = await _on_keeper_thread(runs_recover_lapsed)(executor=executor)
+    reaped, _ = await _reap(executor)
+    return len(reaped.recovered) + len(reaped.closed)
+
+
+async def _reap(executor: RunSubmitter) -> tuple[Reaped, datetime | None]:
+    """`runs_reap`, and when the next lease of an active run lapses (None: no lease)."""
+    reaped, next_lapse = await _on_keeper_thread(_recover_lapsed_and_next)(executor=executor)
     for run in reaped.closed:
         await run_closed_publish(run)
-    return len(reaped.recovered) + len(reaped.closed)
+    return reaped, next_lapse
+
+
+def _recover_lapsed_and_next(*, executor: RunSubmitter) -> tuple[Reaped, datetime | None]:
+    reaped = runs_recover_lapsed(executor=executor)
+    current = Run.objects.filter(
+        status__in=Run.ACTIVE_STATUSES, lease_expires_at__gte=timezone.now()
+    )
+    next_lapse: datetime | None = current.aggregate(at=Min("lease_expires_at"))["at"]
+    return reaped, next_lapse
 
 
 def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Event | None:
@@ -631,6 +648,8 @@ class LeaseKeeper:
         self._executor: RunSubmitter | None = None
         # Handed back and not yet released: their executor returns without finishing them.
         self._handed_back: dict[UUID, _Lease] = {}
+        # When the next lease of an active run lapses, as the last tick saw it.
+        self._next_lapse: datetime | None = None
 
     def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
         """Renew the run's lease until `release`; `on_lost` stops it if another process
@@ -706,7 +725,18 @@ class LeaseKeeper:
                 await self.tick()
             except Exception:  # the database is down, say: try again next time
                 logger.exception("run lease keeper: tick failed")
-            await asyncio.sleep(renew_interval())
+            await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        """Until the next renewal, or until just after the next lease lapses if that is
+        sooner: a run whose process died is resumed within a lease of its last renewal,
+        not a lease and a renewal interval. Live processes renew their leases well before
+        they lapse, so this wakes the keeper early only for a process that stopped."""
+        pause = renew_interval()
+        if self._next_lapse is not None:
+            due = (self._next_lapse - timezone.now()).total_seconds() + LAPSE_MARGIN
+            pause = min(pause, max(due, LAPSE_MARGIN))
+        return pause
 
     async def tick(self) -> None:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in list(self._held.items())}
@@ -720,7 +750,7 @@ class LeaseKeeper:
             if lease.tracer is not None:
                 lease.tracer.flush()
         if self._executor is not None:
-            await runs_reap(executor=self._executor)
+            _, self._next_lapse = await _reap(self._executor)
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:

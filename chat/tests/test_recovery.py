@@ -2,6 +2,7 @@
 reaper, resumed from their own checkpoint (no completed step run again) with their
 answer whole and each call billed once, or closed as interrupted past their limit."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -346,3 +347,28 @@ async def test_a_run_this_process_executes_is_not_recovered_here_when_its_lease_
     types = [e["type"] for e in await events_of(run.id)]
     assert "run.resumed" not in types and types[-1] == "run.completed"
     assert (await Run.objects.aget(id=run.id)).recoveries == 0
+
+
+async def test_the_keeper_resumes_a_run_as_its_lease_lapses_not_at_its_next_renewal(
+    make_user, settings
+):
+    # Renewals 200 s apart: only the lapse itself can wake the keeper in time.
+    settings.AGENT_RUN_LEASE_SECONDS = 600
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    # Its process renewed it a lease ago, less a moment, and died.
+    run = await database_sync_to_async(lapsed_run)(
+        conversation, lease_expires_at=timezone.now() + timedelta(seconds=0.5)
+    )
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
+    keeper = lifecycle.LeaseKeeper()
+    keeper.ensure_started(get_executor())
+    try:
+        async with asyncio.timeout(30):  # bounded against a hang; far below a renewal
+            events = await events_of(run.id)
+    finally:
+        keeper._task.cancel()
+    await wait_for_runs()
+
+    assert events[0]["type"] == "run.resumed" and events[-1]["type"] == "run.completed"
+    assert (await Run.objects.aget(id=run.id)).recoveries == 1
