@@ -372,3 +372,29 @@ async def test_the_keeper_resumes_a_run_as_its_lease_lapses_not_at_its_next_rene
 
     assert events[0]["type"] == "run.resumed" and events[-1]["type"] == "run.completed"
     assert (await Run.objects.aget(id=run.id)).recoveries == 1
+
+
+@pytest.mark.usefixtures("prices")
+async def test_a_user_who_stops_a_resumed_run_stops_it(make_user, settings, keeper_held_off):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Tell me about yourself"
+    )
+    await run_until(run, tokens_after_tool=0)
+    await lifecycle.lease_keeper().hand_back([run.id])
+    await lifecycle.runs_reap(executor=get_executor())
+    async for frame in follow(run.id, lifecycle.SEQ_BLOCK):  # resumed, and answering again
+        if frame is not None and frame.type == "token":
+            break
+
+    await database_sync_to_async(services.run_cancel)(conversation=conversation)
+    await wait_for_runs()
+
+    final = (await events_of(run.id))[-1]
+    assert final["type"] == "run.cancelled" and final["error"]["code"] == "cancelled"
+    stopped = await Run.objects.aget(id=run.id)
+    assert (stopped.status, stopped.recoveries) == (Run.Status.CANCELLED, 1)
+    assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
+    assert await lifecycle.runs_reap(executor=get_executor()) == 0
