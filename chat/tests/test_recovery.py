@@ -147,6 +147,12 @@ async def test_a_run_handed_back_mid_answer_is_resumed_from_its_checkpoint(
     assert gap.attributes == {"recoveries": 1} and gap.parent_id == run.id
     assert await Span.objects.filter(trace_id=run.id, kind=Span.Kind.TOOL).acount() == 1
     assert trace.span_count == await Span.objects.filter(trace_id=run.id).acount()
+    # Its tokens are the ledger's, the cut call's included (its span died with the
+    # process that made it: written from the ledger).
+    assert (trace.input_tokens, trace.output_tokens) == (done.input_tokens, done.output_tokens)
+    assert trace.cost_usd == done.cost_usd
+    cut = await Span.objects.aget(id=records[1].span_id)
+    assert (cut.kind, cut.output_tokens) == (Span.Kind.LLM, records[1].output_tokens)
 
     def trace_page() -> str:
         client = Client()
