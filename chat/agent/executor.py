@@ -5,13 +5,14 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.db import transaction
 
-from chat.lifecycle import lease_keeper
+from chat.lifecycle import lease_keeper, run_queued_lease
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,12 @@ def run_control_group(run_id: UUID) -> str:
 
 
 class RunExecutor(Protocol):
+    def queued_lease(self) -> dict[str, Any]:
+        """The lease fields of a run this executor is about to be given."""
+
     def submit(self, run_id: UUID) -> None:
-        """Start executing a queued run; returns at once."""
+        """Start executing a queued run once the caller's transaction commits (the one
+        that created or recovered it); returns at once."""
 
     def cancel(self, run_id: UUID) -> bool:
         """Stop a run wherever it executes; False if no executor is known to have it."""
@@ -44,8 +49,11 @@ class InProcessExecutor:
         # interrupt the run while it records its outcome and sends its final event.
         self._cancelled: set[UUID] = set()
 
+    def queued_lease(self) -> dict[str, Any]:
+        return run_queued_lease()
+
     def submit(self, run_id: UUID) -> None:
-        async_to_sync(self._start)(run_id)
+        transaction.on_commit(lambda: async_to_sync(self._start)(run_id))
 
     def cancel(self, run_id: UUID) -> bool:
         return async_to_sync(self._cancel)(run_id)
@@ -66,7 +74,7 @@ class InProcessExecutor:
         # runs): renewed from now on, and the task stopped if another process closes it.
         keeper = lease_keeper()
         keeper.hold(run_id, on_lost=task.cancel)
-        keeper.ensure_started()
+        keeper.ensure_started(self)
 
     async def _execute(self, run_id: UUID) -> None:
         from .runner import execute_run  # the runner needs the services, which need us
