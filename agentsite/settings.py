@@ -339,7 +339,8 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}},
+    # Procrastinate logs every job at INFO; a run's own lines say what matters of it.
+    "loggers": {"httpx": {"level": "WARNING"}, "procrastinate": {"level": "WARNING"}},
 }
 
 # --- The agent -------------------------------------------------------------------------

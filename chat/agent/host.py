@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import sys
 from uuid import UUID
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -167,3 +168,21 @@ _host = RunHost()
 def run_host() -> RunHost:
     """This process's runs, whichever executor gave them."""
     return _host
+
+
+def run_host_hand_back_with_server() -> None:
+    """Under Daphne: when the server shuts down (SIGTERM, a deploy), hand back the runs
+    this process executes, before the reactor stops, so another instance resumes them
+    from their checkpoint (their clients' streams resume there) instead of finding them
+    interrupted a lease later. Daphne serves on Twisted's asyncio reactor, which waits
+    for the Deferred a "before shutdown" trigger returns. Under another server (or none:
+    the tests) nothing is registered."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or type(reactor).__name__ != "AsyncioSelectorReactor":
+        return
+    from twisted.internet.defer import Deferred
+
+    def hand_back() -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(_host.drain(seconds=0)))
+
+    reactor.addSystemEventTrigger("before", "shutdown", hand_back)  # type: ignore[attr-defined]

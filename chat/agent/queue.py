@@ -62,7 +62,8 @@ class QueueExecutor:
         self.host = host
 
     def queued_lease(self) -> dict[str, Any]:
-        return {"lease_owner": None, "lease_expires_at": None}
+        # Nobody holds it (`Run.lease_owner` is blank, never null): the queue does.
+        return {"lease_owner": "", "lease_expires_at": None}
 
     def submit(self, run_id: UUID) -> None:
         run_job_defer(run_id=run_id)
