@@ -368,8 +368,12 @@ AGENT_OFFLINE_TOKEN_DELAY = env.float("AGENT_OFFLINE_TOKEN_DELAY", default=0.02)
 AGENT_MAX_STEPS = env.int("AGENT_MAX_STEPS", default=8)
 AGENT_RUN_TIMEOUT = env.float("AGENT_RUN_TIMEOUT", default=300.0)
 # The process executing a run renews its lease every third of this; a run whose lease
-# lapsed (its process died) is closed as interrupted by any process within about that.
+# lapsed (its process died) is resumed by any process within about that.
 AGENT_RUN_LEASE_SECONDS = env.float("AGENT_RUN_LEASE_SECONDS", default=10.0)
+# How many times a run is resumed after its process died (or handed it back) before it
+# is closed as interrupted instead: a run that kills its process every time must not
+# loop forever.
+AGENT_RUN_MAX_RECOVERIES = env.int("AGENT_RUN_MAX_RECOVERIES", default=3)
 AGENT_CONTEXT_TOKENS = env.int("AGENT_CONTEXT_TOKENS", default=6000)
 AGENT_MAX_MESSAGE_CHARS = env.int("AGENT_MAX_MESSAGE_CHARS", default=8000)
 AGENT_EVENT_TTL = env.int("AGENT_EVENT_TTL", default=3600)

@@ -52,6 +52,8 @@ class InProcessExecutor:
 
     async def _start(self, run_id: UUID) -> None:
         self.host.start(run_id)
+        # Where the runs it recovers go: here.
+        lifecycle.lease_keeper().ensure_started(self)
 
     def cancel(self, run_id: UUID) -> bool:
         return async_to_sync(self._cancel)(run_id)

@@ -49,10 +49,8 @@ class RunHost:
         task.add_done_callback(lambda _: self._forget(run_id))
         # Renewed from now on (the run takes the lease when it starts, if it was not
         # created under this process's), and the task stopped if another process takes
-        # the run over.
-        keeper = lease_keeper()
-        keeper.hold(run_id, on_lost=task.cancel)
-        keeper.ensure_started()
+        # the run over or this one hands it back. The executor has started the keeper.
+        lease_keeper().hold(run_id, on_lost=task.cancel)
         return task
 
     async def _execute(self, run_id: UUID) -> None:

@@ -18,6 +18,7 @@ from procrastinate.psycopg_connector import PsycopgConnector
 
 from chat.lifecycle import PROCESS_ID, lease_keeper
 
+from .executor import get_executor
 from .host import run_host
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ async def worker_serve(*, concurrency: int, drain_seconds: float) -> None:
         async with app.open_async():
             # Renewing and reaping from the start: a worker that restarts after a crash
             # recovers the runs it (or any process) left, without waiting for a job.
-            lease_keeper().ensure_started()
+            # The runs it recovers go back to the queue (any worker may pick them up).
+            lease_keeper().ensure_started(get_executor())
             worker = asyncio.create_task(
                 app.run_worker_async(
                     name=PROCESS_ID,
