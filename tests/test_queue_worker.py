@@ -224,6 +224,30 @@ async def test_a_cancel_reaches_the_worker_and_stops_the_run(site: QueueSite) ->
     assert (await site.run_where(run, "cancelled", "completed"))[0] == "cancelled"
 
 
+QUEUED_CANCEL = """
+import json
+from unittest import mock
+from django.contrib.auth import get_user_model
+from chat import services
+from chat.agent.executor import get_executor
+
+user = get_user_model().objects.get(username="drill")
+conversation = services.conversation_create(owner=user)
+# No job: as if every worker were busy and none had picked it up yet.
+with mock.patch.object(get_executor(), "submit"):
+    run = services.run_create(conversation=conversation, content="never mind")
+services.run_cancel(conversation=conversation, run_id=run.id)
+run.refresh_from_db()
+print(json.dumps({"status": run.status, "error": run.error_code}))
+"""
+
+
+async def test_a_cancel_closes_a_run_no_worker_has_started(site: QueueSite) -> None:
+    # Nobody executes it to hear the broadcast, and a queued run has no lease to lapse:
+    # without this it would wait in its conversation for ever.
+    assert site.shell(QUEUED_CANCEL) == {"status": "cancelled", "error": "cancelled"}
+
+
 async def test_pickup_latency_of_fifty_runs(site: QueueSite) -> None:
     """Not a timed assertion: prints the queue's pickup latency (run with -s)."""
     runs = site.shell(
