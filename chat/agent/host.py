@@ -51,9 +51,9 @@ class RunHost:
         )
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._forget(run_id))
-        # Renewed from now on (the run takes the lease when it starts, if it was not
-        # created under this process's), and the task stopped if another process takes
-        # the run over or this one hands it back. The executor has started the keeper.
+        # Its lease (this process's already) renewed from now on, and the task stopped
+        # if another process takes the run over or this one hands it back. The executor
+        # has started the keeper.
         lease_keeper().hold(run_id, on_lost=task.cancel)
         return task
 
