@@ -1,5 +1,5 @@
-"""The metrics' label values that chat knows: for the series to start at 0, and to keep
-the tool label to the tools there are."""
+"""The metrics' label values that chat knows (for the series to start at 0, and to keep
+the tool label to the tools there are), and chat's own series."""
 
 from prometheus_client import Histogram
 

@@ -63,18 +63,31 @@ class RunHost:
             return
         layer = get_channel_layer()
         assert layer is not None
-        channel = await layer.new_channel()
-        subscribed = asyncio.Event()
-        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel, subscribed))
-        # Listening before the run starts: a cancel sent once it is no longer queued
-        # (which a queued run's cancel looks at) must find it. Not for long, though:
-        # with Redis down the run goes on without.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(subscribed.wait(), timeout=SUBSCRIBE_WAIT)
+        listening: tuple[asyncio.Task[None], str] | None = None
         try:
+            # Listening before the run starts: a cancel sent once it is no longer queued
+            # (which a queued run's cancel looks at) must find it. Not for long, though:
+            # with Redis down the run goes on without.
+            try:
+                channel = await layer.new_channel()
+                subscribed = asyncio.Event()
+                listening = (
+                    asyncio.create_task(self._listen_for_cancel(run_id, channel, subscribed)),
+                    channel,
+                )
+                await asyncio.wait_for(subscribed.wait(), timeout=SUBSCRIBE_WAIT)
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                # Stopped before it started: delivered again inside the run, which
+                # records it (or, handed back, leaves it to be resumed).
+                current = asyncio.current_task()
+                assert current is not None
+                current.cancel()
             await execute_run(run_id)
         finally:
-            await _stop_listening(listener, channel)
+            if listening is not None:
+                await _stop_listening(*listening)
 
     async def _listen_for_cancel(
         self, run_id: UUID, channel: str, subscribed: asyncio.Event | None = None

@@ -3,6 +3,7 @@ instance and a cancel reaches the instance executing the run."""
 
 import asyncio
 import uuid
+from unittest import mock
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -10,7 +11,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from chat import services
-from chat.agent.executor import InProcessExecutor
+from chat.agent.executor import InProcessExecutor, get_executor
 from chat.agent.host import RunHost, _stop_listening
 from chat.models import Run
 from conftest import open_socket, receive_until
@@ -81,3 +82,22 @@ async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_chan
             lost += 1
             waiting.cancel()
     assert lost == 0
+
+
+async def test_a_run_stopped_before_it_listens_for_cancels_ends_cancelled(
+    make_user, redis_channel_layer
+):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    with mock.patch.object(get_executor(), "submit"):  # started here, by hand
+        run = await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="hello"
+        )
+    host = RunHost()
+    host.start(run.id)
+    await asyncio.sleep(0)  # it subscribes to the run's cancels, and waits for Redis
+    assert await host.cancel_local(run.id)
+    await host.join(run.id)
+
+    # Not left queued, with nobody to start it.
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
