@@ -159,11 +159,10 @@ class RunHost:
             if left <= 0:
                 break
             await asyncio.wait(list(self._tasks.values()), timeout=left)
-        if not self._tasks:
-            return
-        logger.warning("handing back %d runs still under way", len(self._tasks))
-        await lease_keeper().hand_back()
-        if self._tasks:
+        # Again until none is left, for the same reason.
+        while self._tasks:
+            logger.warning("handing back %d runs still under way", len(self._tasks))
+            await lease_keeper().hand_back()
             await asyncio.wait(list(self._tasks.values()))
 
 
