@@ -163,7 +163,8 @@ class RunHost:
         while self._tasks:
             logger.warning("handing back %d runs still under way", len(self._tasks))
             await lease_keeper().hand_back()
-            await asyncio.wait(list(self._tasks.values()))
+            if self._tasks:
+                await asyncio.wait(list(self._tasks.values()))
 
 
 async def _stop_listening(listener: asyncio.Task[None], channel: str) -> None:
