@@ -175,7 +175,7 @@ def run_create(
     count_request: bool = False,
     api_key_id: int | None = None,
 ) -> Run:
-    """Record the user's message and queue a run to answer it; the run starts on commit.
+    """Record the user's message and queue a run to answer it; it starts once committed.
     `count_request`: count it against the account's requests per minute first (the chat
     socket's messages; nothing else has counted them). `api_key_id`: the key whose
     request started it (None: the browser), recorded on the run and its ledger rows.
@@ -245,7 +245,7 @@ def run_create(
             api_key_id=api_key_id,
             model=model_info().name,
             instructions=instructions,
-            **lifecycle.run_queued_lease(),
+            **get_executor().queued_lease(),
         )
         # In this order: the conversation reads them by creation.
         Message.objects.bulk_create(
@@ -265,6 +265,7 @@ def run_create(
                 ),
             ]
         )
+        # In the transaction: the queue's job commits (or rolls back) with the run.
         get_executor().submit(run.id)
     return run
 

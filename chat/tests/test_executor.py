@@ -3,6 +3,7 @@ instance and a cancel reaches the instance executing the run."""
 
 import asyncio
 import uuid
+from unittest import mock
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -10,7 +11,8 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from chat import services
-from chat.agent.executor import InProcessExecutor, _stop_listening
+from chat.agent.executor import InProcessExecutor, get_executor
+from chat.agent.host import RunHost, _stop_listening
 from chat.models import Run
 from conftest import open_socket, receive_until
 from tests.servers import REDIS_URL, redis_available
@@ -49,7 +51,7 @@ async def test_a_cancel_from_another_instance_stops_the_run(
     run_id = started[0]["run"]
 
     # Another instance has no task for this run: it can only broadcast the cancel.
-    other_instance = InProcessExecutor()
+    other_instance = InProcessExecutor(RunHost())
     assert await sync_to_async(other_instance.cancel)(uuid.UUID(run_id)) is True
     frames = await receive_until(socket, "run.cancelled")
 
@@ -64,13 +66,13 @@ async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_chan
     # often the one popping when its run ends, right as the final event goes out to
     # the conversation's sockets (the pattern of a run's end, many times over).
     layer = redis_channel_layer
-    executor = InProcessExecutor()
+    host = RunHost()
     lost = 0
     for _ in range(30):
         socket = await layer.new_channel()
         waiting = asyncio.ensure_future(layer.receive(socket))
         run_channel = await layer.new_channel()
-        listener = asyncio.create_task(executor._listen_for_cancel(uuid.uuid4(), run_channel))
+        listener = asyncio.create_task(host._listen_for_cancel(uuid.uuid4(), run_channel))
         await asyncio.sleep(0.02)  # both receiving; one of them pops for both
         await layer.send(socket, {"type": "run.events", "final": True})
         await _stop_listening(listener, run_channel)
@@ -80,3 +82,22 @@ async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_chan
             lost += 1
             waiting.cancel()
     assert lost == 0
+
+
+async def test_a_run_stopped_before_it_listens_for_cancels_ends_cancelled(
+    make_user, redis_channel_layer
+):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    with mock.patch.object(get_executor(), "submit"):  # started here, by hand
+        run = await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="hello"
+        )
+    host = RunHost()
+    host.start(run.id)
+    await asyncio.sleep(0)  # it subscribes to the run's cancels, and waits for Redis
+    assert await host.cancel_local(run.id)
+    await host.join(run.id)
+
+    # Not left queued, with nobody to start it.
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
