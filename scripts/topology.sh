@@ -297,8 +297,12 @@ up() {
     app_env
     local started_at=$SECONDS
     # Migrated once, before any web instance starts; restarting one process skips it.
-    running web1 || database_prepare
-    local name webs=() workers=() high_water
+    local name
+    for name in $(names | grep web); do
+        running "$name" && break
+    done
+    running "$name" || database_prepare
+    local webs=() workers=() high_water
     for name in $(names); do
         running "$name" && continue
         case $name in
