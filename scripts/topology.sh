@@ -221,7 +221,6 @@ with psycopg.connect(server, autocommit=True, connect_timeout=5) as admin:
         print(f"topology: created database {name}", file=sys.stderr)
 EOF
     "$PYTHON" manage.py migrate --noinput -v 0
-    "$PYTHON" manage.py collectstatic --noinput -v 0
 }
 
 # Workers registered with the queue (Procrastinate's table) since `$1`; - without the table.
@@ -301,7 +300,13 @@ up() {
     for name in $(names | grep web); do
         running "$name" && break
     done
-    running "$name" || database_prepare
+    local collecting=""
+    if ! running "$name"; then
+        database_prepare
+        # For nginx, which starts last: meanwhile the app's processes start.
+        "$PYTHON" manage.py collectstatic --noinput -v 0 &
+        collecting=$!
+    fi
     local webs=() workers=() high_water
     for name in $(names); do
         running "$name" && continue
@@ -316,6 +321,9 @@ up() {
                 worker*) running "$name" || { start_worker "$name"; workers+=("$name"); } ;;
             esac
         done
+    fi
+    if [ -n "$collecting" ]; then
+        wait "$collecting" || die "collectstatic failed"
     fi
     running nginx || start_nginx
     # nginx last: probed before the instances listen, it would mark them failed.
