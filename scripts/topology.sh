@@ -52,8 +52,15 @@ nginx_binary() {
     fi
 }
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# $1 free ports on loopback, all different: held open together while they are chosen.
+free_ports() {
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))
+EOF
 }
 
 # --- State, fixed at the first `up` ------------------------------------------------------
@@ -61,11 +68,10 @@ free_port() {
 # process of the app gets. Both are plain `NAME=value` lines.
 write_state() {
     local web=${TOPOLOGY_WEB:-2} workers=${TOPOLOGY_WORKERS:-2}
-    local port=${TOPOLOGY_PORT:-$(free_port)} web_ports=${TOPOLOGY_WEB_PORTS:-}
-    if [ -z "$web_ports" ]; then
-        for _ in $(seq "$web"); do web_ports="$web_ports $(free_port)"; done
-    fi
-    web_ports=$(echo $web_ports)
+    local free port web_ports
+    free=$(free_ports $((web + 1)))
+    port=${TOPOLOGY_PORT:-${free%% *}}
+    web_ports=$(echo ${TOPOLOGY_WEB_PORTS:-${free#* }})
     [ "$(echo "$web_ports" | wc -w)" = "$web" ] || die "TOPOLOGY_WEB_PORTS must name $web ports"
     mkdir -p "$DIR/pids" "$DIR/logs" "$DIR/nginx"
     [ -s "$DIR/secret_key" ] ||
