@@ -97,7 +97,9 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
             logins = logins_read(prepare(topology.app_env(), conversations=CONVERSATIONS))
             yield Drill(topology, logins)
         finally:
+            stopping = time.monotonic()
             stopped = topology.down()
+            print(f"\ntopology down in {time.monotonic() - stopping:.1f} s")
             redis.kill()
             assert stopped.returncode == 0, stopped.stderr
 
