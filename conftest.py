@@ -15,7 +15,7 @@ from django.test import Client
 
 from agentsite.asgi import application
 from chat import services
-from chat.agent.executor import get_executor
+from chat.agent.host import run_host
 from chat.models import Conversation
 
 
@@ -90,9 +90,9 @@ async def receive_until(
 
 async def wait_for_runs() -> None:
     """Let every run still executing in this process finish."""
-    executor = get_executor()
-    for run_id in executor.active_run_ids():
-        await executor.join(run_id)
+    host = run_host()
+    for run_id in host.active_run_ids():
+        await host.join(run_id)
     await asyncio.sleep(0)
 
 

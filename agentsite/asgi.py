@@ -15,6 +15,8 @@ from django.core.signals import request_finished  # noqa: E402
 from agentsite.db import request_connections_close  # noqa: E402
 from agentsite.middleware import api_body_limit  # noqa: E402
 from agentsite.websocket import SameOriginValidator, daphne_fail_with_close_frames  # noqa: E402
+from chat.agent.executor import get_executor  # noqa: E402
+from chat.agent.host import run_host_hand_back_with_server  # noqa: E402
 from chat.agent.models import chat_model_preload  # noqa: E402
 from chat.lifecycle import lease_keeper_start_with_server  # noqa: E402
 from chat.metrics import chat_metrics_preinitialise  # noqa: E402
@@ -34,6 +36,8 @@ application = ProtocolTypeRouter(
 chat_metrics_preinitialise()
 chat_model_preload()
 
-# Renew this process's run leases and reap runs whose process died from the moment the
+# Renew this process's run leases and resume runs whose process died from the moment the
 # server runs, before anyone connects.
-lease_keeper_start_with_server()
+lease_keeper_start_with_server(get_executor())
+# ... and hand back the runs it executes when it shuts down.
+run_host_hand_back_with_server()

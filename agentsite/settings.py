@@ -150,8 +150,41 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "timeout": 30,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ON_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+if ON_POSTGRES:
+    # Procrastinate's tables (its migrations are PostgreSQL-only SQL) exist wherever the
+    # database can hold them, so switching AGENT_EXECUTOR is an environment change alone,
+    # never a migration step; SQLite never sees them.
+    INSTALLED_APPS.append("procrastinate.contrib.django")
 
 REDIS_URL = env.str("AGENT_REDIS_URL", default="")
+
+# Where runs execute: "inline" (asyncio tasks in the web process that accepted them, the
+# monolith) or "queue" (Procrastinate jobs in PostgreSQL, executed by
+# `manage.py agent_worker` processes).
+AGENT_EXECUTOR = env.str("AGENT_EXECUTOR", default="inline")
+if AGENT_EXECUTOR not in ("inline", "queue"):
+    raise ImproperlyConfigured("AGENT_EXECUTOR must be one of: inline, queue.")
+if AGENT_EXECUTOR == "queue" and not ON_POSTGRES:
+    raise ImproperlyConfigured(
+        "AGENT_EXECUTOR=queue keeps its jobs in PostgreSQL (Procrastinate), in the "
+        "transaction that creates the run: set DATABASE_URL=postgres://user:pass@host/db, "
+        "or use AGENT_EXECUTOR=inline for the one-process monolith on SQLite."
+    )
+if AGENT_EXECUTOR == "queue" and not REDIS_URL:
+    raise ImproperlyConfigured(
+        "AGENT_EXECUTOR=queue executes runs in worker processes, whose events and cancels "
+        "reach the web processes through Redis: set AGENT_REDIS_URL=redis://host:6379/0."
+    )
+# Runs one `agent_worker` process executes at once (each an asyncio task: a run mostly
+# waits on its model).
+AGENT_WORKER_CONCURRENCY = env.int("AGENT_WORKER_CONCURRENCY", default=50)
+# On SIGTERM a worker takes no new runs and lets its runs finish for this many seconds,
+# then hands the rest back: another process resumes them from their checkpoint.
+AGENT_WORKER_DRAIN_SECONDS = env.float("AGENT_WORKER_DRAIN_SECONDS", default=20.0)
+# A worker has no web server: when set, it serves its Prometheus metrics (the queue's
+# pickup latency among them) on this port, at any path.
+AGENT_WORKER_METRICS_PORT = env.int("AGENT_WORKER_METRICS_PORT", default=0)
 # Every Redis client the app builds (channel layer, cache, event log, rate limiter) uses
 # these. A socket listening on the channel layer waits in a 5 s blocking pop (channels-
 # redis's BZPOPMIN); redis-py 8 reads with a 5 s timeout by default, so every idle
@@ -306,7 +339,8 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}},
+    # Procrastinate logs every job at INFO; a run's own lines say what matters of it.
+    "loggers": {"httpx": {"level": "WARNING"}, "procrastinate": {"level": "WARNING"}},
 }
 
 # --- The agent -------------------------------------------------------------------------
@@ -334,8 +368,12 @@ AGENT_OFFLINE_TOKEN_DELAY = env.float("AGENT_OFFLINE_TOKEN_DELAY", default=0.02)
 AGENT_MAX_STEPS = env.int("AGENT_MAX_STEPS", default=8)
 AGENT_RUN_TIMEOUT = env.float("AGENT_RUN_TIMEOUT", default=300.0)
 # The process executing a run renews its lease every third of this; a run whose lease
-# lapsed (its process died) is closed as interrupted by any process within about that.
+# lapsed (its process died) is resumed by any process within about that.
 AGENT_RUN_LEASE_SECONDS = env.float("AGENT_RUN_LEASE_SECONDS", default=10.0)
+# How many times a run is resumed after its process died (or handed it back) before it
+# is closed as interrupted instead: a run that kills its process every time must not
+# loop forever.
+AGENT_RUN_MAX_RECOVERIES = env.int("AGENT_RUN_MAX_RECOVERIES", default=3)
 AGENT_CONTEXT_TOKENS = env.int("AGENT_CONTEXT_TOKENS", default=6000)
 AGENT_MAX_MESSAGE_CHARS = env.int("AGENT_MAX_MESSAGE_CHARS", default=8000)
 AGENT_EVENT_TTL = env.int("AGENT_EVENT_TTL", default=3600)

@@ -5,7 +5,13 @@ import tempfile
 
 os.environ["AGENTSITE_READ_DOTENV"] = "false"
 os.environ.setdefault("DEBUG", "true")
-for name in ("DATABASE_URL", "AGENT_REDIS_URL", "AGENT_MODEL", "ALLOWED_HOSTS"):
+for name in (
+    "DATABASE_URL",
+    "AGENT_REDIS_URL",
+    "AGENT_MODEL",
+    "AGENT_EXECUTOR",
+    "ALLOWED_HOSTS",
+):
     os.environ.pop(name, None)
 
 from agentsite.settings import *  # noqa: E402,F403

@@ -45,7 +45,7 @@ def child(turns: int, pooled: bool) -> dict:
 
     from billing.services import account_for_user
     from chat import services
-    from chat.agent.executor import get_executor
+    from chat.agent.host import run_host
 
     call_command("migrate", verbosity=0)
     user = get_user_model().objects.create_user(f"bench-{uuid.uuid4().hex[:6]}")
@@ -60,7 +60,7 @@ def child(turns: int, pooled: bool) -> dict:
         run = await database_sync_to_async(services.run_create)(
             conversation=conversation, content="What is 17 * 23?"
         )
-        await get_executor().join(run.id)
+        await run_host().join(run.id)
         return time.perf_counter() - started
 
     async def main() -> list[float]:

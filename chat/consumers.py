@@ -21,6 +21,7 @@ from agentsite.errors import ApplicationError
 from agentsite.metrics import OPEN_WEBSOCKETS
 
 from . import lifecycle, selectors, services
+from .agent.executor import get_executor
 from .events import Frame, conversation_group, follow
 from .frames import ClientFrame, parse_client_frame
 from .lifecycle import lease_keeper
@@ -71,7 +72,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        lease_keeper().ensure_started()
+        lease_keeper().ensure_started(get_executor())
         try:
             joined = await database_sync_to_async(services.conversation_join)(
                 user=user, conversation_id=self.scope["url_route"]["kwargs"]["conversation_id"]

@@ -3,8 +3,9 @@ the OpenAPI schema carry. Data only: text, numbers, ids. How the chat page draws
 (Markdown as HTML, costs and the budget line worded) is `chat.presentation`'s.
 
 Every event has `type`, `run` (its id) and `seq` (1, 2, … per run, no gaps in what the
-run emitted; a client resumes after the last one it saw). A run ends with exactly one
-final event (`run.completed`, `run.failed`, …), the last of its events.
+run emitted; a client resumes after the last one it saw), but for `run.resumed`, whose
+seq may jump past a gap. A run ends with exactly one final event (`run.completed`,
+`run.failed`, …), the last of its events.
 
 The events are built where the run emits them (`chat.agent.runner`, the translator's
 `event_of`, `chat.lifecycle._final_event`); `chat/tests/test_event_schemas.py` holds
@@ -73,6 +74,20 @@ class RunStartedEvent(_EventBase):
     model: str
     conversation_title: str
     user_message: MessageData | None
+
+
+class RunResumedEvent(_EventBase):
+    """The first event of a run resumed from its last checkpoint after the process
+    executing it died or handed it back: its seq is past any its earlier execution may
+    have used (a gap, not lost events). What the step that was cut had streamed is not
+    part of the answer (drop it); everything before it is. `recoveries`: how many times
+    the run has been resumed."""
+
+    type: Literal["run.resumed"]
+    recoveries: int = Field(..., ge=1)
+
+
+RESUMED_EVENT_TYPE = "run.resumed"
 
 
 class TokenEvent(_EventBase):
@@ -159,6 +174,7 @@ class RunInterruptedEvent(_FinalBase):
 
 RunEvent = Annotated[
     RunStartedEvent
+    | RunResumedEvent
     | TokenEvent
     | ToolStartedEvent
     | ToolFinishedEvent

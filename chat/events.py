@@ -27,7 +27,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from .event_schemas import FINAL_EVENT_TYPES, run_event_adapter
+from .event_schemas import FINAL_EVENT_TYPES, RESUMED_EVENT_TYPE, run_event_adapter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -301,11 +301,13 @@ async def follow(
 
     Events the log lost (a run under way forgotten past the memory log's cap, batches
     Redis never got) are not skipped silently: at the first gap (an event other than
-    the final one that is not the one after the last yielded; both logs return
-    everything they hold after a seq, so what is missing then is gone) it warns and
-    yields nothing more but the final event, from the log or rebuilt from the database
-    as above. A final event after a gap is the run's end all the same: a run closed by
-    another process numbers it past anything its writer may have used."""
+    the final one or `run.resumed` that is not the one after the last yielded; both
+    logs return everything they hold after a seq, so what is missing then is gone) it
+    warns and yields nothing more but the final event, from the log or rebuilt from the
+    database as above. A final event after a gap is the run's end all the same: a run
+    closed by another process numbers it past anything its writer may have used. So is
+    `run.resumed` a continuation: a recovered run's writer numbers its events past the
+    seqs its earlier execution reserved and never used."""
     # Imported here: lifecycle publishes its final events through this module.
     from .lifecycle import RunEnd, run_end_owed
 
@@ -335,7 +337,8 @@ async def follow(
         for frame in frames:
             read = frame.seq
             final = frame.type in FINAL_EVENT_TYPES
-            if not final and not lost and frame.seq != seq + 1:
+            resumed = frame.type == RESUMED_EVENT_TYPE
+            if not final and not resumed and not lost and frame.seq != seq + 1:
                 lost = True
                 logger.warning(
                     "run %s: events %d-%d missing from the log; its followers get its "
@@ -435,9 +438,11 @@ class RunEventStream:
     usage, the final event) goes out at once, with the tokens before it. Batches go out
     one at a time, in `seq` order; a cancelled run still sends every event it emitted.
 
-    `ceiling`: the highest seq the run may use before `reserve(seq)` raises it (see
-    `Run.event_seq`); 0 for no ceiling. While events cannot be published (Redis is
-    down) the run goes on; that is logged once, not per token."""
+    `seq`: the last seq used before (a resumed run's writer numbers past the ceiling its
+    earlier execution had reserved). `ceiling`: the highest seq the run may use before
+    `reserve(seq)` raises it (see `Run.event_seq`); 0 for no ceiling. While events
+    cannot be published (Redis is down) the run goes on; that is logged once, not per
+    token."""
 
     window = 0.005
     batch_max = 32
@@ -447,12 +452,13 @@ class RunEventStream:
         run_id: UUID,
         conversation_id: UUID,
         *,
+        seq: int = 0,
         ceiling: int = 0,
         reserve: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.conversation_id = conversation_id
-        self.seq = 0
+        self.seq = seq
         self.ceiling = ceiling
         self._reserve = reserve
         self._failing = False

@@ -5,11 +5,17 @@ The lease. The process executing a run holds its lease: `Run.lease_owner` (the
 process's id) and `Run.lease_expires_at`, renewed every AGENT_RUN_LEASE_SECONDS / 3 by
 the process's `LeaseKeeper`, in one UPDATE for all the runs it holds. A run whose lease
 lapsed has nobody executing it. Every process's keeper looks for such runs on every tick
-and claims each with one conditional UPDATE (so exactly one process closes it); today
-it closes them as `interrupted`: the hold of its cut call settled for what it streamed
-up to its last renewal, its trace closed with the spans flushed so far, and a final
-event appended to its log after any seq a client saw. A later executor resumes such
-runs from their checkpoint instead, from the same claim (`runs_lapsed`, `run_close`).
+and claims each with one conditional UPDATE (so exactly one process recovers it,
+`run_recover`): the hold of its cut call is settled for what it streamed up to its last
+renewal, and it is queued again and handed to the keeper's executor, which resumes it
+from its last checkpoint (`chat.agent.runner`) under the same trace, its events
+numbered past any seq a client saw. A run recovered AGENT_RUN_MAX_RECOVERIES times
+already is closed as `interrupted` instead (`run_close`): its trace closed with the
+spans flushed so far, and a final event appended to its log.
+
+A process that stops on purpose (a worker's drain, a web instance's shutdown) hands its
+runs back (`LeaseKeeper.hand_back`): their leases lapse at once, and a reaper resumes
+them as it would a crashed process's.
 
 A queued run's lease is held by whoever will start it. The in-process executor takes it
 at creation (it starts the run within milliseconds, in the same process, and renews it
@@ -25,17 +31,18 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, PositiveIntegerField, Q, Value, When
+from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agentsite.text import text_storable
@@ -74,6 +81,13 @@ INTERRUPTED_MESSAGE = (
     "The server running this answer stopped before it finished; what it wrote after "
     "its last save is lost. Send your message again."
 )
+GIVEN_UP_MESSAGE = (
+    "The servers running this answer stopped {times} times before it finished, so it was "
+    "given up. Send your message again."
+)
+
+# How long `hand_back` waits for the runs it stops to return.
+HAND_BACK_WAIT = 10.0
 
 
 def _lease_expiry() -> datetime:
@@ -102,18 +116,27 @@ class StartedRun:
     user_message: Message | None
     # Earlier turns the caller brought with the message (`Message.imported`), in order.
     history: list[Message]
+    # Recovered (`run_recover`) after its earlier execution had started: the runner
+    # continues it from its checkpoint, and its writer numbers its events after `seq`,
+    # the ceiling its earlier execution had reserved (0 for a fresh run).
+    resumed: bool = False
+    seq: int = 0
 
 
 def run_start(*, run_id: UUID) -> StartedRun | None:
     """Mark a queued run running under this process's lease, and return it with its
     account and the message it answers; None if it is no longer queued (cancelled
-    meanwhile)."""
+    meanwhile).
+
+    Fresh and recovered runs alike, in the same UPDATE: a recovered run keeps its
+    `started_at`, and its seq ceiling is raised by a block, so its writer numbers past
+    anything its earlier execution may have sent (a fresh run's ceiling is 0)."""
     started = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
-        started_at=timezone.now(),
+        started_at=Coalesce(F("started_at"), Value(timezone.now()), output_field=DateTimeField()),
         lease_owner=PROCESS_ID,
         lease_expires_at=_lease_expiry(),
-        event_seq=SEQ_BLOCK,
+        event_seq=F("event_seq") + SEQ_BLOCK,
     )
     if not started:
         return None
@@ -121,11 +144,16 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
     run = Run.objects.select_related("conversation", "api_key").get(id=run_id)
     # Nearly always the user's message alone: one query for it and any history.
     given = list(run.messages.filter(Q(imported=True) | Q(role=Message.Role.USER)))
+    # A run recovered before it ever started (its process died in between) sent nothing:
+    # its old ceiling is 0, and it starts as a fresh run.
+    seq = run.event_seq - SEQ_BLOCK
     return StartedRun(
         run=run,
         account_id=account_quotas_for_user(user_id=run.conversation.owner_id).account_id,
         user_message=next((m for m in given if not m.imported), None),
         history=[m for m in given if m.imported],
+        resumed=seq > 0,
+        seq=seq,
     )
 
 
@@ -138,14 +166,34 @@ def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
 
 def runs_renew(*, progress: dict[UUID, tuple[int, int]]) -> set[UUID]:
     """Renew this process's leases on these runs and record how far each got (input and
-    output tokens seen so far, for settling its hold if it is interrupted). Returns the
-    runs another process closed as interrupted: their executor must stop them."""
+    output tokens seen so far, for settling its hold if it is recovered or interrupted).
+    Returns the runs another process took over (closed as interrupted, or recovered and
+    now under another lease): their executor must stop them."""
     if not progress:
         return set()
-    ids = list(progress)
-    held = Run.objects.filter(id__in=ids, lease_owner=PROCESS_ID, status__in=Run.ACTIVE_STATUSES)
-    renewed = held.update(
-        lease_expires_at=_lease_expiry(),
+    renewed = _runs_held_update(progress=progress, lease_expires_at=_lease_expiry())
+    if renewed == len(progress):
+        return set()
+    # Rare: a run just finished by its own executor is not lost, only one taken over.
+    taken = Q(status=Run.Status.INTERRUPTED) | (
+        Q(status__in=Run.ACTIVE_STATUSES) & ~Q(lease_owner=PROCESS_ID)
+    )
+    return set(Run.objects.filter(taken, id__in=list(progress)).values_list("id", flat=True))
+
+
+def runs_hand_back(*, progress: dict[UUID, tuple[int, int]]) -> int:
+    """Make this process's leases on these runs lapse now, with how far each got (as
+    `runs_renew` records it): a reaper resumes them at its next tick."""
+    return _runs_held_update(progress=progress, lease_expires_at=timezone.now())
+
+
+def _runs_held_update(*, progress: dict[UUID, tuple[int, int]], lease_expires_at: datetime) -> int:
+    """One UPDATE of the leases this process holds on these runs, and their progress."""
+    held = Run.objects.filter(
+        id__in=list(progress), lease_owner=PROCESS_ID, status__in=Run.ACTIVE_STATUSES
+    )
+    return held.update(
+        lease_expires_at=lease_expires_at,
         input_tokens=Case(
             *[When(id=run_id, then=Value(seen[0])) for run_id, seen in progress.items()],
             default=F("input_tokens"),
@@ -157,24 +205,89 @@ def runs_renew(*, progress: dict[UUID, tuple[int, int]]) -> set[UUID]:
             output_field=PositiveIntegerField(),
         ),
     )
-    if renewed == len(ids):
-        return set()
-    # Rare: a run just finished by its own executor is not lost, only an interrupted one.
-    return set(
-        Run.objects.filter(id__in=ids, status=Run.Status.INTERRUPTED).values_list("id", flat=True)
-    )
 
 
-def runs_lapsed(*, conversation_id: UUID | None = None, limit: int = 100) -> list[UUID]:
+def runs_lapsed(
+    *, conversation_id: UUID | None = None, exclude: Iterable[UUID] = (), limit: int = 100
+) -> list[UUID]:
     runs = Run.objects.lost()
     if conversation_id is not None:
         runs = runs.filter(conversation_id=conversation_id)
+    exclude = list(exclude)
+    if exclude:
+        runs = runs.exclude(id__in=exclude)
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
 
 
-def run_lock(*, run_id: UUID) -> None:
-    """Lock the run's row for the rest of the transaction (no-op for a deleted run)."""
-    list(Run.objects.select_for_update().filter(id=run_id).values_list("id"))
+def run_lock(*, run_id: UUID, recoveries: int | None = None) -> bool:
+    """Lock the run's row for the rest of the transaction (no-op for a deleted run).
+    False if the run was recovered since the execution that started at `recoveries`
+    (this process stalled past its lease): another execution holds it now, and this one
+    must leave it, its holds and its trace be."""
+    row = (
+        Run.objects.select_for_update()
+        .filter(id=run_id)
+        .values_list("status", "recoveries")
+        .first()
+    )
+    if recoveries is None or row is None:
+        return True
+    status, now_at = row
+    return status not in Run.ACTIVE_STATUSES or now_at == recoveries
+
+
+@dataclass(frozen=True)
+class RecoveredRun:
+    run_id: UUID
+    recoveries: int
+
+
+def run_recover(*, run_id: UUID, lease: dict[str, Any]) -> "RecoveredRun | ClosedRun | None":
+    """Queue again a run whose lease lapsed (its process died, or handed it back), to be
+    resumed from its checkpoint; call it inside the transaction that hands it to an
+    executor (`RunSubmitter.submit`). Claimed with one conditional UPDATE, so of two
+    reapers exactly one recovers it; None if it was not ours to claim. `lease`: the
+    executor's (`RunSubmitter.queued_lease`).
+
+    The hold of the call that was cut is settled as `run_close` settles it (billed what
+    it had streamed by the last renewal), and the run's totals become the ledger's: the
+    resumed execution starts from them with no hold of its earlier one left, and bills
+    each call once (the cut call what it streamed, its re-run in full).
+
+    A run recovered AGENT_RUN_MAX_RECOVERIES times already is closed as interrupted
+    instead (returns its `ClosedRun`, to publish): a run that kills its process every
+    time must not loop forever."""
+    limit = settings.AGENT_RUN_MAX_RECOVERIES
+    lapsed = Run.objects.filter(
+        id=run_id, status__in=Run.ACTIVE_STATUSES, lease_expires_at__lt=timezone.now()
+    )
+    claimed = lapsed.filter(recoveries__lt=limit).update(
+        status=Run.Status.QUEUED, recoveries=F("recoveries") + 1, **lease
+    )
+    if not claimed:
+        # Past its limit, closed with the same kind of claim; or not lapsed (None).
+        return run_close(run_id=run_id, error_message=GIVEN_UP_MESSAGE.format(times=limit + 1))
+    run = Run.objects.get(id=run_id)
+    try:
+        with transaction.atomic():  # a savepoint, as in `run_close`
+            cost = usage_close_run(
+                run_id=run_id,
+                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
+            )
+    except Exception:
+        # Left held: the resumed execution's finish settles it with the run's totals.
+        logger.exception("run %s: could not settle its usage", run_id)
+    else:
+        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
+        run.cost_usd = cost.total_usd
+        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    logger.warning(
+        "run %s: its lease lapsed; queued to resume (recovery %d of %d)",
+        run_id,
+        run.recoveries,
+        limit,
+    )
+    return RecoveredRun(run_id=run_id, recoveries=run.recoveries)
 
 
 @dataclass(frozen=True)
@@ -409,19 +522,50 @@ async def run_closed_publish(closed: ClosedRun) -> None:
         )
 
 
-def runs_close_lapsed(*, conversation_id: UUID | None = None) -> list[ClosedRun]:
-    """Close every run whose lease lapsed (of one conversation, or all); their final
-    events are the caller's to publish."""
-    closed = (run_close(run_id=run_id) for run_id in runs_lapsed(conversation_id=conversation_id))
-    return [run for run in closed if run is not None]
+class RunSubmitter(Protocol):
+    """What recovering a run needs of an executor (`chat.agent.executor`'s protocol),
+    handed to the keeper when it starts: this module must not import the executors,
+    which execute runs through it."""
+
+    def queued_lease(self) -> dict[str, Any]: ...
+
+    def submit(self, run_id: UUID) -> None: ...
 
 
-async def runs_reap() -> int:
-    """`runs_close_lapsed`, then their final events; how many."""
-    closed = await _on_keeper_thread(runs_close_lapsed)()
-    for run in closed:
+@dataclass(frozen=True)
+class Reaped:
+    recovered: list[UUID]
+    # Past their recoveries limit: their final events are the caller's to publish.
+    closed: list[ClosedRun]
+
+
+def runs_recover_lapsed(
+    *,
+    executor: RunSubmitter,
+    conversation_id: UUID | None = None,
+    exclude: Iterable[UUID] = (),
+) -> Reaped:
+    """Recover every run whose lease lapsed (of one conversation, or all, but for
+    `exclude`) and hand each to `executor`, each in its own transaction, so the run and
+    its submission commit together (`run_recover`)."""
+    reaped = Reaped(recovered=[], closed=[])
+    for run_id in runs_lapsed(conversation_id=conversation_id, exclude=exclude):
+        with transaction.atomic():
+            result = run_recover(run_id=run_id, lease=executor.queued_lease())
+            if isinstance(result, RecoveredRun):
+                executor.submit(run_id)
+                reaped.recovered.append(run_id)
+            elif result is not None:
+                reaped.closed.append(result)
+    return reaped
+
+
+async def runs_reap(*, executor: RunSubmitter, exclude: Iterable[UUID] = ()) -> int:
+    """`runs_recover_lapsed`, then the final events of those closed; how many in all."""
+    reaped = await _on_keeper_thread(runs_recover_lapsed)(executor=executor, exclude=exclude)
+    for run in reaped.closed:
         await run_closed_publish(run)
-    return len(closed)
+    return len(reaped.recovered) + len(reaped.closed)
 
 
 def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Event | None:
@@ -474,15 +618,21 @@ class _Lease:
     outcome: RunOutcome | None = None
     # Anything with a `flush()`: the run's tracer, flushed on every renewal.
     tracer: Any = None
+    # Set when its executor releases it (its task is over).
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class LeaseKeeper:
     """Renews the leases this process holds, flushes their traces, and reaps runs whose
-    lease lapsed, every `renew_interval()` seconds, as a task on the serving loop."""
+    lease lapsed (recovering them into the executor it was started with), every
+    `renew_interval()` seconds, as a task on the serving loop."""
 
     def __init__(self) -> None:
         self._held: dict[UUID, _Lease] = {}
         self._task: asyncio.Task[None] | None = None
+        self._executor: RunSubmitter | None = None
+        # Handed back and not yet released: their executor returns without finishing them.
+        self._handed_back: dict[UUID, _Lease] = {}
 
     def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
         """Renew the run's lease until `release`; `on_lost` stops it if another process
@@ -496,10 +646,50 @@ class LeaseKeeper:
             lease.outcome, lease.tracer = outcome, tracer
 
     def release(self, run_id: UUID) -> None:
-        self._held.pop(run_id, None)
+        lease = self._held.pop(run_id, None) or self._handed_back.pop(run_id, None)
+        if lease is not None:
+            lease.released.set()
 
-    def ensure_started(self) -> None:
-        """Start on the running loop, unless running there already (call it from it)."""
+    def handed_back(self, run_id: UUID) -> bool:
+        """Whether the run was handed back (`hand_back`): its executor stops it without
+        finishing it."""
+        return run_id in self._handed_back
+
+    async def hand_back(
+        self, run_ids: Iterable[UUID] | None = None, *, cause: str = "shutdown"
+    ) -> None:
+        """Give back runs this process executes (None: all of them), for a process that
+        stops on purpose (a worker's drain, a web instance's shutdown): their tasks are
+        stopped without finishing the runs (no final event, no ledger close; their
+        traces flushed), then their leases lapse now, in one UPDATE that records how
+        far each got. Any process's reaper resumes them at its next tick."""
+        ids = [
+            run_id
+            for run_id in (self._held if run_ids is None else run_ids)
+            if run_id in self._held
+        ]
+        if not ids:
+            return
+        leases = {run_id: self._held.pop(run_id) for run_id in ids}
+        self._handed_back.update(leases)
+        logger.warning("handing back %d runs (%s): %s", len(ids), cause, ", ".join(map(str, ids)))
+        for lease in leases.values():
+            lease.on_lost()
+        stopped = [asyncio.ensure_future(lease.released.wait()) for lease in leases.values()]
+        _, late = await asyncio.wait(stopped, timeout=HAND_BACK_WAIT)
+        for waiting in late:
+            waiting.cancel()
+        if late:
+            logger.warning(
+                "%d handed back runs did not stop within %g s", len(late), HAND_BACK_WAIT
+            )
+        progress = {run_id: _progress(lease.outcome) for run_id, lease in leases.items()}
+        await _on_keeper_thread(runs_hand_back)(progress=progress)
+
+    def ensure_started(self, executor: RunSubmitter) -> None:
+        """Start on the running loop, unless running there already (call it from it).
+        `executor`: where the runs it recovers go."""
+        self._executor = executor
         loop = asyncio.get_running_loop()
         if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
             return
@@ -526,7 +716,10 @@ class LeaseKeeper:
         for lease in list(self._held.values()):
             if lease.tracer is not None:
                 lease.tracer.flush()
-        await runs_reap()
+        if self._executor is not None:
+            # Not the runs this process executes: a lease of theirs lapsed only because
+            # this process stalled, and they are still going here.
+            await runs_reap(executor=self._executor, exclude=list(self._held))
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:
@@ -551,13 +744,13 @@ def lease_keeper() -> LeaseKeeper:
     return _keeper
 
 
-def lease_keeper_start_with_server() -> None:
+def lease_keeper_start_with_server(executor: RunSubmitter) -> None:
     """Start the keeper when the server's loop starts, before any request: so a process
-    that restarts after a crash reaps the crashed runs without waiting for a user.
+    that restarts after a crash resumes the crashed runs without waiting for a user.
 
     Daphne has no ASGI lifespan events, but serves on Twisted's asyncio reactor, which
     runs what `callLater` schedules once it is running. Under another server (or none:
     the tests) the keeper starts on first use instead (`ensure_started`)."""
     reactor = sys.modules.get("twisted.internet.reactor")
     if reactor is not None and type(reactor).__name__ == "AsyncioSelectorReactor":
-        reactor.callLater(0, _keeper.ensure_started)  # type: ignore[attr-defined]
+        reactor.callLater(0, _keeper.ensure_started, executor)  # type: ignore[attr-defined]

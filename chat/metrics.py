@@ -1,6 +1,8 @@
 """The metrics' label values that chat knows: for the series to start at 0, and to keep
 the tool label to the tools there are."""
 
+from prometheus_client import Histogram
+
 from agentsite import metrics
 
 from .agent.models import model_info
@@ -33,3 +35,16 @@ def run_end_observe(*, status: str, error_code: str) -> None:
     metrics.RUNS.labels(status=status).inc()
     if error_code and status != Run.Status.CANCELLED:
         metrics.RUN_ERRORS.labels(code=error_code).inc()
+
+
+# Queue executor: from the run's job entering the queue (its transaction's enqueue) to a
+# worker starting it. Clocks of two processes: across hosts, as good as their NTP.
+RUN_PICKUP = Histogram(
+    "agentsite_run_pickup_seconds",
+    "Time a queued run waited for a worker (enqueue to start), AGENT_EXECUTOR=queue.",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def run_pickup_observe(*, seconds: float) -> None:
+    RUN_PICKUP.observe(seconds)

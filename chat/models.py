@@ -64,7 +64,8 @@ class Run(models.Model):
         CANCELLED = "cancelled"
         LIMIT_REACHED = "limit_reached"
         BUDGET_EXCEEDED = "budget_exceeded"
-        # Its process stopped (crash, kill, hang) and its lease lapsed.
+        # Its process stopped (crash, kill, hang), its lease lapsed, and it could not be
+        # resumed (it had been AGENT_RUN_MAX_RECOVERIES times already).
         INTERRUPTED = "interrupted"
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
@@ -101,6 +102,10 @@ class Run(models.Model):
     # reserves ahead; once it is over, the seq of its final event. So whoever closes a
     # run, or rebuilds its final event, numbers it after anything a client saw.
     event_seq = models.PositiveBigIntegerField(default=0)
+    # How many times it was resumed after its process died or handed it back (see
+    # `chat.lifecycle.run_recover`): past AGENT_RUN_MAX_RECOVERIES it is closed as
+    # interrupted instead, so a run that kills its process every time cannot loop.
+    recoveries = models.PositiveSmallIntegerField(default=0)
 
     objects = RunQuerySet.as_manager()
 

@@ -3,6 +3,7 @@ stream) and as their sum (`RunOutcome`, stored when the run finishes). The event
 run emits derive from the same steps (`chat.agent.translator.event_of`), so what a user
 saw streaming and what is stored cannot disagree."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -113,6 +114,13 @@ class RunOutcome:
             case StepLimitReached(explanation=explanation):
                 self._add_text(explanation)
                 self.fail(Run.Status.LIMIT_REACHED, "max_steps", explanation)
+
+    def restore(self, steps: Iterable[RunStep]) -> None:
+        """A resumed run's output so far (rebuilt from its checkpoint): recorded as if
+        streamed, but its text is not unreported output, being in the run's totals."""
+        for step in steps:
+            self.record(step)
+        self.unreported_output_tokens = 0
 
     def _add_text(self, text: str) -> None:
         if self.parts and self.parts[-1]["kind"] == "text":

@@ -132,7 +132,8 @@ class ConversationJoined:
     conversation: Conversation
     # The run under way, if any.
     active_run: Run | None
-    # Runs whose process died, closed now: their final events are the caller's to publish.
+    # Runs whose process died past their recoveries limit, closed now: their final
+    # events are the caller's to publish.
     closed: list[lifecycle.ClosedRun]
 
 
@@ -141,15 +142,17 @@ def conversation_join(
 ) -> ConversationJoined:
     """What a socket needs when it opens, in one call (one thread hop, two queries
     nearly always): the conversation if `user` may see it (else `not_found`), its runs
-    whose process died closed now rather than at the next reaper tick, and the run
-    still under way."""
+    whose process died resumed now rather than at the next reaper tick (a user who
+    reloads sees the run continue), and the run still under way."""
     conversation = selectors.conversation_get(user=user, conversation_id=conversation_id)
     active = selectors.run_get_active(conversation=conversation)
     closed: list[lifecycle.ClosedRun] = []
-    # A run whose process died is still active until closed: by us now, or by a reaper
-    # (this process's keeper runs on its own thread) in the meantime; read it again.
+    # A run whose process died is recovered by us now, or by a reaper (this process's
+    # keeper runs on its own thread) in the meantime; read it again.
     if active is not None and active.lease_lapsed():
-        closed = lifecycle.runs_close_lapsed(conversation_id=conversation.id)
+        closed = lifecycle.runs_recover_lapsed(
+            executor=get_executor(), conversation_id=conversation.id
+        ).closed
         active = selectors.run_get_active(conversation=conversation)
     return ConversationJoined(conversation=conversation, active_run=active, closed=closed)
 
@@ -172,7 +175,7 @@ def run_create(
     count_request: bool = False,
     api_key_id: int | None = None,
 ) -> Run:
-    """Record the user's message and queue a run to answer it; the run starts on commit.
+    """Record the user's message and queue a run to answer it; it starts once committed.
     `count_request`: count it against the account's requests per minute first (the chat
     socket's messages; nothing else has counted them). `api_key_id`: the key whose
     request started it (None: the browser), recorded on the run and its ledger rows.
@@ -214,10 +217,16 @@ def run_create(
             raise ApplicationError("not_found", "There is no such conversation.", http_status=404)
         runs = _runs_under_way(account_id=quotas.account_id, conversation_id=conversation.id)
         if runs["lost_here"]:
-            # A run whose process died blocks nothing, and is closed now rather than by
-            # the next reaper tick: before its hold could be taken for stale below.
-            for closed in lifecycle.runs_close_lapsed(conversation_id=conversation.id):
+            # A run whose process died is resumed: it blocks this message as a run under
+            # way does (refused below; the refusal undoes its recovery, and a reaper
+            # recovers it within a tick). One past its recoveries limit is closed now,
+            # before its hold could be taken for stale below, and blocks nothing.
+            reaped = lifecycle.runs_recover_lapsed(
+                executor=get_executor(), conversation_id=conversation.id
+            )
+            for closed in reaped.closed:
                 transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
+            runs["alive_here"] += len(reaped.recovered)
         budget_release_stale(
             account_id=quotas.account_id,
             active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
@@ -236,7 +245,7 @@ def run_create(
             api_key_id=api_key_id,
             model=model_info().name,
             instructions=instructions,
-            **lifecycle.run_queued_lease(),
+            **get_executor().queued_lease(),
         )
         # In this order: the conversation reads them by creation.
         Message.objects.bulk_create(
@@ -256,7 +265,8 @@ def run_create(
                 ),
             ]
         )
-        transaction.on_commit(lambda: get_executor().submit(run.id))
+        # In the transaction: the queue's job commits (or rolls back) with the run.
+        get_executor().submit(run.id)
     return run
 
 
@@ -312,19 +322,21 @@ def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) 
 
 
 def _cancel_or_close(run_id: UUID) -> None:
-    # A run whose process died is closed as interrupted (the truth), with its final
-    # event: `run_close` claims it only if its lease lapsed. Otherwise the executor stops
-    # a run it is executing (here, or in another instance); a run no executor here has,
-    # with a single instance, is closed here with its final event.
-    if async_to_sync(lifecycle.run_close_and_publish)(run_id=run_id):
+    # A run whose process died, not resumed yet, is closed as cancelled, with its final
+    # event (`run_close` claims it only if its lease lapsed): the user stopped it, and no
+    # reaper must resume it. Otherwise the executor stops a run it is executing (here,
+    # or in another instance); a run no executor here has, with a single instance, is
+    # closed here with its final event.
+    cancelled = {
+        "status": Run.Status.CANCELLED,
+        "error_code": "cancelled",
+        "error_message": "Stopped by the user.",
+    }
+    if async_to_sync(lifecycle.run_close_and_publish)(run_id=run_id, **cancelled):
         return
     if not get_executor().cancel(run_id):
         async_to_sync(lifecycle.run_close_and_publish)(
-            run_id=run_id,
-            status=Run.Status.CANCELLED,
-            error_code="cancelled",
-            error_message="Stopped by the user.",
-            lapsed_only=False,
+            run_id=run_id, lapsed_only=False, **cancelled
         )
 
 

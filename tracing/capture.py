@@ -145,20 +145,34 @@ class RunTracer(BaseCallbackHandler):
         self._started: asyncio.Future[Trace] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_timer: asyncio.TimerHandle | None = None
+        # For a resumed run (see `resume`): how many times it was resumed.
+        self._recoveries = 0
 
     # --- Lifecycle ------------------------------------------------------------------
+
+    def resume(self, *, started_at: datetime, recoveries: int) -> None:
+        """Before `start`: this run was resumed after its process died or handed it back
+        (`recoveries` times so far), and continues its trace. The Trace row and the spans
+        flushed before stay; a span named "interrupted" covers the gap (see
+        `services.trace_resume`); the root span covers the whole run."""
+        self.root.start = started_at.timestamp()
+        self._recoveries = recoveries
 
     def start(self) -> None:
         """Arrange for the Trace row to exist while the run is going, so a running run is
         listed. Most runs of a fast model end sooner than `visible_after`, and
         for them the row is written with the spans at `store` instead: one write, none
-        on the request path. The run never waits for this insert; span writes do.
+        on the request path. The run never waits for this insert; span writes do. A
+        resumed run's row is taken over at once (it may hold spans already).
 
         Also makes the root span the current span id of the caller's context, so the
         run's own log lines carry it."""
         span_id_var.set(str(self.root.id))
         self._loop = asyncio.get_running_loop()
-        self._start_timer = self._loop.call_later(self.visible_after, self._write_start)
+        if self._recoveries:
+            self._started = asyncio.ensure_future(self._resume_trace())
+        else:
+            self._start_timer = self._loop.call_later(self.visible_after, self._write_start)
 
     def _write_start(self) -> None:
         if self._started is None and not self._finished:
@@ -170,6 +184,31 @@ class RunTracer(BaseCallbackHandler):
                     started_at=_dt(self.root.start),
                 )
             )
+
+    async def _resume_trace(self) -> Trace:
+        trace, earlier = await database_sync_to_async(services.trace_resume)(
+            run_id=self.run_id,
+            user_id=self.user_id,
+            model=self.model,
+            started_at=_dt(self.root.start),
+            recoveries=self._recoveries,
+        )
+        # Kept with this execution's for the totals, the ledger's corrections and the
+        # export: one trace of the whole run.
+        self._rows = earlier + self._rows
+        return trace
+
+    async def suspend(self) -> None:
+        """For a run handed back (it is resumed elsewhere, and its trace with it): write
+        the spans finished so far, and stop; the trace stays running."""
+        if self._finished:
+            return
+        self.flush()
+        self._finished = True
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def close(self, *, status: str, error_type: str = "", error_message: str = "") -> None:
         """Close what is still open and build the rows of every span not written yet (in

@@ -1,5 +1,6 @@
 """Writes of traces. The capture buffers spans and hands them over here in batches."""
 
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -38,6 +39,46 @@ def trace_start(*, run_id: UUID, user_id: int, model: str, started_at: datetime)
         started_at=started_at,
         status=Trace.Status.RUNNING,
     )
+
+
+INTERRUPTED_SPAN = "interrupted"
+
+
+def trace_resume(
+    *, run_id: UUID, user_id: int, model: str, started_at: datetime, recoveries: int
+) -> tuple[Trace, list[Span]]:
+    """Continue the trace of a run resumed after the process executing it stopped (see
+    `RunTracer.resume`): its row (written now if that process died before writing it),
+    running again, and a span named "interrupted" that covers the gap, from the last
+    span that process wrote (or the run's start) to now, with the `recoveries` count.
+    Returns the row and every span stored (the gap's included)."""
+    now = timezone.now()
+    with transaction.atomic():
+        trace, _ = Trace.objects.select_for_update().get_or_create(
+            run_id=run_id, defaults={"user_id": user_id, "model": model, "started_at": started_at}
+        )
+        if trace.status != Trace.Status.RUNNING:
+            trace.status = Trace.Status.RUNNING
+            trace.save(update_fields=["status"])
+        stored = list(Span.objects.filter(trace_id=run_id))
+        since = max((span.ended_at for span in stored), default=trace.started_at)
+        gap = Span(
+            id=uuid.uuid4(),
+            trace_id=run_id,
+            parent_id=run_id,  # the root span's id is the run's
+            kind=Span.Kind.NODE,
+            name=INTERRUPTED_SPAN,
+            status=Span.Status.ERROR,
+            started_at=since,
+            ended_at=now,
+            duration_ms=max((now - since).total_seconds() * 1000, 0.0),
+            error_type="run_interrupted",
+            error_message="The process executing the run stopped; the run was resumed from "
+            "its last checkpoint, and what the step it was in had done was lost.",
+            attributes={"recoveries": recoveries},
+        )
+        gap.save(force_insert=True)
+    return trace, [*stored, gap]
 
 
 def trace_close_interrupted(

@@ -64,6 +64,21 @@ def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
         ),
         ({"DEBUG": "true", "ALLOWED_HOSTS": "agents.example.com"}, "public hosts"),
         ({"DEBUG": "true", "AGENT_MODEL": "gpt5"}, "AGENT_MODEL must be one of"),
+        ({"DEBUG": "true", "AGENT_EXECUTOR": "celery"}, "AGENT_EXECUTOR must be one of"),
+        # The queue lives in PostgreSQL: on the default SQLite it is refused, saying how.
+        (
+            {"DEBUG": "true", "AGENT_EXECUTOR": "queue"},
+            "set DATABASE_URL=postgres://",
+        ),
+        (
+            {
+                "DEBUG": "true",
+                "AGENT_EXECUTOR": "queue",
+                "DATABASE_URL": "postgres://agentsite@127.0.0.1:5432/agentsite",
+                "AGENT_REDIS_URL": "",
+            },
+            "set AGENT_REDIS_URL=",
+        ),
     ],
 )
 def test_insecure_or_wrong_configuration_refuses_to_start(env, complaint):
@@ -101,3 +116,33 @@ def test_a_key_that_passes_check_deploy_starts():
         DEBUG="false", SECRET_KEY="abcde" * 10, ALLOWED_HOSTS="agents.example.com"
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("database_url", "installed"),
+    [("sqlite:///:memory:", False), ("postgres://agentsite@127.0.0.1:5432/agentsite", True)],
+)
+def test_the_queue_tables_exist_wherever_postgresql_does(database_url, installed):
+    """Procrastinate's app (its PostgreSQL-only migrations) is installed with PostgreSQL,
+    whichever executor runs: switching to the queue needs no migration step."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import agentsite.settings as s; "
+            "print('procrastinate.contrib.django' in s.INSTALLED_APPS)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            **os.environ,
+            "AGENTSITE_READ_DOTENV": "false",
+            "DEBUG": "true",
+            "DATABASE_URL": database_url,
+            "AGENT_EXECUTOR": "inline",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(installed)

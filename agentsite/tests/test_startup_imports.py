@@ -39,7 +39,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from chat import services
-from chat.agent.executor import get_executor
+from chat.agent.host import run_host
 
 call_command("migrate", verbosity=0)
 user = get_user_model().objects.create_user("imports")
@@ -49,7 +49,7 @@ async def turn():
     run = await database_sync_to_async(services.run_create)(
         conversation=conversation, content="What is 17 * 23?"
     )
-    await get_executor().join(run.id)
+    await run_host().join(run.id)
     return run
 
 run = asyncio.run(turn())

@@ -187,13 +187,15 @@ def test_a_crashed_runs_reservation_is_settled_with_it(make_user, prices):
     user = make_user()
     account = account_with_limits(user, money_per_day_usd=Decimal("0.01"))
     conversation = services.conversation_create(owner=user)
-    # Its process died mid-call, after its last lease renewal recorded 7 streamed tokens.
+    # Its process died mid-call, after its last lease renewal recorded 7 streamed tokens,
+    # and it had been resumed as often as a run may be (else it is resumed again).
     crashed = Run.objects.create(
         conversation=conversation,
         model="agentsite-offline-demo",
         status=Run.Status.RUNNING,
         lease_expires_at=timezone.now() - timedelta(seconds=1),
         output_tokens=7,
+        recoveries=3,
     )
     budget_reserve(
         account_id=account.id,

@@ -139,7 +139,11 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
         )
         await pool.open()
         saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-        await saver.setup()
+        try:
+            await _setup_alone(postgres, saver)
+        except BaseException:
+            await pool.close()
+            raise
     else:
         assert sqlite_path is not None
         connection = await aiosqlite.connect(sqlite_path, **_sqlite_options())
@@ -152,6 +156,31 @@ async def open_saver(*, postgres: str | None, sqlite_path: Path | None) -> BaseC
             await connection.close()
             raise
     return saver
+
+
+# Any fixed number: the advisory lock that LangGraph's table set-up is done under.
+_SETUP_LOCK = 0x61676E74
+
+
+async def _setup_alone(postgres: str, saver: BaseCheckpointSaver) -> None:
+    """The saver's `setup` (its migrations), one process at a time: processes starting
+    together on a new database (two workers, two web instances) otherwise ran them at
+    once, and all but one failed on their first runs (a duplicate migration row)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(postgres, autocommit=True) as lock:
+        # Polled, not waited for in one statement: the set-up creates indexes
+        # CONCURRENTLY, which waits for every transaction under way to end, a waiting
+        # pg_advisory_lock() included (that hung both processes).
+        while not await _try_lock(lock):  # noqa: ASYNC110 (a lock in another process)
+            await asyncio.sleep(0.05)
+        await saver.setup()  # type: ignore[attr-defined]
+
+
+async def _try_lock(connection: Any) -> bool:
+    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (_SETUP_LOCK,))
+    row = await cursor.fetchone()
+    return bool(row and row[0])
 
 
 class _CommittingSqliteSaver(AsyncSqliteSaver):

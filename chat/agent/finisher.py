@@ -39,14 +39,16 @@ async def run_finish_and_publish(
     stream: RunEventStream | None,
     tracer: RunTracer | None,
     budget: RunBudget | None,
+    recoveries: int | None = None,
 ) -> Finished:
     """Record the run's end and publish its final event. `stream`: None if the run never
     started (nothing to publish to); `budget`: None if it never got as far as holding
-    any.
+    any; `recoveries`: the run's count when this execution started it (None: it never
+    did), so that an execution whose run was recovered since leaves it be.
 
     Shielded: a late cancel must not lose the recorded outcome, its cost or the final
     event every open socket is waiting for; the finishing goes on and is waited for."""
-    finishing = asyncio.ensure_future(_finish(run_id, outcome, stream, tracer, budget))
+    finishing = asyncio.ensure_future(_finish(run_id, outcome, stream, tracer, budget, recoveries))
     try:
         return await asyncio.shield(finishing)
     except asyncio.CancelledError:
@@ -59,6 +61,7 @@ async def _finish(
     stream: RunEventStream | None,
     tracer: RunTracer | None,
     budget: RunBudget | None,
+    recoveries: int | None,
 ) -> Finished:
     traced = tracer is not None and await _trace_close(tracer, outcome)
     recorded = await database_sync_to_async(run_end_record)(
@@ -67,6 +70,7 @@ async def _finish(
         final_seq=(stream.seq if stream else 0) + 1,
         budget=budget,
         tracer=tracer if traced else None,
+        recoveries=recoveries,
     )
     if recorded.final is not None and stream is not None:
         logger.info("run %s finished: %s", run_id, outcome.status.value)
@@ -108,15 +112,19 @@ def run_end_record(
     final_seq: int,
     budget: RunBudget | None,
     tracer: RunTracer | None,
+    recoveries: int | None = None,
 ) -> RecordedEnd:
     """The run's end, in one transaction: the ledger first (the run's totals become the
     ledger's, so the footer, the run and the ledger agree), then the run and its answer
     (`lifecycle.run_finish`: its final event, None if another process closed it), then
     its trace, with the ledger's costs. The ledger and the trace each in a savepoint: a
-    failure there is logged and loses the cost or the trace, never the answer."""
+    failure there is logged and loses the cost or the trace, never the answer. Nothing
+    at all if another process recovered the run meanwhile (`recoveries`, see
+    `lifecycle.run_lock`): its holds, its trace and its end are that execution's."""
     with transaction.atomic():
         # The run's row first, as a reaper closing it takes it before the ledger's.
-        lifecycle.run_lock(run_id=run_id)
+        if not lifecycle.run_lock(run_id=run_id, recoveries=recoveries):
+            return RecordedEnd(final=None, cost=None, traced=False, deleted=False)
         cost = _usage_close(run_id, outcome, budget) if budget is not None else None
         finished = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
         # Not for a run another process closed (it closed the trace too), nor for one

@@ -4,6 +4,11 @@ Whatever happens (an answer, a provider failure, a cancel, a limit), the run end
 its status, its partial output and its token usage recorded, and with one final event.
 The graph's stream is translated once into the run's steps (`translator`), from which
 both its events and its stored outcome derive; the finishing is `finisher`'s.
+
+A run recovered after its process died (or handed it back, see `chat.lifecycle`) is
+resumed: from the thread's latest checkpoint if that is its own (every checkpoint
+carries the run's id in its metadata), its output so far rebuilt from the checkpointed
+messages; else from its input, afresh. A run handed back stops without finishing.
 """
 
 import asyncio
@@ -15,7 +20,7 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 
 from agentsite import metrics
 from agentsite.logging import run_id_var
@@ -24,7 +29,7 @@ from chat import lifecycle
 from chat.events import RunEventStream
 from chat.metrics import run_end_observe, tool_call_observe
 from chat.models import Message, Run
-from chat.run_outcome import RunOutcome, ToolFinished
+from chat.run_outcome import RunOutcome, StepsCounted, ToolFinished
 from tracing.capture import RunTracer
 
 from .budget import RunBudget
@@ -32,10 +37,10 @@ from .checkpointer import CHECKPOINT_DURABILITY, checkpointer, forget_thread
 from .context import Context
 from .errors import provider_error_from
 from .finisher import run_finish_and_publish
-from .graph import agent_graph
+from .graph import AgentGraph, agent_graph
 from .models import model_info
 from .state import State
-from .translator import STREAM_MODES, event_of, translate
+from .translator import STREAM_MODES, event_of, steps_of_messages, translate
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,11 @@ async def execute_run(run_id: UUID) -> None:
     tracer: RunTracer | None = None
     started: float | None = None
     context: Context | None = None
+    start: lifecycle.StartedRun | None = None
+    handed_back = False
     deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
     run_id_var.set(str(run_id))
+    keeper = lifecycle.lease_keeper()
     try:
         start = await database_sync_to_async(lifecycle.run_start)(run_id=run_id)
         if start is None:
@@ -55,23 +63,40 @@ async def execute_run(run_id: UUID) -> None:
         started = time.monotonic()
         metrics.ACTIVE_RUNS.inc()
         run = start.run
+        if start.resumed:
+            # The ledger's totals (`run_recover` settled the cut call): each call is
+            # billed once, the cut one for what it streamed, its re-run in full.
+            outcome.input_tokens, outcome.output_tokens = run.input_tokens, run.output_tokens
         context = _context(run, account_id=start.account_id)
-        tracer = _start_trace(run)
-        lifecycle.lease_keeper().attach(run_id, outcome=outcome, tracer=tracer)
+        tracer = _start_trace(run, resumed=start.resumed)
+        keeper.attach(run_id, outcome=outcome, tracer=tracer)
         stream = RunEventStream(
-            run.id, run.conversation_id, ceiling=run.event_seq, reserve=_seq_reserver(run_id)
+            run.id,
+            run.conversation_id,
+            seq=start.seq,
+            ceiling=run.event_seq,
+            reserve=_seq_reserver(run_id),
         )
-        message = start.user_message
-        await stream.emit(
-            "run.started",
-            model=model_info().label,
-            conversation_title=run.conversation.title,
-            user_message=lifecycle.message_out(message.id, message.content) if message else None,
-        )
-        logger.info("run %s started", run_id)
+        if start.resumed:
+            # Its first event, past any seq its earlier execution may have used: its
+            # followers drop the partial output of the step that was cut.
+            await stream.emit("run.resumed", recoveries=run.recoveries)
+            logger.info("run %s resumed (recovery %d)", run_id, run.recoveries)
+        else:
+            message = start.user_message
+            await stream.emit(
+                "run.started",
+                model=model_info().label,
+                conversation_title=run.conversation.title,
+                user_message=lifecycle.message_out(message.id, message.content)
+                if message
+                else None,
+            )
+            logger.info("run %s started", run_id)
         async with deadline:
-            await _drive_graph(context, _graph_input(start), stream, outcome, tracer)
+            await _drive_graph(context, start, stream, outcome, tracer)
     except asyncio.CancelledError:
+        handed_back = keeper.handed_back(run_id)
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
     except BudgetExceeded as error:
         outcome.fail(Run.Status.BUDGET_EXCEEDED, error.code, error.message)
@@ -89,12 +114,18 @@ async def execute_run(run_id: UUID) -> None:
         _fail_with(outcome, run_id, error)
     finished = None
     try:
+        if handed_back:
+            # Not finished: the process that resumes it does (no final event, no ledger
+            # close); what it did so far is kept for that one.
+            await _suspend(run_id, stream, tracer)
+            return
         finished = await run_finish_and_publish(
             run_id=run_id,
             outcome=outcome,
             stream=stream,
             tracer=tracer,
             budget=context.budget if context is not None else None,
+            recoveries=start.run.recoveries if start is not None else None,
         )
         if finished.deleted and context is not None:
             # Its conversation was deleted mid-run, and with it the agent's memory; the
@@ -122,7 +153,17 @@ def _seq_reserver(run_id: UUID) -> Callable[[int], Awaitable[int]]:
     return reserve
 
 
-def _start_trace(run: Run) -> RunTracer | None:
+async def _suspend(run_id: UUID, stream: RunEventStream | None, tracer: RunTracer | None) -> None:
+    """A run handed back stops here: what it emitted is published, its finished spans
+    written (shielded, as a finish is: a second cancel must not lose them)."""
+    logger.info("run %s handed back", run_id)
+    if stream is not None:
+        await stream.flush()
+    if tracer is not None:
+        await asyncio.shield(tracer.suspend())
+
+
+def _start_trace(run: Run, *, resumed: bool) -> RunTracer | None:
     if not settings.TRACING_ENABLED:
         return None
     info = model_info()
@@ -133,6 +174,10 @@ def _start_trace(run: Run) -> RunTracer | None:
         model=info.name,
         provider=info.provider,
     )
+    if resumed:
+        # The same trace, spans flushed before the interruption and all.
+        assert run.started_at is not None
+        tracer.resume(started_at=run.started_at, recoveries=run.recoveries)
     tracer.start()
     return tracer
 
@@ -172,6 +217,12 @@ def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
         )
 
 
+def input_message_id(run_id: UUID) -> str:
+    """The id of the run's message in its conversation's checkpointed messages: where the
+    run's own messages start."""
+    return f"run-{run_id}"
+
+
 def _graph_input(start: lifecycle.StartedRun) -> State:
     """What the run adds to its conversation's memory: the user's message, after any
     earlier turns the caller brought (the agent has not seen them), and the caller's
@@ -185,28 +236,75 @@ def _graph_input(start: lifecycle.StartedRun) -> State:
         for m in start.history
     ]
     message = start.user_message
+    asked = HumanMessage(
+        content=message.content if message else "", id=input_message_id(start.run.id)
+    )
     return {
-        "messages": [*turns, HumanMessage(content=message.content if message else "")],
+        "messages": [*turns, asked],
         "steps": 0,
         "instructions": start.run.instructions,
     }
 
 
+async def _resumed_input(
+    graph: AgentGraph,
+    config: Any,
+    start: lifecycle.StartedRun,
+    outcome: RunOutcome,
+) -> State | None:
+    """The graph input of a resumed run. None (LangGraph continues from the latest
+    checkpoint, and never runs a completed node again) if that checkpoint is the run's
+    own, and then the run's output so far rebuilt from its messages there, so that the
+    answer it stores is whole; else (it died before its first checkpoint) its input,
+    afresh."""
+    run_id = start.run.id
+    snapshot = await graph.aget_state(config)
+    if (snapshot.metadata or {}).get("run_id") != str(run_id):
+        logger.info("run %s: no checkpoint of its own; starting it afresh", run_id)
+        return _graph_input(start)
+    outcome.restore(
+        [
+            *steps_of_messages(_messages_of_run(snapshot.values.get("messages", []), run_id)),
+            StepsCounted(snapshot.values.get("steps", 0)),
+        ]
+    )
+    logger.info("run %s: resuming from its checkpoint (next: %s)", run_id, list(snapshot.next))
+    return None
+
+
+def _messages_of_run(messages: list[BaseMessage], run_id: UUID) -> list[BaseMessage]:
+    """The messages after the run's own input message: what the run produced."""
+    mark = input_message_id(run_id)
+    for index, message in enumerate(messages):
+        if message.id == mark:
+            return messages[index + 1 :]
+    return []
+
+
 async def _drive_graph(
     context: Context,
-    graph_input: State,
+    start: lifecycle.StartedRun,
     stream: RunEventStream,
     outcome: RunOutcome,
     tracer: RunTracer | None,
 ) -> None:
     config: Any = {
         "configurable": {"thread_id": str(context.conversation_id)},
+        # Checkpoint metadata is taken from here: every checkpoint names the run that
+        # wrote it, so a resumed run knows whether the latest one is its own.
+        "metadata": {"run_id": str(start.run.id)},
         # The step limit is enforced by the graph itself; this only guards against bugs.
         "recursion_limit": settings.AGENT_MAX_STEPS * 3 + 10,
         "callbacks": [tracer] if tracer is not None else [],
     }
     async with checkpointer() as saver:
-        parts = agent_graph(saver).astream(
+        graph = agent_graph(saver)
+        graph_input = (
+            await _resumed_input(graph, config, start, outcome)
+            if start.resumed
+            else _graph_input(start)
+        )
+        parts = graph.astream(
             graph_input,
             config,
             context=context,

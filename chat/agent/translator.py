@@ -2,11 +2,11 @@
 and each step's event as the run emits it. The outcome the run stores is the sum of the
 same steps, so nothing is interpreted twice."""
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 
 from chat.run_outcome import (
     RunStep,
@@ -50,15 +50,32 @@ def _node_update(node: str, update: dict[str, Any]) -> Iterator[RunStep]:
     # (its arguments unusable, or the step limit reached): all shown alike.
     for message in messages:
         if isinstance(message, ToolMessage):
-            yield ToolFinished(
-                tool_call_id=message.tool_call_id,
-                name=message.name or "",
-                result=message.text,
-                is_error=message.status == "error",
-            )
+            yield _tool_finished(message)
     if node == "stop_at_step_limit":
         explanation = next(m for m in messages if isinstance(m, AIMessage))
         yield StepLimitReached(explanation.text)
+
+
+def steps_of_messages(messages: Iterable[BaseMessage]) -> Iterator[RunStep]:
+    """The steps that produced these checkpointed messages, in order (a resumed run's
+    output so far): each reply's text and tool calls, each tool's result. Not their
+    usage: a resumed run's totals are the ledger's."""
+    for message in messages:
+        if isinstance(message, AIMessage):
+            if message.text:
+                yield TextStreamed(message.text)
+            yield from (s for s in _model_reply(message) if not isinstance(s, UsageReported))
+        elif isinstance(message, ToolMessage):
+            yield _tool_finished(message)
+
+
+def _tool_finished(message: ToolMessage) -> ToolFinished:
+    return ToolFinished(
+        tool_call_id=message.tool_call_id,
+        name=message.name or "",
+        result=message.text,
+        is_error=message.status == "error",
+    )
 
 
 def _model_reply(message: AIMessage) -> Iterator[RunStep]:

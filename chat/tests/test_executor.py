@@ -10,7 +10,8 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from chat import services
-from chat.agent.executor import InProcessExecutor, _stop_listening
+from chat.agent.executor import InProcessExecutor
+from chat.agent.host import RunHost, _stop_listening
 from chat.models import Run
 from conftest import open_socket, receive_until
 from tests.servers import REDIS_URL, redis_available
@@ -49,7 +50,7 @@ async def test_a_cancel_from_another_instance_stops_the_run(
     run_id = started[0]["run"]
 
     # Another instance has no task for this run: it can only broadcast the cancel.
-    other_instance = InProcessExecutor()
+    other_instance = InProcessExecutor(RunHost())
     assert await sync_to_async(other_instance.cancel)(uuid.UUID(run_id)) is True
     frames = await receive_until(socket, "run.cancelled")
 
@@ -64,13 +65,13 @@ async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_chan
     # often the one popping when its run ends, right as the final event goes out to
     # the conversation's sockets (the pattern of a run's end, many times over).
     layer = redis_channel_layer
-    executor = InProcessExecutor()
+    host = RunHost()
     lost = 0
     for _ in range(30):
         socket = await layer.new_channel()
         waiting = asyncio.ensure_future(layer.receive(socket))
         run_channel = await layer.new_channel()
-        listener = asyncio.create_task(executor._listen_for_cancel(uuid.uuid4(), run_channel))
+        listener = asyncio.create_task(host._listen_for_cancel(uuid.uuid4(), run_channel))
         await asyncio.sleep(0.02)  # both receiving; one of them pops for both
         await layer.send(socket, {"type": "run.events", "final": True})
         await _stop_listening(listener, run_channel)

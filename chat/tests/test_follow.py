@@ -222,6 +222,28 @@ async def test_a_follower_of_a_run_the_log_lost_events_of_ends_with_its_final_ev
     assert follower.got[-1] is not None and follower.got[-1].event()["status"] == "completed"
 
 
+def resumed(run_id: uuid.UUID, seq: int) -> Frame:
+    event = {"type": "run.resumed", "run": str(run_id), "seq": seq, "recoveries": 1}
+    return frames_of([event])[0]
+
+
+async def test_a_resumed_run_continues_its_followers_stream_past_the_gap(log, make_user):
+    """A recovered run's writer numbers its events past the seqs its dead process had
+    reserved: the gap that ends at `run.resumed` is a continuation, not lost events."""
+    run = await database_sync_to_async(a_run)(make_user)
+    await log.append(run.id, [token(run.id, 1), token(run.id, 2)])
+    follower = Follower(run.id)
+    await follower.has(2)
+    block = lifecycle.SEQ_BLOCK
+    await log.append(run.id, [resumed(run.id, block + 1), token(run.id, block + 2)])
+    await follower.has(4)
+    await log.append(run.id, [final(run.id, block + 3)])
+
+    assert await follower.done() == [1, 2, block + 1, block + 2, block + 3]
+    # A client that reconnects after the last event it saw before the crash too.
+    assert await Follower(run.id, after_seq=2).done() == [block + 1, block + 2, block + 3]
+
+
 async def test_a_follower_resuming_into_a_gap_gets_the_logged_final_event(log, make_user):
     run = await database_sync_to_async(a_run)(make_user)
     await log.append(run.id, [token(run.id, 3), token(run.id, 4), final(run.id, 5)])

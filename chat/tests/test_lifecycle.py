@@ -1,6 +1,7 @@
 """The run's life: leases renewed by the process executing a run, runs whose process
-died reaped as `interrupted` (hold settled, trace closed, final event published), and
-final events rebuilt from the database when the event log lost them."""
+died resumed (or, past their recoveries limit, reaped as `interrupted`: hold settled,
+trace closed, final event published), and final events rebuilt from the database when
+the event log lost them. The resuming itself: test_recovery.py."""
 
 import asyncio
 import time
@@ -18,6 +19,7 @@ from billing.budget import budget_reserve
 from billing.models import BudgetReservation, UsageRecord
 from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import events, lifecycle, services
+from chat.agent.executor import get_executor
 from chat.events import MemoryEventLog, RunEventStream, event_log
 from chat.models import Run
 from chat.run_outcome import RunOutcome
@@ -32,6 +34,11 @@ pytestmark = pytest.mark.django_db(transaction=True)
 collector = test_export.collector  # a fixture: an OTLP receiver
 
 MODEL = "agentsite-offline-demo"
+MAX_RECOVERIES = 3  # AGENT_RUN_MAX_RECOVERIES's default
+
+
+async def reap() -> int:
+    return await lifecycle.runs_reap(executor=get_executor())
 
 
 async def connected(user):
@@ -57,7 +64,8 @@ def sample(name: str, **labels: str) -> float:
 
 
 def orphan(conversation, *, lapsed_seconds: float = 1, **fields) -> Run:
-    """A run whose process died: running under a lease nobody renews."""
+    """A run whose process died: running under a lease nobody renews. With
+    `recoveries=MAX_RECOVERIES` it was resumed as often as it may be."""
     started = timezone.now() - timedelta(seconds=30)
     return Run.objects.create(
         conversation=conversation,
@@ -98,21 +106,26 @@ def with_hold_and_trace(run: Run, user, *, call_id: uuid.UUID | None = None, **s
 
 
 @pytest.mark.usefixtures("prices")
-async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user, keeper_held_off):
+async def test_the_reaper_interrupts_a_run_past_its_recoveries_limit(make_user, keeper_held_off):
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
-    # Its last renewal recorded 9 streamed tokens of the call it was making.
-    run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
+    # Its last renewal recorded 9 streamed tokens of the call it was making; it had
+    # killed its process (or been cut) as often as a run may be resumed.
+    run = await database_sync_to_async(orphan)(
+        conversation, output_tokens=9, recoveries=MAX_RECOVERIES
+    )
     await database_sync_to_async(with_hold_and_trace)(run, user)
 
-    assert await lifecycle.runs_reap() == 1
+    assert await reap() == 1
 
     # The socket learns it at once, numbered after anything the dead process sent.
     [final] = await receive_until(socket, "run.interrupted")
     assert final["run"] == str(run.id) and final["seq"] == lifecycle.SEQ_BLOCK + 1
     assert final["error"]["code"] == "run_interrupted"
+    assert "stopped 4 times" in final["error"]["message"]
     run = await Run.objects.aget(id=run.id)
     assert run.status == Run.Status.INTERRUPTED and run.finished_at is not None
+    assert run.recoveries == MAX_RECOVERIES
     # The cause stays recorded: whose lease lapsed, and when.
     assert run.lease_owner == "dead-host:4242:0badf00d" and run.lease_expires_at is not None
     assert run.event_seq == final["seq"]
@@ -142,7 +155,9 @@ async def test_the_reaper_interrupts_a_run_whose_lease_lapsed(make_user, keeper_
 async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    run = await database_sync_to_async(orphan)(conversation, output_tokens=9)
+    run = await database_sync_to_async(orphan)(
+        conversation, output_tokens=9, recoveries=MAX_RECOVERIES
+    )
     # The LLM span of the call it was making, flushed without usage (a call cut short
     # reports none to the callbacks).
     call_id = uuid.uuid4()
@@ -150,7 +165,7 @@ async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_use
         run, user, call_id=call_id, id=call_id, kind=Span.Kind.LLM, name="model"
     )
 
-    assert await lifecycle.runs_reap() == 1
+    assert await reap() == 1
 
     record = await UsageRecord.objects.aget(run_id=run.id)
     span = await Span.objects.aget(id=call_id)
@@ -164,11 +179,11 @@ async def test_an_interrupted_trace_counts_the_tokens_the_ledger_billed(make_use
 async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    await database_sync_to_async(orphan)(conversation)
+    await database_sync_to_async(orphan)(conversation, recoveries=MAX_RECOVERIES)
     interrupted = sample("agentsite_runs_total", status="interrupted")
     errors = sample("agentsite_run_errors_total", code="run_interrupted")
 
-    assert await lifecycle.runs_reap() == 1
+    assert await reap() == 1
 
     assert sample("agentsite_runs_total", status="interrupted") == interrupted + 1
     assert sample("agentsite_run_errors_total", code="run_interrupted") == errors + 1
@@ -178,10 +193,10 @@ async def test_a_reaped_run_is_counted_by_its_status_and_error(make_user):
 async def test_an_interrupted_trace_is_exported_over_otlp(make_user, collector):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
-    run = await database_sync_to_async(orphan)(conversation)
+    run = await database_sync_to_async(orphan)(conversation, recoveries=MAX_RECOVERIES)
     await database_sync_to_async(with_hold_and_trace)(run, user)
 
-    assert await lifecycle.runs_reap() == 1
+    assert await reap() == 1
     await export.drain()
 
     spans = {span.name: span for span in test_export.received_spans(collector)}
@@ -190,12 +205,12 @@ async def test_an_interrupted_trace_is_exported_over_otlp(make_user, collector):
     assert root.status.code == root.status.STATUS_CODE_ERROR
     assert spans["execute_tool calculator"].parent_span_id == root.span_id
     # Closed once: reaping again exports nothing more.
-    assert await lifecycle.runs_reap() == 0
+    assert await reap() == 0
     await export.drain()
     assert len(test_export.received_spans(collector)) == 2
 
 
-async def test_a_run_is_reaped_once_by_two_reapers(make_user):
+async def test_a_run_is_closed_once_by_two_reapers(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
     run = await database_sync_to_async(orphan)(conversation)
@@ -213,12 +228,12 @@ async def test_runs_with_a_live_lease_or_waiting_in_a_queue_are_not_reaped(make_
     queued = await Run.objects.acreate(conversation=conversation, model=MODEL)
     await Run.objects.filter(id=queued.id).aupdate(created_at=timezone.now() - timedelta(hours=1))
 
-    assert await lifecycle.runs_reap() == 0
+    assert await reap() == 0
 
     assert {r.status async for r in Run.objects.all()} == {Run.Status.RUNNING, Run.Status.QUEUED}
 
 
-async def test_stop_on_a_lost_run_closes_it_with_a_frame_and_a_closed_trace(
+async def test_stop_on_a_lost_run_closes_it_as_cancelled_with_a_frame_and_a_closed_trace(
     make_user, keeper_held_off
 ):
     user = await database_sync_to_async(make_user)()
@@ -228,28 +243,35 @@ async def test_stop_on_a_lost_run_closes_it_with_a_frame_and_a_closed_trace(
 
     await socket.send_json_to({"type": "cancel", "run": str(run.id)})
 
-    [final] = await receive_until(socket, "run.interrupted")
+    # The user stopped it before any reaper resumed it: it stays stopped.
+    [final] = await receive_until(socket, "run.cancelled")
     assert final["run"] == str(run.id)
-    assert (await Run.objects.aget(id=run.id)).status == Run.Status.INTERRUPTED
-    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.ERROR
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
+    assert await reap() == 0
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.CANCELLED
     await socket.disconnect()
 
 
-async def test_a_socket_that_connects_reaps_the_lost_run_and_resumes_its_end(make_user):
+async def test_a_socket_that_connects_resumes_the_lost_run_and_follows_it(make_user):
     user = await database_sync_to_async(make_user)()
     conversation = await database_sync_to_async(services.conversation_create)(owner=user)
     run = await database_sync_to_async(orphan)(conversation)
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
 
     socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
     session = await socket.receive_json_from()
     # The page had it as its active run, and the browser saw 57 of its events.
     await socket.send_json_to({"type": "resume", "run": str(run.id), "after_seq": 57})
 
-    assert session["active_run"] is None
-    frame = await socket.receive_json_from()
-    assert frame["type"] == "run.interrupted" and frame["seq"] > 57
-    # It died before its trace row was written: it gets a closed one.
-    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.ERROR
+    # The page reloaded sees it continue: resumed (afresh: it died before its first
+    # checkpoint), numbered past anything its dead process sent.
+    assert session["active_run"] == str(run.id)
+    frames = await receive_until(socket, "run.completed")
+    assert frames[0]["type"] == "run.resumed" and frames[0]["seq"] == lifecycle.SEQ_BLOCK + 1
+    assert "391" in frames[-1]["messages"][0]["content"]
+    await wait_for_runs()
+    # It died before its trace row was written: the resumed run writes one.
+    assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.OK
     await socket.disconnect()
 
 

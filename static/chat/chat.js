@@ -95,6 +95,14 @@
     return turn.segment;
   }
 
+  // The text streamed since the run's last step: the step a resumed run does again.
+  function dropCutText(turn) {
+    if (!turn.segment) return;
+    turn.segment.parentElement.remove();
+    turn.segments.pop();
+    turn.segment = null;
+  }
+
   // The first message names a new conversation; show the name without a reload.
   function showTitle(title) {
     if (!title) return;
@@ -252,7 +260,14 @@
       return;
     }
     const turn = turnFor(event.run);
-    if (event.type === "token") {
+    if (event.type === "run.resumed") {
+      // The server executing the run stopped and another resumed it from its last
+      // checkpoint: the text of the step that was cut is streamed again, so drop it;
+      // everything before it stays. (The final event replaces the bubbles anyway.)
+      dropCutText(turn);
+      activeRun = event.run;
+      setBusy(true);
+    } else if (event.type === "token") {
       currentSegment(turn).textContent += event.text;
     } else if (event.type === "tool.started") {
       drawToolStarted(turn, event);

@@ -1,0 +1,186 @@
+"""The runs one process executes: each an asyncio task on the process's loop, its lease
+renewed by the process's lease keeper, listening for cancels broadcast by any instance.
+
+Both executors host their runs here: the in-process one in the web process that created
+them, the queue one in the worker process whose job picked them up. Hand-back (shutdown)
+goes through the lease keeper, which stops the tasks it holds.
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import sys
+from uuid import UUID
+
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+from chat.lifecycle import lease_keeper
+
+from .runner import execute_run
+
+logger = logging.getLogger(__name__)
+
+
+def run_control_group(run_id: UUID) -> str:
+    return f"run-control.{run_id}"
+
+
+def single_instance() -> bool:
+    """No channel layer shared with other processes: a run can only be here."""
+    return isinstance(get_channel_layer(), InMemoryChannelLayer)
+
+
+class RunHost:
+    def __init__(self) -> None:
+        self._tasks: dict[UUID, asyncio.Task[None]] = {}
+        # Cancelled once already: a second cancel (another tab, a delete) must not
+        # interrupt the run while it records its outcome and sends its final event.
+        self._cancelled: set[UUID] = set()
+
+    def start(self, run_id: UUID) -> asyncio.Task[None]:
+        """Execute a queued run as a task on the running loop (call it from the loop)."""
+        # A fresh context: the caller's may belong to an async_to_sync call that is about
+        # to return, and asgiref would route the run's database calls to its dead thread.
+        task = asyncio.create_task(
+            self._execute(run_id), name=f"run-{run_id}", context=contextvars.Context()
+        )
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _: self._forget(run_id))
+        # Renewed from now on (the run takes the lease when it starts, if it was not
+        # created under this process's), and the task stopped if another process takes
+        # the run over or this one hands it back. The executor has started the keeper.
+        lease_keeper().hold(run_id, on_lost=task.cancel)
+        return task
+
+    async def _execute(self, run_id: UUID) -> None:
+        if single_instance():
+            await execute_run(run_id)
+            return
+        layer = get_channel_layer()
+        assert layer is not None
+        channel = await layer.new_channel()
+        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
+        try:
+            await execute_run(run_id)
+        finally:
+            await _stop_listening(listener, channel)
+
+    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
+        """Cancels broadcast by any instance, until the run ends ("run.done"). The run
+        never waits for this: when Redis is down or restarts (forgetting the group), the
+        run goes on and this subscribes again."""
+        layer = get_channel_layer()
+        assert layer is not None
+        group = run_control_group(run_id)
+        try:
+            while True:
+                try:
+                    await layer.group_add(group, channel)
+                    while True:
+                        message = await layer.receive(channel)
+                        if message.get("type") == "run.cancel":
+                            await self.cancel_local(run_id)
+                            return
+                        if message.get("type") == "run.done":
+                            return
+                except Exception as error:
+                    logger.warning("run %s: cancel listener lost Redis: %r", run_id, error)
+                    await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
+
+    async def cancel_local(self, run_id: UUID) -> bool:
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return False
+        if run_id not in self._cancelled:
+            self._cancelled.add(run_id)
+            task.cancel()
+        return True
+
+    async def cancel_broadcast(self, run_id: UUID) -> None:
+        """To whichever process executes the run (this one included)."""
+        layer = get_channel_layer()
+        assert layer is not None
+        await layer.group_send(run_control_group(run_id), {"type": "run.cancel"})
+
+    def _forget(self, run_id: UUID) -> None:
+        lease_keeper().release(run_id)
+        self._tasks.pop(run_id, None)
+        self._cancelled.discard(run_id)
+
+    async def join(self, run_id: UUID) -> None:
+        """Wait for a run to end (used by the tests and the worker's drain)."""
+        task = self._tasks.get(run_id)
+        if task is not None:
+            await asyncio.wait([task])
+
+    def active_run_ids(self) -> list[UUID]:
+        return list(self._tasks)
+
+    async def drain(self, *, seconds: float) -> None:
+        """Let the runs here finish for up to `seconds`, then hand the rest back
+        (another process resumes them from their checkpoint) and wait for their tasks to
+        stop. For a process that is shutting down and takes no new runs."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        # Again after each wait: a job picked just before the stop may start its run late.
+        while self._tasks:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(list(self._tasks.values()), timeout=left)
+        if not self._tasks:
+            return
+        logger.warning("handing back %d runs still under way", len(self._tasks))
+        await lease_keeper().hand_back()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+
+async def _stop_listening(listener: asyncio.Task[None], channel: str) -> None:
+    """End a cancel listener by a message, not by cancelling it: channels-redis receives
+    for all of a process's channels in whichever receive() holds its lock, and a receive
+    cancelled while its pop is in flight loses the message it popped, which may be
+    another socket's (it was, one run in a few hundred: the final event, published just
+    before the run's listener stopped). Cancelled only if the message cannot be sent."""
+    layer = get_channel_layer()
+    assert layer is not None
+    if not listener.done():
+        try:
+            await layer.send(channel, {"type": "run.done"})
+            await asyncio.wait_for(asyncio.shield(listener), timeout=5)
+        except Exception:  # Redis is down, say: then no message is in flight to lose
+            pass
+        finally:
+            if not listener.done():
+                listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+
+
+_host = RunHost()
+
+
+def run_host() -> RunHost:
+    """This process's runs, whichever executor gave them."""
+    return _host
+
+
+def run_host_hand_back_with_server() -> None:
+    """Under Daphne: when the server shuts down (SIGTERM, a deploy), hand back the runs
+    this process executes, before the reactor stops, so another instance resumes them
+    from their checkpoint (their clients' streams resume there) instead of finding them
+    interrupted a lease later. Daphne serves on Twisted's asyncio reactor, which waits
+    for the Deferred a "before shutdown" trigger returns. Under another server (or none:
+    the tests) nothing is registered."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or type(reactor).__name__ != "AsyncioSelectorReactor":
+        return
+    from twisted.internet.defer import Deferred
+
+    def hand_back() -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(_host.drain(seconds=0)))
+
+    reactor.addSystemEventTrigger("before", "shutdown", hand_back)  # type: ignore[attr-defined]

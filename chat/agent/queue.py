@@ -1,0 +1,110 @@
+"""AGENT_EXECUTOR=queue: runs are Procrastinate jobs in PostgreSQL, executed by
+`manage.py agent_worker` processes, each hosting many runs at once on its event loop.
+
+Enqueueing. A run's job is inserted through Procrastinate's Django connector, on the
+Django connection (and so in the transaction) that creates or recovers the run: both
+commit, or neither does. The run is created without a lease: the queue holds it, and the
+worker that picks the job takes the lease when it starts the run (`lifecycle.run_start`).
+
+One job per run, and no Procrastinate `lock`: the app already refuses a second active run
+in a conversation (`run_create`'s `run_active`), so runs of one conversation cannot
+overtake each other; and a lock held by a `doing` job whose worker was killed would
+block that conversation's next job (its recovered run's included) until someone
+noticed. Jobs are not retried by Procrastinate either: a run records its own failure,
+and a run whose worker died is found by its lapsed lease and resumed from its
+checkpoint through a new job (the lease keeper's reaper calls `submit`).
+
+Cancel. A running run is stopped through the Redis run-control broadcast its worker's
+host listens to, as between web instances. A run still queued is closed as cancelled
+here, its row locked so that a worker starting it meanwhile waits and then finds it no
+longer queued; its job, when picked, ends at once.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Any
+from uuid import UUID
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from django.db import transaction
+from procrastinate.contrib.django.django_connector import DjangoConnector
+from procrastinate.manager import JobManager
+from procrastinate.tasks import configure_task
+
+from agentsite.logging import run_id_var
+from chat import lifecycle
+from chat.metrics import run_pickup_observe
+from chat.models import Run
+
+from .host import RunHost, run_host
+
+logger = logging.getLogger(__name__)
+
+QUEUE = "runs"
+TASK_NAME = "agentsite.run_execute"
+
+# Always Django's connection of the calling thread, whatever connector the worker's app
+# uses for itself: so a job deferred by the reaper in a worker process joins the
+# reaper's transaction too.
+_jobs = JobManager(DjangoConnector())
+
+
+def run_job_defer(*, run_id: UUID) -> int:
+    """Insert the run's job in the current transaction; its id."""
+    deferrer = configure_task(name=TASK_NAME, job_manager=_jobs, queue=QUEUE)
+    return deferrer.defer(run_id=str(run_id), enqueued_at=time.time())
+
+
+class QueueExecutor:
+    def __init__(self, host: RunHost) -> None:
+        self.host = host
+
+    def queued_lease(self) -> dict[str, Any]:
+        # Nobody holds it (`Run.lease_owner` is blank, never null): the queue does.
+        return {"lease_owner": "", "lease_expires_at": None}
+
+    def submit(self, run_id: UUID) -> None:
+        run_job_defer(run_id=run_id)
+
+    def cancel(self, run_id: UUID) -> bool:
+        return async_to_sync(self._cancel)(run_id)
+
+    async def _cancel(self, run_id: UUID) -> bool:
+        if await self.host.cancel_local(run_id):
+            return True
+        closed = await database_sync_to_async(run_cancel_queued)(run_id=run_id)
+        if closed is not None:
+            await lifecycle.run_closed_publish(closed)
+            return True
+        await self.host.cancel_broadcast(run_id)
+        return True
+
+
+def run_cancel_queued(*, run_id: UUID) -> lifecycle.ClosedRun | None:
+    """Close the run as cancelled if no worker has started it; None otherwise."""
+    with transaction.atomic():
+        # Locked: `run_start` (an UPDATE ... WHERE status = queued) waits for this
+        # transaction, then finds the run cancelled.
+        queued = Run.objects.select_for_update().filter(id=run_id, status=Run.Status.QUEUED)
+        if not queued.exists():
+            return None
+        return lifecycle.run_close(
+            run_id=run_id,
+            status=Run.Status.CANCELLED,
+            error_code="cancelled",
+            error_message="Stopped by the user.",
+            lapsed_only=False,
+        )
+
+
+async def run_job(*, run_id: str, enqueued_at: float) -> None:
+    """The job of one run, in a worker: host it and wait for it to end (or to be handed
+    back). Shielded: whatever happens to the job (Procrastinate aborts its task on some
+    paths), the run's fate is its host's and its lease's."""
+    run_id_var.set(run_id)
+    waited = max(time.time() - enqueued_at, 0.0)
+    run_pickup_observe(seconds=waited)
+    logger.info("run %s picked up %.1f ms after it was queued", run_id, waited * 1000)
+    await asyncio.shield(run_host().start(UUID(run_id)))
