@@ -32,7 +32,7 @@ from tests.drills import (
     resume_until_final,
 )
 from tests.servers import postgres_available, postgres_database
-from tests.topology import WORKER_AVAILABLE, Topology, nginx_available
+from tests.topology import Topology, nginx_available
 
 pytestmark = [
     pytest.mark.postgres,
@@ -49,14 +49,6 @@ pytestmark = [
         reason="redis-server is NOT installed: the topology drills did NOT run",
     ),
 ]
-
-# Drills that need runs executing on workers, apart from the web instances.
-needs_worker = pytest.mark.xfail(
-    not WORKER_AVAILABLE,
-    reason="needs queue branch: `manage.py agent_worker` does not exist yet",
-    run=False,
-    strict=True,
-)
 
 # About 70 tokens at 50 ms: a run streams for ~3.5 s, long enough to kill things under it.
 LONG = "Tell me about yourself"
@@ -229,7 +221,6 @@ async def test_a_conversation_started_on_one_instance_continues_on_the_other(
     assert listed == messages_seen_by(topology, topology.url, login)
 
 
-@needs_worker
 async def test_a_client_on_one_instance_follows_a_run_on_a_worker_token_by_token(
     topology: Topology, drill: Drill
 ) -> None:
@@ -249,7 +240,6 @@ async def test_a_client_on_one_instance_follows_a_run_on_a_worker_token_by_token
     assert_billed_once(topology, run)
 
 
-@needs_worker
 async def test_a_run_whose_worker_was_killed_resumes_on_the_other_worker(
     topology: Topology, drill: Drill
 ) -> None:
@@ -276,7 +266,6 @@ async def test_a_run_whose_worker_was_killed_resumes_on_the_other_worker(
     assert_billed_once(topology, run)
 
 
-@needs_worker
 async def test_a_killed_web_instance_is_routed_around_and_its_clients_resume(
     topology: Topology, drill: Drill
 ) -> None:
@@ -311,7 +300,6 @@ async def test_a_killed_web_instance_is_routed_around_and_its_clients_resume(
     assert executing_process(topology, run).startswith("worker")
 
 
-@needs_worker
 async def test_a_worker_told_to_stop_hands_its_run_back_and_it_completes_elsewhere(
     topology: Topology, drill: Drill
 ) -> None:
@@ -334,7 +322,6 @@ async def test_a_worker_told_to_stop_hands_its_run_back_and_it_completes_elsewhe
     assert_billed_once(topology, run)
 
 
-@needs_worker
 async def test_clients_learn_the_outcome_of_a_run_across_a_redis_restart(
     topology: Topology, drill: Drill
 ) -> None:

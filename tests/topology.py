@@ -17,8 +17,6 @@ import psycopg
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "topology.sh"
-# Until the queue branch is merged the topology runs its web instances alone.
-WORKER_AVAILABLE = (ROOT / "chat" / "management" / "commands" / "agent_worker.py").exists()
 
 
 def nginx_available() -> bool:
@@ -39,8 +37,8 @@ class Topology:
             TOPOLOGY_DIR=str(self.dir),
             TOPOLOGY_DATABASE_URL=database_url,
             TOPOLOGY_REDIS_URL=redis_url,
-            TOPOLOGY_WORKERS="2" if WORKER_AVAILABLE else "0",
-            TOPOLOGY_EXECUTOR="queue" if WORKER_AVAILABLE else "inline",
+            TOPOLOGY_WORKERS="2",
+            TOPOLOGY_EXECUTOR="queue",
             TOPOLOGY_STOP_SECONDS="10",
             **env,
         )
