@@ -263,6 +263,24 @@ with psycopg.connect(url, connect_timeout=5) as db:
 EOF
 }
 
+# Workers whose heartbeat the queue saw in the last 30 s (Procrastinate's own check).
+workers_heartbeating() {
+    "$PYTHON" - "$DATABASE_URL" <<'EOF'
+import sys
+from urllib.parse import urlsplit
+
+import psycopg
+
+url = urlsplit(sys.argv[1])._replace(scheme="postgresql").geturl()
+with psycopg.connect(url, connect_timeout=5) as db:
+    if db.execute("SELECT to_regclass('procrastinate_workers')").fetchone()[0] is None:
+        print(0)
+    else:
+        query = "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - '30 s'::interval"
+        print(db.execute(query).fetchone()[0])
+EOF
+}
+
 # --- Health --------------------------------------------------------------------------------
 # The HTTP status of GET url (000 when nothing answers).
 http_status() {
@@ -362,6 +380,10 @@ status() {
         printf '%-10s %-8s %-6s %s\n' "$name" "${pid:--}" "$(port_of "$name")" "$health"
         case $health in ready|running) ;; *) all=1 ;; esac
     done
+    if [ "$WORKERS" -gt 0 ]; then
+        app_env
+        echo "queue: $(workers_heartbeating) workers heartbeating (last 30 s)"
+    fi
     echo "url: http://127.0.0.1:$PORT"
     return $all
 }
