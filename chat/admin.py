@@ -73,6 +73,7 @@ class RunAdmin(admin.ModelAdmin):
         "steps",
         "input_tokens",
         "output_tokens",
+        "recoveries",
         "error_code",
     )
     list_filter = ("status", "model", "created_at")

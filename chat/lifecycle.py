@@ -41,7 +41,7 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, Value, When
+from django.db.models import Case, DateTimeField, F, Min, PositiveIntegerField, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -88,6 +88,8 @@ GIVEN_UP_MESSAGE = (
 
 # How long `hand_back` waits for the runs it stops to return.
 HAND_BACK_WAIT = 10.0
+# How long after a lease lapses the keeper looks for it (see `LeaseKeeper._pause`).
+LAPSE_MARGIN = 0.05
 
 
 def _lease_expiry() -> datetime:
@@ -539,17 +541,15 @@ class Reaped:
     closed: list[ClosedRun]
 
 
-def runs_recover_lapsed(
-    *,
-    executor: RunSubmitter,
-    conversation_id: UUID | None = None,
-    exclude: Iterable[UUID] = (),
-) -> Reaped:
-    """Recover every run whose lease lapsed (of one conversation, or all, but for
-    `exclude`) and hand each to `executor`, each in its own transaction, so the run and
-    its submission commit together (`run_recover`)."""
+def runs_recover_lapsed(*, executor: RunSubmitter, conversation_id: UUID | None = None) -> Reaped:
+    """Recover every run whose lease lapsed (of one conversation, or all) and hand each
+    to `executor`, each in its own transaction, so the run and its submission commit
+    together (`run_recover`). Not the runs this process executes: a lease of theirs
+    lapsed only because this process stalled, and they are still going here (recovered
+    here, they would run twice in this process)."""
     reaped = Reaped(recovered=[], closed=[])
-    for run_id in runs_lapsed(conversation_id=conversation_id, exclude=exclude):
+    held = _keeper.held()
+    for run_id in runs_lapsed(conversation_id=conversation_id, exclude=held):
         with transaction.atomic():
             result = run_recover(run_id=run_id, lease=executor.queued_lease())
             if isinstance(result, RecoveredRun):
@@ -560,12 +560,27 @@ def runs_recover_lapsed(
     return reaped
 
 
-async def runs_reap(*, executor: RunSubmitter, exclude: Iterable[UUID] = ()) -> int:
+async def runs_reap(*, executor: RunSubmitter) -> int:
     """`runs_recover_lapsed`, then the final events of those closed; how many in all."""
-    reaped = await _on_keeper_thread(runs_recover_lapsed)(executor=executor, exclude=exclude)
+    reaped, _ = await _reap(executor)
+    return len(reaped.recovered) + len(reaped.closed)
+
+
+async def _reap(executor: RunSubmitter) -> tuple[Reaped, datetime | None]:
+    """`runs_reap`, and when the next lease of an active run lapses (None: no lease)."""
+    reaped, next_lapse = await _on_keeper_thread(_recover_lapsed_and_next)(executor=executor)
     for run in reaped.closed:
         await run_closed_publish(run)
-    return len(reaped.recovered) + len(reaped.closed)
+    return reaped, next_lapse
+
+
+def _recover_lapsed_and_next(*, executor: RunSubmitter) -> tuple[Reaped, datetime | None]:
+    reaped = runs_recover_lapsed(executor=executor)
+    current = Run.objects.filter(
+        status__in=Run.ACTIVE_STATUSES, lease_expires_at__gte=timezone.now()
+    )
+    next_lapse: datetime | None = current.aggregate(at=Min("lease_expires_at"))["at"]
+    return reaped, next_lapse
 
 
 def final_event_missing(*, run: Run, events: list[Event], after_seq: int) -> Event | None:
@@ -633,6 +648,8 @@ class LeaseKeeper:
         self._executor: RunSubmitter | None = None
         # Handed back and not yet released: their executor returns without finishing them.
         self._handed_back: dict[UUID, _Lease] = {}
+        # When the next lease of an active run lapses, as the last tick saw it.
+        self._next_lapse: datetime | None = None
 
     def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
         """Renew the run's lease until `release`; `on_lost` stops it if another process
@@ -649,6 +666,11 @@ class LeaseKeeper:
         lease = self._held.pop(run_id, None) or self._handed_back.pop(run_id, None)
         if lease is not None:
             lease.released.set()
+
+    def held(self) -> list[UUID]:
+        """The runs this process executes, those it is handing back included until they
+        stop (safe to call from any thread)."""
+        return [*self._held, *self._handed_back]
 
     def handed_back(self, run_id: UUID) -> bool:
         """Whether the run was handed back (`hand_back`): its executor stops it without
@@ -703,7 +725,18 @@ class LeaseKeeper:
                 await self.tick()
             except Exception:  # the database is down, say: try again next time
                 logger.exception("run lease keeper: tick failed")
-            await asyncio.sleep(renew_interval())
+            await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        """Until the next renewal, or until just after the next lease lapses if that is
+        sooner: a run whose process died is resumed within a lease of its last renewal,
+        not a lease and a renewal interval. Live processes renew their leases well before
+        they lapse, so this wakes the keeper early only for a process that stopped."""
+        pause = renew_interval()
+        if self._next_lapse is not None:
+            due = (self._next_lapse - timezone.now()).total_seconds() + LAPSE_MARGIN
+            pause = min(pause, max(due, LAPSE_MARGIN))
+        return pause
 
     async def tick(self) -> None:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in list(self._held.items())}
@@ -717,9 +750,7 @@ class LeaseKeeper:
             if lease.tracer is not None:
                 lease.tracer.flush()
         if self._executor is not None:
-            # Not the runs this process executes: a lease of theirs lapsed only because
-            # this process stalled, and they are still going here.
-            await runs_reap(executor=self._executor, exclude=list(self._held))
+            _, self._next_lapse = await _reap(self._executor)
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:

@@ -14,6 +14,17 @@ from tests.drills import DrillServer
 
 pytestmark = pytest.mark.browser
 
+# The most times any answer bubble has shown the phrase, watched for the page's life.
+WATCH_REPEATS = """
+window.__repeats = 0;
+new MutationObserver(function () {
+  document.querySelectorAll(".bubble.assistant").forEach(function (bubble) {
+    const shown = bubble.textContent.split("offline demo model").length - 1;
+    window.__repeats = Math.max(window.__repeats, shown);
+  });
+}).observe(document, { subtree: true, childList: true, characterData: true });
+"""
+
 
 def test_the_chat_shows_a_run_whose_server_died_resume_and_goes_on(
     browser: Any, tmp_path: Path
@@ -26,10 +37,12 @@ def test_the_chat_shows_a_run_whose_server_died_resume_and_goes_on(
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.add_init_script(WATCH_REPEATS)
         page.goto(f"/c/{login.conversation}/")
         page.locator("#input").fill("Tell me about yourself")
         page.locator("#input").press("Enter")
-        expect(page.locator(".bubble.assistant.streaming")).to_be_visible(timeout=30_000)
+        streaming = page.locator(".bubble.assistant.streaming")
+        expect(streaming).to_contain_text("offline demo model", timeout=30_000)
 
         server.kill()
         expect(page.locator("#notice")).to_have_text("Connection lost; reconnecting…")
@@ -43,6 +56,8 @@ def test_the_chat_shows_a_run_whose_server_died_resume_and_goes_on(
         expect(answer).to_have_count(1)
         expect(answer).to_contain_text("offline demo model")
         expect(answer).to_contain_text("Tell me about yourself")
+        # Never twice on the page, not even while the cut step streamed again.
+        assert page.evaluate("window.__repeats") == 1
         expect(page.locator("#stop")).to_be_hidden()
         expect(page.locator("#notice")).to_be_hidden()
         page.locator("#input").fill("What is 2 + 2?")

@@ -102,10 +102,11 @@ async def test_a_run_whose_server_was_killed_resumes_and_completes(tmp_path: Pat
             "SELECT COUNT(*) FROM billing_budgetreservation WHERE run_id = ?", run_id
         ) == [(0,)]
         # One trace, finished, the interruption in it.
-        [(trace_status, ended_at)] = server.query(
-            "SELECT status, ended_at FROM tracing_trace WHERE run_id = ?", run_id
+        [(trace_status, ended_at, trace_output_tokens)] = server.query(
+            "SELECT status, ended_at, output_tokens FROM tracing_trace WHERE run_id = ?", run_id
         )
         assert trace_status == "ok" and ended_at is not None
+        assert trace_output_tokens == output_tokens  # the ledger's, the cut call's included
         assert server.query(
             "SELECT COUNT(*) FROM tracing_span WHERE trace_id = ? AND name = 'interrupted'",
             run_id,

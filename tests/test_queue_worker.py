@@ -248,6 +248,42 @@ async def test_a_cancel_closes_a_run_no_worker_has_started(site: QueueSite) -> N
     assert site.shell(QUEUED_CANCEL) == {"status": "cancelled", "error": "cancelled"}
 
 
+STALLED_JOB = """
+import json
+from django.db import connection
+from procrastinate.exceptions import AlreadyEnqueued
+from chat.agent.queue import QUEUE, TASK_NAME
+from chat.tasks import jobs_stalled_fail
+
+with connection.cursor() as cursor:
+    # What a worker killed mid-run leaves: its job `doing`, its heartbeat long stale.
+    cursor.execute(
+        "INSERT INTO procrastinate_workers (last_heartbeat) "
+        "VALUES (now() - interval '1 hour') RETURNING id"
+    )
+    [worker] = cursor.fetchone()
+    cursor.execute(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
+        "VALUES (%s, %s, '{}'::jsonb, 'doing', %s) RETURNING id",
+        [QUEUE, TASK_NAME, worker],
+    )
+    [job] = cursor.fetchone()
+try:  # now rather than at the next minute
+    jobs_stalled_fail.defer(timestamp=0)
+except AlreadyEnqueued:  # the minute's own is about to run
+    pass
+print(json.dumps(job))
+"""
+
+
+async def test_a_dead_workers_job_does_not_stay_doing(site: QueueSite) -> None:
+    job = site.shell(STALLED_JOB)
+    deadline = time.monotonic() + 60
+    while site.query("SELECT status FROM procrastinate_jobs WHERE id = %s", job) != [("failed",)]:
+        assert time.monotonic() < deadline, "the stalled job was left doing"
+        await asyncio.sleep(0.1)
+
+
 async def test_pickup_latency_of_fifty_runs(site: QueueSite) -> None:
     """Not a timed assertion: prints the queue's pickup latency (run with -s)."""
     runs = site.shell(

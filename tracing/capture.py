@@ -277,6 +277,8 @@ class RunTracer(BaseCallbackHandler):
         # updated, the new ones written with the ledger's numbers.
         corrected = services.span_ledger_apply(spans=self._rows, span_costs=costs, span_usage=usage)
         services.span_ledger_apply(spans=new_rows, span_costs=costs, span_usage=usage)
+        if self._recoveries:
+            new_rows += self._lost_calls(new_rows, costs, usage)
         root = self.root
         services.trace_finish(
             create=self._started is None,
@@ -296,6 +298,42 @@ class RunTracer(BaseCallbackHandler):
         )
         self._rows += new_rows
         self._cost_usd = cost_usd
+
+    def _lost_calls(
+        self,
+        new_rows: list[Span],
+        costs: Mapping[UUID, Decimal | None],
+        usage: Mapping[UUID, CallUsage],
+    ) -> list[Span]:
+        """The LLM calls of a resumed run's earlier executions whose spans died with their
+        process (above all the call each was making, cut short): the ledger billed them,
+        so the trace shows them, with its numbers, at the first interruption."""
+        known = {span.id for span in [*self._rows, *new_rows]}
+        gaps = [span for span in self._rows if span.name == services.INTERRUPTED_SPAN]
+        at = min((gap.started_at for gap in gaps), default=_dt(self.root.start))
+        return [
+            Span(
+                id=call_id,
+                trace_id=self.run_id,
+                parent_id=self.run_id,
+                kind=LLM,
+                name=self.model[:200] or "llm",
+                status=ERROR,
+                started_at=at,
+                ended_at=at,
+                duration_ms=0.0,
+                error_type="run_interrupted",
+                error_message="Its span was lost with the process executing the run, which "
+                "stopped during or soon after it; its tokens and cost are the ledger's.",
+                input_tokens=counts.input_tokens,
+                output_tokens=counts.output_tokens,
+                cached_tokens=counts.cached_tokens,
+                cost_usd=costs.get(call_id),
+                attributes={"provider": self.provider, "model": self.model},
+            )
+            for call_id, counts in usage.items()
+            if call_id not in known
+        ]
 
     def report(self) -> None:
         """After `store` committed: the trace's metrics, and its export (not waited for)."""

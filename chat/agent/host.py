@@ -22,6 +22,10 @@ from .runner import execute_run
 logger = logging.getLogger(__name__)
 
 
+# Seconds a run waits for its cancel listener to subscribe before it starts anyway.
+SUBSCRIBE_WAIT = 1.0
+
+
 def run_control_group(run_id: UUID) -> str:
     return f"run-control.{run_id}"
 
@@ -47,9 +51,9 @@ class RunHost:
         )
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._forget(run_id))
-        # Renewed from now on (the run takes the lease when it starts, if it was not
-        # created under this process's), and the task stopped if another process takes
-        # the run over or this one hands it back. The executor has started the keeper.
+        # Its lease (this process's already) renewed from now on, and the task stopped
+        # if another process takes the run over or this one hands it back. The executor
+        # has started the keeper.
         lease_keeper().hold(run_id, on_lost=task.cancel)
         return task
 
@@ -60,16 +64,25 @@ class RunHost:
         layer = get_channel_layer()
         assert layer is not None
         channel = await layer.new_channel()
-        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel))
+        subscribed = asyncio.Event()
+        listener = asyncio.create_task(self._listen_for_cancel(run_id, channel, subscribed))
+        # Listening before the run starts: a cancel sent once it is no longer queued
+        # (which a queued run's cancel looks at) must find it. Not for long, though:
+        # with Redis down the run goes on without.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(subscribed.wait(), timeout=SUBSCRIBE_WAIT)
         try:
             await execute_run(run_id)
         finally:
             await _stop_listening(listener, channel)
 
-    async def _listen_for_cancel(self, run_id: UUID, channel: str) -> None:
-        """Cancels broadcast by any instance, until the run ends ("run.done"). The run
-        never waits for this: when Redis is down or restarts (forgetting the group), the
-        run goes on and this subscribes again."""
+    async def _listen_for_cancel(
+        self, run_id: UUID, channel: str, subscribed: asyncio.Event | None = None
+    ) -> None:
+        """Cancels broadcast by any instance, until the run ends ("run.done");
+        `subscribed` is set once it listens. The run does not wait for this beyond
+        SUBSCRIBE_WAIT: when Redis is down or restarts (forgetting the group), the run
+        goes on and this subscribes again."""
         layer = get_channel_layer()
         assert layer is not None
         group = run_control_group(run_id)
@@ -77,6 +90,8 @@ class RunHost:
             while True:
                 try:
                     await layer.group_add(group, channel)
+                    if subscribed is not None:
+                        subscribed.set()
                     while True:
                         message = await layer.receive(channel)
                         if message.get("type") == "run.cancel":

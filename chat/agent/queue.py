@@ -4,7 +4,7 @@
 Enqueueing. A run's job is inserted through Procrastinate's Django connector, on the
 Django connection (and so in the transaction) that creates or recovers the run: both
 commit, or neither does. The run is created without a lease: the queue holds it, and the
-worker that picks the job takes the lease when it starts the run (`lifecycle.run_start`).
+worker that picks the job takes the lease first (`run_lease_take`), then starts it.
 
 One job per run, and no Procrastinate `lock`: the app already refuses a second active run
 in a conversation (`run_create`'s `run_active`), so runs of one conversation cannot
@@ -99,6 +99,17 @@ def run_cancel_queued(*, run_id: UUID) -> lifecycle.ClosedRun | None:
         )
 
 
+def run_lease_take(*, run_id: UUID) -> bool:
+    """Take the lease of a run the queue holds (nobody's), as the in-process executor
+    holds its runs' from their creation: from here on this process renews it, or hands
+    it back, and a reaper recovers it if this process dies, even before it starts.
+    False: the run is no longer the queue's (cancelled, deleted, taken)."""
+    taken = Run.objects.filter(
+        id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True
+    ).update(**lifecycle.run_queued_lease())
+    return bool(taken)
+
+
 async def run_job(*, run_id: str, enqueued_at: float) -> None:
     """The job of one run, in a worker: host it and wait for it to end (or to be handed
     back). Shielded: whatever happens to the job (Procrastinate aborts its task on some
@@ -107,4 +118,7 @@ async def run_job(*, run_id: str, enqueued_at: float) -> None:
     waited = max(time.time() - enqueued_at, 0.0)
     run_pickup_observe(seconds=waited)
     logger.info("run %s picked up %.1f ms after it was queued", run_id, waited * 1000)
+    if not await database_sync_to_async(run_lease_take)(run_id=UUID(run_id)):
+        logger.info("run %s is no longer queued: its job ends", run_id)
+        return
     await asyncio.shield(run_host().start(UUID(run_id)))

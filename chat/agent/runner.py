@@ -217,7 +217,7 @@ def _fail_with(outcome: RunOutcome, run_id: UUID, error: Exception) -> None:
         )
 
 
-def input_message_id(run_id: UUID) -> str:
+def _input_message_id(run_id: UUID) -> str:
     """The id of the run's message in its conversation's checkpointed messages: where the
     run's own messages start."""
     return f"run-{run_id}"
@@ -237,7 +237,7 @@ def _graph_input(start: lifecycle.StartedRun) -> State:
     ]
     message = start.user_message
     asked = HumanMessage(
-        content=message.content if message else "", id=input_message_id(start.run.id)
+        content=message.content if message else "", id=_input_message_id(start.run.id)
     )
     return {
         "messages": [*turns, asked],
@@ -274,7 +274,7 @@ async def _resumed_input(
 
 def _messages_of_run(messages: list[BaseMessage], run_id: UUID) -> list[BaseMessage]:
     """The messages after the run's own input message: what the run produced."""
-    mark = input_message_id(run_id)
+    mark = _input_message_id(run_id)
     for index, message in enumerate(messages):
         if message.id == mark:
             return messages[index + 1 :]

@@ -56,19 +56,21 @@ async def worker_serve(*, concurrency: int, drain_seconds: float) -> None:
             )
             stop = asyncio.create_task(stopping.wait())
             await asyncio.wait([worker, stop], return_when=asyncio.FIRST_COMPLETED)
-            if worker.done():  # it failed (the database went away, say)
-                stop.cancel()
-                worker.result()
-                return
-            logger.info(
-                "worker stopping: no new runs; %d under way may finish within %g s",
-                len(run_host().active_run_ids()),
-                drain_seconds,
-            )
-            # Procrastinate stops fetching and waits for its jobs, which end as their
-            # runs end (finished or handed back).
-            worker.cancel()
-            await run_host().drain(seconds=drain_seconds)
+            stop.cancel()
+            if worker.done():
+                # Procrastinate stopped by itself (its database went away, say): nothing
+                # takes jobs any more, and whatever runs here goes back at once.
+                await run_host().drain(seconds=0)
+            else:
+                logger.info(
+                    "worker stopping: no new runs; %d under way may finish within %g s",
+                    len(run_host().active_run_ids()),
+                    drain_seconds,
+                )
+                # Procrastinate stops fetching and waits for its jobs, which end as their
+                # runs end (finished or handed back).
+                worker.cancel()
+                await run_host().drain(seconds=drain_seconds)
             with contextlib.suppress(asyncio.CancelledError):
-                await worker
+                await worker  # raises what made it stop by itself
     logger.info("worker stopped")

@@ -371,20 +371,51 @@ async def _final(run: Run, *, abandon: bool) -> Event:
     raise wire.run_gone()
 
 
+class _Redo:
+    """The text of a step cut by its process's death, which the resumed run streams
+    again (`run.resumed`): a client cannot take back what it was sent, so what it has of
+    the step already is not sent twice while the new text repeats it; new text that
+    differs goes out as a new paragraph."""
+
+    def __init__(self, sent: str) -> None:
+        self.sent = sent
+        self.again = ""
+
+    def pass_on(self, text: str) -> tuple[str, bool]:
+        """What of the step's next token to send, and whether the redo is over."""
+        self.again += text
+        if self.sent.startswith(self.again):
+            return "", self.again == self.sent
+        if self.again.startswith(self.sent):
+            return self.again[len(self.sent) :], True
+        return "\n\n" + self.again, True
+
+
 async def _stream(run: Run, chunks: wire.Chunks, *, abandon: bool) -> AsyncIterator[str]:
     yield chunks.delta({"role": "assistant", "content": ""})
     # Tokens do not say which message they belong to: a tool call between two of them
     # starts a new one, which the answer separates as RunOut.answer does.
     streamed = new_message = False
+    step = ""  # the text sent since the last tool step: what a resumed run may redo
+    redo: _Redo | None = None
     async for event in _events(run, abandon=abandon):
         if event is None:
             yield SSE_HEARTBEAT
         elif event["type"] == "token":
-            text = ("\n\n" if streamed and new_message else "") + event["text"]
+            text = event["text"]
+            if redo is not None:
+                text, over = redo.pass_on(text)
+                redo = None if over else redo
+                if not text:
+                    continue
+            step += text
+            text = ("\n\n" if streamed and new_message else "") + text
             streamed, new_message = True, False
             yield chunks.delta({"content": text})
+        elif event["type"] == "run.resumed":
+            redo = _Redo(step) if step else None
         elif event["type"] in ("tool.started", "tool.finished"):
-            new_message = True
+            new_message, step, redo = True, "", None
         else:
             try:
                 finish_reason = wire.finish_reason_of(event)
@@ -404,7 +435,7 @@ async def _stream(run: Run, chunks: wire.Chunks, *, abandon: bool) -> AsyncItera
     yield wire.sse(wire.run_gone().body())
 
 
-_SHOWN = frozenset({"token", "tool.started", "tool.finished"})
+_SHOWN = frozenset({"token", "tool.started", "tool.finished", "run.resumed"})
 
 
 async def _events(run: Run, *, abandon: bool) -> AsyncIterator[Event | None]:

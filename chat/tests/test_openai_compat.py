@@ -190,3 +190,44 @@ def test_abandoning_a_run_that_is_over_or_gone_does_nothing(make_user):
     assert over.status == Run.Status.COMPLETED
     services.conversation_delete(conversation=conversation)
     services.run_abandon(run_id=over.id)  # went with its conversation: nothing to stop
+
+
+@pytest.mark.parametrize(
+    ("redone", "received"),
+    [
+        # The resumed run streams the cut step again as it was: nothing is sent twice.
+        (["Hel", "lo", ", it is 391."], "Let me check.\n\nHello, it is 391."),
+        # It streams something else (a real model): the new text in a new paragraph.
+        (["It", " is 391."], "Let me check.\n\nHel\n\nIt is 391."),
+    ],
+)
+async def test_a_stream_of_a_resumed_run_sends_the_cut_steps_text_once(
+    monkeypatch, redone, received
+):
+    events = [
+        {"type": "token", "text": "Let me check."},
+        {"type": "tool.started"},
+        {"type": "tool.finished"},
+        {"type": "token", "text": "Hel"},  # its process died here
+        {"type": "run.resumed", "recoveries": 1},
+        *({"type": "token", "text": text} for text in redone),
+        {
+            "type": "run.completed",
+            "status": "completed",
+            "messages": [],
+            "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
+        },
+    ]
+
+    async def follow_a_resumed_run(run_id: object, **options: object) -> AsyncIterator[Frame]:
+        for seq, event in enumerate(events, start=1):
+            yield Frame(seq, event["type"], json.dumps({**event, "seq": seq}))
+
+    monkeypatch.setattr(api, "follow", follow_a_resumed_run)
+    run = Run()
+    chunks = wire.Chunks(run_id=run.id, created=0, model="m", include_usage=False)
+
+    sent = [message async for message in api._stream(run, chunks, abandon=False)]
+
+    deltas = [json.loads(m[len("data: ") :])["choices"][0]["delta"] for m in sent[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == received

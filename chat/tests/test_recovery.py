@@ -2,13 +2,16 @@
 reaper, resumed from their own checkpoint (no completed step run again) with their
 answer whole and each call billed once, or closed as interrupted past their limit."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.test import Client
 from django.utils import timezone
 
+from agentsite.errors import ApplicationError
 from billing.models import BudgetReservation, UsageRecord
 from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import lifecycle, services
@@ -143,6 +146,21 @@ async def test_a_run_handed_back_mid_answer_is_resumed_from_its_checkpoint(
     gap = await Span.objects.aget(trace_id=run.id, name="interrupted")
     assert gap.attributes == {"recoveries": 1} and gap.parent_id == run.id
     assert await Span.objects.filter(trace_id=run.id, kind=Span.Kind.TOOL).acount() == 1
+    assert trace.span_count == await Span.objects.filter(trace_id=run.id).acount()
+    # Its tokens are the ledger's, the cut call's included (its span died with the
+    # process that made it: written from the ledger).
+    assert (trace.input_tokens, trace.output_tokens) == (done.input_tokens, done.output_tokens)
+    assert trace.cost_usd == done.cost_usd
+    cut = await Span.objects.aget(id=records[1].span_id)
+    assert (cut.kind, cut.output_tokens) == (Span.Kind.LLM, records[1].output_tokens)
+
+    def trace_page() -> str:
+        client = Client()
+        client.force_login(user)
+        return client.get(f"/traces/{run.id}/").content.decode()
+
+    page = await database_sync_to_async(trace_page)()
+    assert "interrupted" in page and "calculator" in page
 
 
 def recover(run_id: uuid.UUID, **lease):
@@ -288,3 +306,101 @@ async def test_handing_back_runs_it_does_not_hold_does_nothing(make_user):
     await lifecycle.lease_keeper().hand_back([run.id])
 
     assert (await Run.objects.aget(id=run.id)).lease_owner == "dead-host:4242:0badf00d"
+
+
+async def test_a_message_while_a_run_is_to_be_resumed_waits_for_it(make_user, keeper_held_off):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(lapsed_run)(conversation)
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
+
+    # The agent is still answering: the run whose process died is resumed, not dropped.
+    with pytest.raises(ApplicationError) as refused:
+        await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="Hello?"
+        )
+    assert refused.value.code == "run_active"
+    await lifecycle.runs_reap(executor=get_executor())
+    await wait_for_runs()
+
+    events = await events_of(run.id)
+    assert events[-1]["type"] == "run.completed" and "391" in events[-1]["messages"][0]["content"]
+    assert await Run.objects.filter(conversation=conversation).acount() == 1
+
+
+async def test_a_run_this_process_executes_is_not_recovered_here_when_its_lease_lags(
+    make_user, settings
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Tell me about yourself"
+    )
+    async for frame in follow(run.id):
+        if frame is not None and frame.type == "token":
+            break
+    # This process stalled past the lease of a run it is still executing.
+    await Run.objects.filter(id=run.id).aupdate(lease_expires_at=timezone.now())
+
+    # A socket joins the conversation: the run is not taken from under its own process.
+    joined = await database_sync_to_async(services.conversation_join)(
+        user=user, conversation_id=conversation.id
+    )
+    await wait_for_runs()
+
+    assert joined.active_run is not None and joined.active_run.id == run.id
+    types = [e["type"] for e in await events_of(run.id)]
+    assert "run.resumed" not in types and types[-1] == "run.completed"
+    assert (await Run.objects.aget(id=run.id)).recoveries == 0
+
+
+async def test_the_keeper_resumes_a_run_as_its_lease_lapses_not_at_its_next_renewal(
+    make_user, settings
+):
+    # Renewals 200 s apart: only the lapse itself can wake the keeper in time.
+    settings.AGENT_RUN_LEASE_SECONDS = 600
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    # Its process renewed it a lease ago, less a moment, and died.
+    run = await database_sync_to_async(lapsed_run)(
+        conversation, lease_expires_at=timezone.now() + timedelta(seconds=0.5)
+    )
+    await conversation.messages.acreate(run=run, role="user", content="What is 17 * 23?")
+    keeper = lifecycle.LeaseKeeper()
+    keeper.ensure_started(get_executor())
+    try:
+        async with asyncio.timeout(30):  # bounded against a hang; far below a renewal
+            events = await events_of(run.id)
+    finally:
+        keeper._task.cancel()
+    await wait_for_runs()
+
+    assert events[0]["type"] == "run.resumed" and events[-1]["type"] == "run.completed"
+    assert (await Run.objects.aget(id=run.id)).recoveries == 1
+
+
+@pytest.mark.usefixtures("prices")
+async def test_a_user_who_stops_a_resumed_run_stops_it(make_user, settings, keeper_held_off):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="Tell me about yourself"
+    )
+    await run_until(run, tokens_after_tool=0)
+    await lifecycle.lease_keeper().hand_back([run.id])
+    await lifecycle.runs_reap(executor=get_executor())
+    async for frame in follow(run.id, lifecycle.SEQ_BLOCK):  # resumed, and answering again
+        if frame is not None and frame.type == "token":
+            break
+
+    await database_sync_to_async(services.run_cancel)(conversation=conversation)
+    await wait_for_runs()
+
+    final = (await events_of(run.id))[-1]
+    assert final["type"] == "run.cancelled" and final["error"]["code"] == "cancelled"
+    stopped = await Run.objects.aget(id=run.id)
+    assert (stopped.status, stopped.recoveries) == (Run.Status.CANCELLED, 1)
+    assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
+    assert await lifecycle.runs_reap(executor=get_executor()) == 0
