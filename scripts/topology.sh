@@ -229,62 +229,48 @@ EOF
     "$PYTHON" manage.py migrate --noinput -v 0
 }
 
-# Workers registered with the queue (Procrastinate's table) since `$1`; - without the table.
-workers_registered_since() {
-    "$PYTHON" - "$DATABASE_URL" "$1" <<'EOF'
+# What the queue (Procrastinate's table of workers) knows, as one number: "high-water"
+# (the latest worker's id), "since ID" (workers registered after that one), "heartbeating"
+# (workers it heard from in the last 30 s). - when the table does not exist (inline).
+queue_workers() {
+    "$PYTHON" - "$DATABASE_URL" "$@" <<'EOF'
 import sys
 from urllib.parse import urlsplit
 
 import psycopg
 
+QUERIES = {
+    "high-water": "SELECT coalesce(max(id), 0) FROM procrastinate_workers",
+    "since": "SELECT count(*) FROM procrastinate_workers WHERE id > %s",
+    "heartbeating": "SELECT count(*) FROM procrastinate_workers"
+    " WHERE last_heartbeat > now() - '30 s'::interval",
+}
 url = urlsplit(sys.argv[1])._replace(scheme="postgresql").geturl()
+kind, params = sys.argv[2], [int(arg) for arg in sys.argv[3:]]
 with psycopg.connect(url, connect_timeout=5) as db:
     if db.execute("SELECT to_regclass('procrastinate_workers')").fetchone()[0] is None:
         print("-")
     else:
-        query = "SELECT count(*) FROM procrastinate_workers WHERE id > %s"
-        print(db.execute(query, (int(sys.argv[2]),)).fetchone()[0])
-EOF
-}
-
-workers_high_water() {
-    "$PYTHON" - "$DATABASE_URL" <<'EOF'
-import sys
-from urllib.parse import urlsplit
-
-import psycopg
-
-url = urlsplit(sys.argv[1])._replace(scheme="postgresql").geturl()
-with psycopg.connect(url, connect_timeout=5) as db:
-    if db.execute("SELECT to_regclass('procrastinate_workers')").fetchone()[0] is None:
-        print(0)
-    else:
-        print(db.execute("SELECT coalesce(max(id), 0) FROM procrastinate_workers").fetchone()[0])
-EOF
-}
-
-# Workers whose heartbeat the queue saw in the last 30 s (Procrastinate's own check).
-workers_heartbeating() {
-    "$PYTHON" - "$DATABASE_URL" <<'EOF'
-import sys
-from urllib.parse import urlsplit
-
-import psycopg
-
-url = urlsplit(sys.argv[1])._replace(scheme="postgresql").geturl()
-with psycopg.connect(url, connect_timeout=5) as db:
-    if db.execute("SELECT to_regclass('procrastinate_workers')").fetchone()[0] is None:
-        print(0)
-    else:
-        query = "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - '30 s'::interval"
-        print(db.execute(query).fetchone()[0])
+        print(db.execute(QUERIES[kind], params).fetchone()[0])
 EOF
 }
 
 # --- Health --------------------------------------------------------------------------------
 # The HTTP status of GET url (000 when nothing answers).
 http_status() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
+    if command -v curl >/dev/null 2>&1; then
+        curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
+    else
+        "$PYTHON" - "$1" <<'EOF'
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+except OSError:
+    print("000")
+EOF
+    fi
 }
 
 health_of() {
@@ -331,19 +317,14 @@ up() {
         "$PYTHON" manage.py collectstatic --noinput -v 0 &
         collecting=$!
     fi
-    local webs=() workers=() high_water
-    for name in $(names); do
-        running "$name" && continue
-        case $name in
-            web*) start_web "$name"; webs+=("$name") ;;
-        esac
+    local workers=() high_water=-
+    for name in $(names | grep web); do
+        running "$name" || start_web "$name"
     done
     if [ "$WORKERS" -gt 0 ]; then
-        high_water=$(workers_high_water)
-        for name in $(names); do
-            case $name in
-                worker*) running "$name" || { start_worker "$name"; workers+=("$name"); } ;;
-            esac
+        high_water=$(queue_workers high-water)
+        for name in $(names | grep worker); do
+            running "$name" || { start_worker "$name"; workers+=("$name"); }
         done
     fi
     if [ -n "$collecting" ]; then
@@ -354,13 +335,12 @@ up() {
     wait_healthy $(names | grep web) nginx
     # A worker is up once it has registered with the queue.
     local deadline=$((SECONDS + WAIT_SECONDS)) registered
-    while [ ${#workers[@]} -gt 0 ]; do
+    while [ ${#workers[@]} -gt 0 ] && [ "$high_water" != - ]; do
         for name in "${workers[@]}"; do
             running "$name" ||
                 die "$name exited; the end of $DIR/logs/$name.log:$(echo; tail -n 30 "$DIR/logs/$name.log")"
         done
-        registered=$(workers_registered_since "$high_water")
-        [ "$registered" = - ] && break
+        registered=$(queue_workers since "$high_water")
         [ "$registered" -ge ${#workers[@]} ] && break
         [ $SECONDS -lt $deadline ] ||
             die "the workers did not register with the queue within ${WAIT_SECONDS}s (see $DIR/logs/)"
@@ -382,7 +362,7 @@ status() {
     done
     if [ "$WORKERS" -gt 0 ]; then
         app_env
-        echo "queue: $(workers_heartbeating) workers heartbeating (last 30 s)"
+        echo "queue: $(queue_workers heartbeating) workers heartbeating (last 30 s)"
     fi
     echo "url: http://127.0.0.1:$PORT"
     return $all
