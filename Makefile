@@ -16,7 +16,7 @@ PIP_LOCK := requirements-pip.txt
 LOCKED := $(VENV)/.locked
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test install lint browser lock bench
+.PHONY: run test install lint browser nginx lock bench
 
 # .venv/.locked keeps a copy of the locks .venv/ was built from. A lock whose content
 # changed rebuilds .venv/ from scratch, so it holds exactly what the locks name; a lock
@@ -67,7 +67,11 @@ run: install .env
 browser:
 	@sh scripts/ensure-chromium.sh
 
-test: install browser
+# nginx for the topology drills (scripts/topology.sh) likewise, from Debian's package.
+nginx:
+	@sh scripts/ensure-nginx.sh
+
+test: install browser nginx
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .

@@ -18,13 +18,16 @@ from typing import Any
 
 import redis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from chat.event_schemas import FINAL_EVENT_TYPES
 from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
 
 USERNAME = "drill"
 
 _PREPARE = """
 import json
+import os
 from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
 from django.contrib.auth import get_user_model
@@ -38,8 +41,11 @@ session[SESSION_KEY] = str(user.pk)
 session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
 session[HASH_SESSION_KEY] = user.get_session_auth_hash()
 session.create()
-conversation = conversation_create(owner=user)
-print(json.dumps({"session": session.session_key, "conversation": str(conversation.id)}))
+conversations = [
+    str(conversation_create(owner=user).id)
+    for _ in range(int(os.environ.get("DRILL_CONVERSATIONS", "1")))
+]
+print(json.dumps({"session": session.session_key, "conversations": conversations}))
 """
 
 
@@ -47,6 +53,49 @@ print(json.dumps({"session": session.session_key, "conversation": str(conversati
 class Login:
     session: str
     conversation: str
+
+
+def prepare(env: dict[str, str], *, conversations: int = 1) -> subprocess.Popen[bytes]:
+    """Migrate the database `env` names, and make the drill's user, its session and
+    `conversations` conversations of it: read them with `logins_read`."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "--no-imports",
+            "-c",
+            _PREPARE,
+        ],
+        cwd=ROOT,
+        env={**env, "DRILL_CONVERSATIONS": str(conversations)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def logins_read(preparing: subprocess.Popen[bytes]) -> list[Login]:
+    """One login per conversation `prepare` made, all of the same browser session."""
+    try:
+        out, err = preparing.communicate(timeout=120)
+    finally:
+        preparing.kill()
+    if preparing.returncode != 0:
+        raise RuntimeError(f"Preparing the database failed:\n{err.decode()[-3000:]}")
+    data = json.loads(out.decode().strip().splitlines()[-1])
+    return [Login(session=data["session"], conversation=c) for c in data["conversations"]]
+
+
+@asynccontextmanager
+async def chat_socket(url: str, login: Login) -> AsyncIterator[ClientConnection]:
+    """The chat WebSocket of the login's conversation at `url` (http://host:port), as
+    the logged-in browser of that site."""
+    async with connect(
+        url.replace("http://", "ws://", 1) + f"/ws/chat/{login.conversation}/",
+        additional_headers={"Cookie": f"sessionid={login.session}", "Origin": url},
+        open_timeout=30,
+    ) as socket:
+        yield socket
 
 
 class DrillServer:
@@ -64,24 +113,14 @@ class DrillServer:
     def prepare_and_start(self) -> Login:
         """Migrate, make the drill's user, session and conversation, and start the
         server meanwhile (it touches the database only once asked, after both)."""
-        preparing = subprocess.Popen(
-            [sys.executable, "manage.py", "shell", "--no-imports", "-c", _PREPARE],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        preparing = prepare(self.env)
         try:
             self._launch()
-            out, err = preparing.communicate(timeout=120)
         finally:
-            preparing.kill()
-        if preparing.returncode != 0:
-            raise RuntimeError(f"Preparing the database failed:\n{err.decode()[-3000:]}")
+            [login] = logins_read(preparing)
         assert self.process is not None
         _wait_until_up(self.url, self.process, self.log)
-        data = json.loads(out.decode().strip().splitlines()[-1])
-        return Login(session=data["session"], conversation=data["conversation"])
+        return login
 
     def start(self) -> None:
         self._launch()
@@ -109,11 +148,7 @@ class DrillServer:
     @asynccontextmanager
     async def socket(self, login: Login) -> AsyncIterator[ClientConnection]:
         """The chat WebSocket of the drill's conversation, as the logged-in browser."""
-        async with connect(
-            f"ws://127.0.0.1:{self.port}/ws/chat/{login.conversation}/",
-            additional_headers={"Cookie": f"sessionid={login.session}", "Origin": self.url},
-            open_timeout=30,
-        ) as socket:
+        async with chat_socket(self.url, login) as socket:
             yield socket
 
 
@@ -135,6 +170,33 @@ async def receive_until(
     while not frames or frames[-1]["type"] != event_type:
         frames.append(await receive(socket, max(deadline - time.monotonic(), 0.01)))
     return frames
+
+
+async def resume_until_final(
+    url: str, login: Login, run: str, *, after_seq: int
+) -> list[dict[str, Any]]:
+    """As the browser does: reconnect (again, while the servers recover), resume the run
+    from the last event it drew, and read to its final event. Every frame of the run it
+    drew, the final one last."""
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "no final event within 60 s"
+        try:
+            async with chat_socket(url, login) as socket:
+                assert (await receive(socket))["type"] == "session"
+                resume = {"type": "resume", "run": run, "after_seq": after_seq}
+                await socket.send(json.dumps(resume))
+                while True:
+                    frame = await receive(socket)
+                    if frame.get("run") != run:
+                        continue
+                    frames.append(frame)
+                    after_seq = max(after_seq, frame["seq"])
+                    if frame["type"] in FINAL_EVENT_TYPES:
+                        return frames
+        except (ConnectionClosed, InvalidHandshake, OSError):
+            await asyncio.sleep(0.5)
 
 
 class RedisServer:

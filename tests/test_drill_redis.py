@@ -6,7 +6,6 @@ ended, from the event log or, when the log lost it, from the database."""
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,11 +17,11 @@ from websockets.exceptions import ConnectionClosed
 from chat.event_schemas import FINAL_EVENT_TYPES
 from tests.drills import (
     DrillServer,
-    Login,
     RedisServer,
     receive,
     receive_until,
     redis_server_available,
+    resume_until_final,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -36,27 +35,6 @@ def readyz(url: str) -> tuple[int, dict[str, Any]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-async def resume_until_final(
-    server: DrillServer, login: Login, run: str, *, after_seq: int
-) -> dict[str, Any]:
-    """As the browser does: reconnect (again, while the server's Redis connections
-    recover), resume the run from the last event it drew, and read to its final event."""
-    deadline = time.monotonic() + 60
-    while True:
-        assert time.monotonic() < deadline, "no final event within 60 s"
-        try:
-            async with server.socket(login) as socket:
-                assert (await receive(socket))["type"] == "session"
-                resume = {"type": "resume", "run": run, "after_seq": after_seq}
-                await socket.send(json.dumps(resume))
-                while True:
-                    frame = await receive(socket)
-                    if frame["type"] in FINAL_EVENT_TYPES:
-                        return frame
-        except ConnectionClosed:
-            await asyncio.sleep(0.5)
 
 
 async def test_a_client_learns_how_a_run_ended_across_a_redis_restart(tmp_path: Path) -> None:
@@ -87,7 +65,7 @@ async def test_a_client_learns_how_a_run_ended_across_a_redis_restart(tmp_path: 
 
         if seen[-1]["type"] not in FINAL_EVENT_TYPES:
             after_seq = max(frame.get("seq", 0) for frame in seen if frame.get("run") == run)
-            seen.append(await resume_until_final(server, login, run, after_seq=after_seq))
+            seen += await resume_until_final(server.url, login, run, after_seq=after_seq)
         final = seen[-1]
         assert final["run"] == run
         # The outage did not fail the run: it answered, and the answer is stored.
@@ -101,7 +79,7 @@ async def test_a_client_learns_how_a_run_ended_across_a_redis_restart(tmp_path: 
         # Redis restarts again, empty: the run's log is gone, its outcome is not.
         redis.kill()
         redis.start()
-        rebuilt = await resume_until_final(server, login, run, after_seq=3)
+        rebuilt = (await resume_until_final(server.url, login, run, after_seq=3))[-1]
         assert {k: v for k, v in rebuilt.items() if k != "budget"} == {
             k: v for k, v in final.items() if k != "budget"
         }
