@@ -50,9 +50,9 @@ import psycopg  # noqa: E402
 from benchmarks.turn_cost import (  # noqa: E402
     PASSWORD,
     PREPARE_SCRIPT,
-    AgentsiteClient,
     AgentsiteServer,
     Backend,
+    Client,
     DatabaseCPU,
     FastAPIClient,
     Ideal,
@@ -133,7 +133,7 @@ def cpu_of(groups: dict[str, list[int]]) -> dict[str, float]:
 
 
 async def window(
-    clients: list[AgentsiteClient] | list[FastAPIClient],
+    clients: list[Client],
     groups: dict[str, list[int]],
     database: DatabaseCPU | None,
     database_url: str | None,
@@ -310,7 +310,7 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
         wait_until_up(f"http://127.0.0.1:{fastapi_port}/healthz", fastapi, workdir / "fastapi.log")
         site = await asyncio.to_thread(ThroughNginx, topology, users)
         ours = await asyncio.to_thread(site.clients, concurrency)
-        bare = [FastAPIClient(fastapi_port, f"bench-{i}") for i in range(concurrency)]
+        bare: list[Client] = [FastAPIClient(fastapi_port, f"bench-{i}") for i in range(concurrency)]
         for clients in (ours, bare):
             errors = await open_clients(clients)
             if errors:
