@@ -245,6 +245,7 @@ def backend(workdir: Path, delay: float) -> Iterator[Backend]:
     env.update(
         DEBUG="false",
         SECRET_KEY="topology-cost-" + secrets.token_urlsafe(48),
+        ALLOWED_HOSTS="127.0.0.1,localhost",
         LOG_LEVEL="WARNING",
         AGENT_OFFLINE_TOKEN_DELAY=str(delay),
         # The check still runs (and counts) every turn; only its ceiling is out of reach.
