@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -311,7 +312,9 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
         wait_until_up(f"http://127.0.0.1:{fastapi_port}/healthz", fastapi, workdir / "fastapi.log")
         site = await asyncio.to_thread(ThroughNginx, topology, users)
         ours = await asyncio.to_thread(site.clients, concurrency)
-        bare: list[Client] = [FastAPIClient(fastapi_port, f"bench-{i}") for i in range(concurrency)]
+        bare: list[Client] = [
+            FastAPIClient(fastapi_port, str(uuid.uuid4())) for _ in range(concurrency)
+        ]
         for clients in (ours, bare):
             errors = await open_clients(clients)
             if errors:
