@@ -20,7 +20,6 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from chat.event_schemas import FINAL_EVENT_TYPES
 from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
 
 USERNAME = "drill"
@@ -178,6 +177,9 @@ async def resume_until_final(
     """As the browser does: reconnect (again, while the servers recover), resume the run
     from the last event it drew, and read to its final event. Every frame of the run it
     drew, the final one last."""
+    # Here, not at the top: the benchmarks import this module without Django's settings.
+    from chat.event_schemas import FINAL_EVENT_TYPES
+
     frames: list[dict[str, Any]] = []
     deadline = time.monotonic() + 60
     while True:

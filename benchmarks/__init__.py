@@ -1,0 +1,1 @@
+"""Side-by-side measurements (see each script's docstring); importable so they share parts."""
