@@ -67,6 +67,7 @@ from benchmarks.turn_cost import (  # noqa: E402
     open_clients,
     percentile,
     process_cpu,
+    sampled,
     spawn,
     stop,
     stop_all_children,
@@ -127,6 +128,19 @@ class Window:
     cpu: dict[str, float] = field(default_factory=dict)
     loadgen_cpu: float = 0.0
     pickups: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def profiled(groups: dict[str, list[int]], into: str | None, concurrency: int) -> Iterator[None]:
+    """py-spy samples the first web instance and the first worker (turn_cost's `sampled`)
+    into DIR/c<concurrency>-<kind>.txt while the topology takes the load; nothing
+    without `--profile`."""
+    with contextlib.ExitStack() as stack:
+        if into is not None:
+            for kind in ("web", "worker"):
+                output = Path(into) / f"c{concurrency}-{kind}.txt"
+                stack.enter_context(sampled(groups[kind][0], output))
+        yield
 
 
 def cpu_of(groups: dict[str, list[int]]) -> dict[str, float]:
@@ -334,7 +348,8 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
         for _ in range(args.turns_per_client):
             database = DatabaseCPU(data.database) if data.database else None
             redis_before = process_cpu(redis_pid)
-            measured = await window(ours, groups, database, data.env["DATABASE_URL"])
+            with profiled(groups, args.profile, concurrency):
+                measured = await window(ours, groups, database, data.env["DATABASE_URL"])
             measured.cpu["redis"] = process_cpu(redis_pid) - redis_before
             windows["topology"].append(measured)
             if database:
@@ -372,6 +387,12 @@ def main() -> None:
     parser.add_argument("--web", type=int, default=2, help="web instances")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--keep-logs", help="copy the topology's logs into this directory")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample the first web instance and the first worker with py-spy during the "
+        "measured windows (collapsed stacks; benchmarks/profile_summary.py summarizes them)",
+    )
     args = parser.parse_args()
     print(f"topology_cost: serving {ROOT} through scripts/topology.sh")
     try:
