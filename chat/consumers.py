@@ -83,7 +83,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.conversation = joined.conversation
         self.group = conversation_group(self.conversation.id)
         # Joined after the lookup (one hop for all of it): a run that starts in between
-        # is followed from its first event once its next batch is announced (run_events).
+        # is followed from its first event when it is announced again (run_events: at
+        # least every second while it runs, and with its final event).
         await self.channel_layer.group_add(self.group, self.channel_name)
         # Runs whose process died were closed by the lookup: their final events reach
         # this socket when the client resumes them.

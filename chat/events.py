@@ -391,10 +391,15 @@ async def event_publish(conversation_id: UUID | str, event: Event, *, warn: bool
 
 
 async def events_publish(
-    conversation_id: UUID | str, events: Sequence[Event], *, warn: bool = True
+    conversation_id: UUID | str,
+    events: Sequence[Event],
+    *,
+    warn: bool = True,
+    announce: bool = True,
 ) -> bool:
-    """Append events of one run (in `seq` order) to its log and tell the conversation's
-    sockets, in one "run.events" message, that the run has new events. A failure of
+    """Append events of one run (in `seq` order) to its log and, with `announce`, tell
+    the conversation's sockets, in one "run.events" message, that the run has new events
+    (a socket that follows the run reads them from the log without it). A failure of
     either (Redis restarting, say) is logged and returns False, never raises: the run
     goes on, and its outcome still reaches its followers, rebuilt from the database
     (`follow`)."""
@@ -408,6 +413,8 @@ async def events_publish(
         delivered = False
         if warn:
             logger.warning("run %s: events %s not logged: %r", run, seqs, error)
+    if not announce:
+        return delivered
     channel_layer = get_channel_layer()
     assert channel_layer is not None
     try:
@@ -438,6 +445,13 @@ class RunEventStream:
     usage, the final event) goes out at once, with the tokens before it. Batches go out
     one at a time, in `seq` order; a cancelled run still sends every event it emitted.
 
+    Sockets follow a run from the log once it is announced to its conversation, so a
+    batch is announced only when it may matter: the run's first batch, its final event,
+    and otherwise at most once every `announce_every` seconds, for a socket that joined
+    the conversation just as the run began (between its lookup and its joining the
+    group). A channel-layer message per batch cost each web process a dispatch and
+    Redis a group send per token.
+
     `seq`: the last seq used before (a resumed run's writer numbers past the ceiling its
     earlier execution had reserved). `ceiling`: the highest seq the run may use before
     `reserve(seq)` raises it (see `Run.event_seq`); 0 for no ceiling. While events
@@ -446,6 +460,7 @@ class RunEventStream:
 
     window = 0.005
     batch_max = 32
+    announce_every = 1.0
 
     def __init__(
         self,
@@ -465,6 +480,7 @@ class RunEventStream:
         self._pending: list[Event] = []
         self._sending = asyncio.Lock()
         self._sent_at = float("-inf")
+        self._announced_at = float("-inf")
         self._timer: asyncio.Task[None] | None = None
 
     async def emit(self, event_type: str, **data: Any) -> Event:
@@ -508,9 +524,17 @@ class RunEventStream:
                 self._timer = None
             if not batch:
                 return
-            self._sent_at = time.monotonic()
+            self._sent_at = now = time.monotonic()
+            announce = (
+                now - self._announced_at >= self.announce_every
+                or batch[-1]["type"] in FINAL_EVENT_TYPES
+            )
+            if announce:
+                self._announced_at = now
             # Quiet while an outage lasts: one warning for it, not one per batch.
-            delivered = await events_publish(self.conversation_id, batch, warn=not self._failing)
+            delivered = await events_publish(
+                self.conversation_id, batch, warn=not self._failing, announce=announce
+            )
             if delivered and self._failing:
                 logger.warning(
                     "run %s: events published again from seq %d", self.run_id, batch[0]["seq"]

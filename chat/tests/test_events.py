@@ -76,14 +76,29 @@ class Wire:
         self.logged: list[list[int]] = []  # the seqs of each log append
         self.channel = ""
 
-    async def received(self, last_seq: int) -> list[int]:
-        """The seqs the group's channel receives, up to `last_seq`."""
-        seqs: list[int] = []
-        while not seqs or seqs[-1] < last_seq:
+    async def announced(self, count: int) -> list[list[int]]:
+        """The seqs of the next `count` announcements the group's channel receives."""
+        announced: list[list[int]] = []
+        while len(announced) < count:
             message = await asyncio.wait_for(self.layer.receive(self.channel), timeout=10)
             assert message["type"] == "run.events"
-            seqs += message["seqs"]
-        return seqs
+            announced.append(message["seqs"])
+        return announced
+
+
+async def followed(run_id: uuid.UUID, last_seq: int) -> list[int]:
+    """The seqs a follower of the run gets (from the log), up to `last_seq`."""
+    seqs: list[int] = []
+
+    async def read() -> None:
+        async for frame in events.follow(run_id, 0):
+            assert frame is not None
+            seqs.append(frame.seq)
+            if frame.seq >= last_seq:
+                return
+
+    await asyncio.wait_for(read(), timeout=10)
+    return seqs
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
@@ -138,14 +153,31 @@ async def test_a_fast_run_sends_its_tokens_in_batches_each_once_and_in_order(
         await stream.emit("token", text="x")
     await stream.publish(final_of(stream))
 
-    # 5 channel-layer messages and 5 log round trips for 102 events, not 102 of each;
-    # the final event goes at once with the tokens before it, not after the window.
+    # 5 log round trips for 102 events, not 102; the final event goes at once with the
+    # tokens before it, not after the window.
     batches = [[1], list(range(2, 34)), list(range(34, 66)), list(range(66, 98))]
     batches.append(list(range(98, 103)))
-    assert wire.sent == batches
     assert wire.logged == batches
-    assert await wire.received(102) == list(range(1, 103))
-    assert [f.seq for f in await events.event_log().after(stream.run_id, 0)] == list(range(1, 103))
+    assert await followed(stream.run_id, 102) == list(range(1, 103))
+    # The conversation's sockets hear of the run twice within its first second: its
+    # first batch, and its final event (for a socket that joined in between).
+    assert wire.sent == [[1], list(range(98, 103))]
+    assert await wire.announced(2) == wire.sent
+
+
+async def test_a_long_run_is_announced_again_every_announce_interval(wire, monkeypatch) -> None:
+    wire, stream = wire
+    monkeypatch.setattr(RunEventStream, "announce_every", 0.2)
+    await stream.emit("run.started")
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < 0.5:
+        await stream.emit("token", text="x")
+        await asyncio.sleep(0.02)
+
+    # A socket that joined the conversation just after the first batch was announced
+    # learns of the run at the next announcement, within the interval.
+    assert 2 <= len(wire.sent) <= 4
+    assert wire.sent[0] == [1]
 
 
 async def test_a_token_with_nothing_after_it_is_not_held_back(wire) -> None:
@@ -154,7 +186,7 @@ async def test_a_token_with_nothing_after_it_is_not_held_back(wire) -> None:
     await stream.emit("token", text="Hello")
     await stream.emit("token", text=" there")  # within the window of the first
 
-    assert await wire.received(3) == [1, 2, 3]
+    assert await followed(stream.run_id, 3) == [1, 2, 3]
 
 
 async def test_a_run_cancelled_while_a_batch_is_on_its_way_still_sends_all_it_emitted(
@@ -163,15 +195,16 @@ async def test_a_run_cancelled_while_a_batch_is_on_its_way_still_sends_all_it_em
     wire, stream = wire
     monkeypatch.setattr(RunEventStream, "window", 60)
     slow, release = asyncio.Event(), asyncio.Event()
-    group_send = wire.layer.group_send
+    log = events.event_log()
+    append = log.append
 
-    async def group_send_held(group: str, message: dict[str, Any]) -> None:
-        if message["seqs"][0] == 2:  # the first batch of tokens
+    async def append_held(run_id: uuid.UUID, frames: list[events.Frame]) -> None:
+        if frames[0].seq == 2:  # the first batch of tokens
             slow.set()
             await release.wait()
-        await group_send(group, message)
+        await append(run_id, frames)
 
-    monkeypatch.setattr(wire.layer, "group_send", group_send_held)
+    monkeypatch.setattr(log, "append", append_held)
 
     async def run() -> None:
         await stream.emit("run.started")
@@ -186,7 +219,7 @@ async def test_a_run_cancelled_while_a_batch_is_on_its_way_still_sends_all_it_em
     release.set()
     await stream.publish(final_of(stream))
 
-    assert await wire.received(stream.seq) == list(range(1, stream.seq + 1))
+    assert await followed(stream.run_id, stream.seq) == list(range(1, stream.seq + 1))
 
 
 @needs_redis
