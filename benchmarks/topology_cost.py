@@ -19,8 +19,11 @@ after its first; every client sends one turn per round at the same moment; laten
 are shown over the ideal (what those waits alone take). Printed per system: time to first
 token and turn latency over the ideal, errors, and CPU per turn split by process kind
 (web instances, workers, nginx, PostgreSQL backends, Redis); for the topology also the
-queue's pickup latency: from the run's row being written (`Run.created_at`, inside the
-transaction that also enqueues its job) to a worker starting it (`Run.started_at`).
+pickup latency: from the run's row being written (`Run.created_at`, inside the
+transaction that also enqueues its job) to its execution starting (`Run.started_at`),
+i.e. the queue, the worker's wait for a free slot and its first database hops. With
+`--executor inline` the web instances execute the runs themselves (no workers): the
+same measures for the monolith's executor behind the same nginx, for comparison.
 Nothing is pinned to a core: with 2 web + 2 workers + nginx + PostgreSQL + Redis on a
 two-core machine, the load generator shares the cores (its CPU share is printed).
 """
@@ -137,7 +140,7 @@ def profiled(groups: dict[str, list[int]], into: str | None, concurrency: int) -
     without `--profile`."""
     with contextlib.ExitStack() as stack:
         if into is not None:
-            for kind in ("web", "worker"):
+            for kind in ("web", "worker")[: 1 + bool(groups["worker"])]:
                 output = Path(into) / f"c{concurrency}-{kind}.txt"
                 stack.enter_context(sampled(groups[kind][0], output))
         yield
@@ -214,7 +217,8 @@ def over(values: tuple[float | None, float | None], ideal: float) -> str:
 def report(concurrency: int, t: dict[str, Any], f: dict[str, Any], args: Any) -> None:
     ideal: Ideal = t["ideal"]
     print(
-        f"\n== topology (nginx, {args.web} web, {args.workers} workers, queue executor) vs "
+        f"\n== topology (nginx, {args.web} web, {args.workers} workers, {args.executor} "
+        "executor) vs "
         f"fastapi (1 process), paced {ideal.delay * 1000:.0f} ms/token, concurrency "
         f"{concurrency}: {t['turns']} / {f['turns']} measured turns in {args.turns_per_client} "
         "alternating rounds after 1 warm-up turn per client =="
@@ -236,7 +240,7 @@ def report(concurrency: int, t: dict[str, Any], f: dict[str, Any], args: Any) ->
     p50, p99, count = t["pickup"]
     rows.append(
         (
-            f"queue pickup p50/p99 ms (n={count})",
+            f"pickup p50/p99 ms (n={count})",
             f"{fmt(None if p50 is None else p50 * 1000)} / "
             f"{fmt(None if p99 is None else p99 * 1000)}",
             "-",
@@ -298,10 +302,11 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
         **data.env,
         "TOPOLOGY_WEB": str(args.web),
         "TOPOLOGY_WORKERS": str(args.workers),
+        "TOPOLOGY_EXECUTOR": args.executor,
         "TOPOLOGY_DATABASE_URL": data.env["DATABASE_URL"],
         "TOPOLOGY_REDIS_URL": data.env["AGENT_REDIS_URL"],
         "TOPOLOGY_API_RATE": "100000r/s",
-        "AGENT_WORKER_CONCURRENCY": str(math.ceil(concurrency / args.workers) + 20),
+        "AGENT_WORKER_CONCURRENCY": str(math.ceil(concurrency / max(args.workers, 1)) + 20),
     }
     topology = Topology(workdir, topology_env)
     fastapi_port = _free_port()
@@ -385,7 +390,13 @@ def main() -> None:
     parser.add_argument("--turns-per-client", type=int, default=2, help="measured rounds")
     parser.add_argument("--users", type=int, default=20, help="logged-in users the clients share")
     parser.add_argument("--web", type=int, default=2, help="web instances")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--workers", type=int, help="worker processes (2; inline: 0)")
+    parser.add_argument(
+        "--executor",
+        choices=["queue", "inline"],
+        default="queue",
+        help="inline: the web instances execute the runs (no workers), for comparison",
+    )
     parser.add_argument("--keep-logs", help="copy the topology's logs into this directory")
     parser.add_argument(
         "--profile",
@@ -394,6 +405,8 @@ def main() -> None:
         "measured windows (collapsed stacks; benchmarks/profile_summary.py summarizes them)",
     )
     args = parser.parse_args()
+    if args.workers is None:
+        args.workers = 2 if args.executor == "queue" else 0
     print(f"topology_cost: serving {ROOT} through scripts/topology.sh")
     try:
         for concurrency in args.concurrency:
