@@ -13,8 +13,10 @@ import logging
 import sys
 from uuid import UUID
 
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from chat import lifecycle
 from chat.lifecycle import lease_keeper
 
 from .runner import execute_run
@@ -125,7 +127,16 @@ class RunHost:
             return False
         if run_id not in self._cancelled:
             self._cancelled.add(run_id)
-            task.cancel()
+            # Not started yet: closed as cancelled here, with its final event, and its
+            # task finds it so. Its task may not have run at all yet (a stop in the
+            # same turn of the loop as its submit), and a task cancelled before it first
+            # runs never does: nothing would record the stop, and the run, left queued,
+            # would be resumed once its lease lapsed.
+            closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
+            if closed is not None:
+                await lifecycle.run_closed_publish(closed)
+            else:
+                task.cancel()
         return True
 
     async def cancel_broadcast(self, run_id: UUID) -> None:
