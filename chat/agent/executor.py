@@ -64,7 +64,8 @@ class InProcessExecutor:
             return True
         if single_instance():
             return False
-        # Not started by its instance yet, which may not listen for the broadcast yet.
+        # Not started yet by the instance that has it, which listens for the broadcast
+        # only from then on: closed here.
         closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
         if closed is not None:
             await lifecycle.run_closed_publish(closed)
