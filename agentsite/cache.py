@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 def cache_versioned_get(*, group: str, key: str, read: Callable[[], T]) -> T:
     """The entry `key` of `group` if it was stored under the group's current version;
-    else `read()`, stored for next time. One cache round trip on a hit."""
+    else `read()`, stored for next time (once committed). One cache round trip on a hit."""
     version_key = f"{group}:version"
     entry_key = f"{group}:{key}"
     found = cache.get_many([version_key, entry_key])
@@ -40,7 +40,10 @@ def cache_versioned_get(*, group: str, key: str, read: Callable[[], T]) -> T:
     # The version was read before the row: a change committed in between has set a
     # newer one, so what is read now is never kept under the new version.
     value = read()
-    cache.set(entry_key, (version, value), TTL)
+    # Kept once the caller's transaction commits (at once outside one): what it read may
+    # be its own writes (a user's account, created on first need), which a rollback
+    # undoes, and other processes must never be handed a row that does not exist.
+    transaction.on_commit(lambda: cache.set(entry_key, (version, value), TTL))
     return value
 
 

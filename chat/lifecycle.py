@@ -449,6 +449,24 @@ def run_close(
     )
 
 
+def run_cancel_queued(*, run_id: UUID) -> ClosedRun | None:
+    """Close the run as cancelled (a user's stop) if it has not started; None otherwise.
+    Its executor, when it comes to start it, finds it no longer queued."""
+    with transaction.atomic():
+        # Locked: `run_start` (an UPDATE ... WHERE status = queued) waits for this
+        # transaction, then finds the run cancelled.
+        queued = Run.objects.select_for_update().filter(id=run_id, status=Run.Status.QUEUED)
+        if not queued.exists():
+            return None
+        return run_close(
+            run_id=run_id,
+            status=Run.Status.CANCELLED,
+            error_code="cancelled",
+            error_message="Stopped by the user.",
+            lapsed_only=False,
+        )
+
+
 def run_final_event_rebuilt(*, run: Run) -> Event:
     """The final event of a finished run, rebuilt from the database (its log is gone)."""
     answers = list(run.messages.filter(role=Message.Role.ASSISTANT, imported=False))

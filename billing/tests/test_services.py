@@ -10,6 +10,7 @@ from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
+from agentsite.errors import ApplicationError
 from agentsite.formatting import format_usd
 from billing.models import Account, Membership, ModelPrice, UsageRecord
 from billing.pricing import cost_of, price_for_model
@@ -223,3 +224,21 @@ async def test_the_ledger_survives_deleting_the_conversation(make_user, prices):
     assert not await Run.objects.filter(id=run.id).aexists()
     records = await database_sync_to_async(records_of)(run)
     assert sum(r.cost_usd for r in records) == run.cost_usd
+
+
+async def test_an_account_created_in_a_refused_request_is_not_remembered(make_user, prices):
+    user = await database_sync_to_async(make_user)()
+    # A new user's first request creates their account, in the transaction that starts a
+    # conversation and its run; the message is refused, and all of it is rolled back.
+    with pytest.raises(ApplicationError):
+        await database_sync_to_async(services.conversation_start)(
+            owner=user, source=Conversation.Source.API, content="   "
+        )
+    assert not await Account.objects.aexists()
+
+    # The next message is answered, from an account of the user's own.
+    run, frames = await run_message(user, "What is 17 * 23?")
+
+    assert frames[-1]["type"] == "run.completed" and "391" in frames[-1]["messages"][0]["content"]
+    account = await Account.objects.aget(memberships__user=user)
+    assert await UsageRecord.objects.filter(run_id=run.id, account=account).aexists()

@@ -109,6 +109,15 @@ def route_after_invalid_tool_calls(state: State) -> Literal["tools", "call_model
     return "tools" if reply.tool_calls else "call_model"
 
 
+# The explanation's id says what it is: the checkpointed messages of a run resumed after
+# it had stopped at its limit (its process died before finishing it) must show as much.
+STEP_LIMIT_ID_PREFIX = "step-limit-"
+
+
+def is_step_limit_explanation(message: BaseMessage) -> bool:
+    return isinstance(message, AIMessage) and (message.id or "").startswith(STEP_LIMIT_ID_PREFIX)
+
+
 def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
     """End the run with an explanation instead of a crash; the pending tool calls are
     answered so the stored history stays valid for the next turn."""
@@ -116,7 +125,10 @@ def stop_at_step_limit(state: State, runtime: Runtime[Context]) -> State:
     assert isinstance(last, AIMessage)
     skipped = [skipped_tool_result(call) for call in last.tool_calls]
     skipped += [invalid_tool_result(call) for call in last.invalid_tool_calls]
-    explanation = AIMessage(content=STEP_LIMIT_MESSAGE.format(steps=runtime.context.max_steps))
+    explanation = AIMessage(
+        content=STEP_LIMIT_MESSAGE.format(steps=runtime.context.max_steps),
+        id=f"{STEP_LIMIT_ID_PREFIX}{uuid.uuid4()}",
+    )
     return {"messages": [*skipped, explanation]}
 
 

@@ -13,8 +13,10 @@ import logging
 import sys
 from uuid import UUID
 
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from chat import lifecycle
 from chat.lifecycle import lease_keeper
 
 from .runner import execute_run
@@ -125,7 +127,20 @@ class RunHost:
             return False
         if run_id not in self._cancelled:
             self._cancelled.add(run_id)
-            task.cancel()
+            # A run not started yet is closed as cancelled here, with its final event;
+            # its task, when it runs, finds it so. Not by cancelling the task: it may
+            # not have run at all yet (a stop in the same turn of the loop as its
+            # submit), and a task cancelled before it first runs never runs: nothing
+            # would record the stop, and the run, left queued, would be resumed.
+            try:
+                closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
+            except Exception:  # the database is down, say: stopping it matters more
+                logger.exception("run %s: could not close it as cancelled", run_id)
+                closed = None
+            if closed is not None:
+                await lifecycle.run_closed_publish(closed)
+            else:
+                task.cancel()
         return True
 
     async def cancel_broadcast(self, run_id: UUID) -> None:

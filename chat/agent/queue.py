@@ -28,7 +28,6 @@ from uuid import UUID
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from django.db import transaction
 from procrastinate.contrib.django.django_connector import DjangoConnector
 from procrastinate.manager import JobManager
 from procrastinate.tasks import configure_task
@@ -74,29 +73,12 @@ class QueueExecutor:
     async def _cancel(self, run_id: UUID) -> bool:
         if await self.host.cancel_local(run_id):
             return True
-        closed = await database_sync_to_async(run_cancel_queued)(run_id=run_id)
+        closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
         if closed is not None:
             await lifecycle.run_closed_publish(closed)
             return True
         await self.host.cancel_broadcast(run_id)
         return True
-
-
-def run_cancel_queued(*, run_id: UUID) -> lifecycle.ClosedRun | None:
-    """Close the run as cancelled if no worker has started it; None otherwise."""
-    with transaction.atomic():
-        # Locked: `run_start` (an UPDATE ... WHERE status = queued) waits for this
-        # transaction, then finds the run cancelled.
-        queued = Run.objects.select_for_update().filter(id=run_id, status=Run.Status.QUEUED)
-        if not queued.exists():
-            return None
-        return lifecycle.run_close(
-            run_id=run_id,
-            status=Run.Status.CANCELLED,
-            error_code="cancelled",
-            error_message="Stopped by the user.",
-            lapsed_only=False,
-        )
 
 
 def run_lease_take(*, run_id: UUID) -> bool:

@@ -20,6 +20,7 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.utils import timezone
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 
 from agentsite import metrics
@@ -53,7 +54,7 @@ async def execute_run(run_id: UUID) -> None:
     context: Context | None = None
     start: lifecycle.StartedRun | None = None
     handed_back = False
-    deadline = asyncio.timeout(settings.AGENT_RUN_TIMEOUT)
+    deadline: asyncio.Timeout | None = None
     run_id_var.set(str(run_id))
     keeper = lifecycle.lease_keeper()
     try:
@@ -93,15 +94,15 @@ async def execute_run(run_id: UUID) -> None:
                 else None,
             )
             logger.info("run %s started", run_id)
-        async with deadline:
-            await _drive_graph(context, start, stream, outcome, tracer)
+        deadline = _deadline(run)
+        await _drive_graph(context, start, stream, outcome, tracer, deadline)
     except asyncio.CancelledError:
         handed_back = keeper.handed_back(run_id)
         outcome.fail(Run.Status.CANCELLED, "cancelled", "Stopped by the user.")
     except BudgetExceeded as error:
         outcome.fail(Run.Status.BUDGET_EXCEEDED, error.code, error.message)
     except TimeoutError as error:
-        if deadline.expired():
+        if deadline is not None and deadline.expired():
             outcome.fail(
                 Run.Status.LIMIT_REACHED,
                 "run_timeout",
@@ -144,6 +145,16 @@ async def execute_run(run_id: UUID) -> None:
                 metrics.llm_cost_observe(
                     model=model_info().name, costs=finished.cost.span_costs.values()
                 )
+
+
+def _deadline(run: Run) -> asyncio.Timeout:
+    """AGENT_RUN_TIMEOUT from the run's first start (`started_at`, kept when it is
+    recovered), not from this execution's: a run whose process keeps dying gets no more
+    time in all, and one resumed past it ends at once."""
+    assert run.started_at is not None
+    elapsed = (timezone.now() - run.started_at).total_seconds()
+    loop = asyncio.get_running_loop()
+    return asyncio.timeout_at(loop.time() + settings.AGENT_RUN_TIMEOUT - elapsed)
 
 
 def _seq_reserver(run_id: UUID) -> Callable[[int], Awaitable[int]]:
@@ -287,6 +298,7 @@ async def _drive_graph(
     stream: RunEventStream,
     outcome: RunOutcome,
     tracer: RunTracer | None,
+    deadline: asyncio.Timeout,
 ) -> None:
     config: Any = {
         "configurable": {"thread_id": str(context.conversation_id)},
@@ -304,18 +316,21 @@ async def _drive_graph(
             if start.resumed
             else _graph_input(start)
         )
-        parts = graph.astream(
-            graph_input,
-            config,
-            context=context,
-            stream_mode=STREAM_MODES,
-            durability=CHECKPOINT_DURABILITY,
-        )
-        async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):
-            for step in translate(mode, data):
-                outcome.record(step)
-                if isinstance(step, ToolFinished):
-                    tool_call_observe(tool=step.name, is_error=step.is_error)
-                event = event_of(step)
-                if event is not None:
-                    await stream.emit(event[0], **event[1])
+        # The deadline from here, after the checkpoint's read: a run resumed past it
+        # keeps its output so far (restored above), as a run that times out keeps its.
+        async with deadline:
+            parts = graph.astream(
+                graph_input,
+                config,
+                context=context,
+                stream_mode=STREAM_MODES,
+                durability=CHECKPOINT_DURABILITY,
+            )
+            async for mode, data in cast(AsyncIterator[tuple[str, Any]], parts):
+                for step in translate(mode, data):
+                    outcome.record(step)
+                    if isinstance(step, ToolFinished):
+                        tool_call_observe(tool=step.name, is_error=step.is_error)
+                    event = event_of(step)
+                    if event is not None:
+                        await stream.emit(event[0], **event[1])

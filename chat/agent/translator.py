@@ -19,6 +19,7 @@ from chat.run_outcome import (
 )
 
 from .budget import usage_of
+from .graph import is_step_limit_explanation
 from .replies import rejected_arguments
 
 # The stream modes `translate` reads; LangGraph yields (mode, data) pairs with several.
@@ -58,10 +59,13 @@ def _node_update(node: str, update: dict[str, Any]) -> Iterator[RunStep]:
 
 def steps_of_messages(messages: Iterable[BaseMessage]) -> Iterator[RunStep]:
     """The steps that produced these checkpointed messages, in order (a resumed run's
-    output so far): each reply's text and tool calls, each tool's result. Not their
-    usage: a resumed run's totals are the ledger's."""
+    output so far): each reply's text and tool calls, each tool's result, and the step
+    limit's explanation as the limit reached. Not their usage: a resumed run's totals
+    are the ledger's."""
     for message in messages:
-        if isinstance(message, AIMessage):
+        if is_step_limit_explanation(message):
+            yield StepLimitReached(message.text)
+        elif isinstance(message, AIMessage):
             if message.text:
                 yield TextStreamed(message.text)
             yield from (s for s in _model_reply(message) if not isinstance(s, UsageReported))

@@ -13,6 +13,7 @@ from channels.layers import get_channel_layer
 from chat import services
 from chat.agent.executor import InProcessExecutor, get_executor
 from chat.agent.host import RunHost, _stop_listening
+from chat.events import event_log
 from chat.models import Run
 from conftest import open_socket, receive_until
 from tests.servers import REDIS_URL, redis_available
@@ -101,3 +102,24 @@ async def test_a_run_stopped_before_it_listens_for_cancels_ends_cancelled(
 
     # Not left queued, with nobody to start it.
     assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
+
+
+async def test_a_stop_reaching_another_instance_before_the_run_starts_ends_it_cancelled(
+    make_user, redis_channel_layer
+):
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    with mock.patch.object(get_executor(), "submit"):  # its instance has not started it yet
+        run = await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="hello"
+        )
+
+    # The stop reaches an instance that does not execute it: nobody listens for it yet.
+    other_instance = InProcessExecutor(RunHost())
+    assert await sync_to_async(other_instance.cancel)(run.id) is True
+    its_instance = RunHost()
+    its_instance.start(run.id)
+    await its_instance.join(run.id)
+
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
+    assert [f.type for f in await event_log().after(run.id, 0)] == ["run.cancelled"]

@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
+from unittest import mock
 
 import pytest
 from channels.db import database_sync_to_async
@@ -20,6 +21,7 @@ from billing.models import BudgetReservation, UsageRecord
 from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import events, lifecycle, services
 from chat.agent.executor import get_executor
+from chat.agent.host import run_host
 from chat.events import MemoryEventLog, RunEventStream, event_log
 from chat.models import Run
 from chat.run_outcome import RunOutcome
@@ -249,6 +251,30 @@ async def test_stop_on_a_lost_run_closes_it_as_cancelled_with_a_frame_and_a_clos
     assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
     assert await reap() == 0
     assert (await Trace.objects.aget(run_id=run.id)).status == Trace.Status.CANCELLED
+    await socket.disconnect()
+
+
+async def test_a_stop_before_the_run_s_task_first_runs_ends_it_cancelled(
+    make_user, keeper_held_off
+):
+    user = await database_sync_to_async(make_user)()
+    conversation, socket = await connected(user)
+    with mock.patch.object(get_executor(), "submit"):
+        run = await database_sync_to_async(services.run_create)(
+            conversation=conversation, content="Tell me about yourself"
+        )
+    # What submit does once the run is committed: its task is created; and the stop
+    # lands in the same turn of the loop, before the task first runs.
+    run_host().start(run.id)
+    assert await run_host().cancel_local(run.id)
+
+    [final] = await receive_until(socket, "run.cancelled")
+    assert final["run"] == str(run.id) and final["error"]["code"] == "cancelled"
+    await wait_for_runs()
+    assert (await Run.objects.aget(id=run.id)).status == Run.Status.CANCELLED
+    # Nothing is left to resume it, nor anything else after its final event.
+    assert await reap() == 0
+    assert [f.type for f in await event_log().after(run.id, 0)] == ["run.cancelled"]
     await socket.disconnect()
 
 

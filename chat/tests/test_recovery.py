@@ -404,3 +404,73 @@ async def test_a_user_who_stops_a_resumed_run_stops_it(make_user, settings, keep
     assert (stopped.status, stopped.recoveries) == (Run.Status.CANCELLED, 1)
     assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
     assert await lifecycle.runs_reap(executor=get_executor()) == 0
+
+
+@pytest.mark.usefixtures("prices")
+async def test_a_run_that_had_reached_its_step_limit_is_resumed_as_limit_reached(
+    make_user, settings, keeper_held_off
+):
+    settings.AGENT_MAX_STEPS = 1  # the calculator call is one step too many
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="What is 17 * 23?"
+    )
+    await wait_for_runs()
+    ended = await Run.objects.aget(id=run.id)
+    assert ended.error_code == "max_steps"
+    # Its process died after the graph's last checkpoint (the step limit's explanation),
+    # before the run was finished: nothing of its end was recorded.
+    await Message.objects.filter(run_id=run.id).exclude(role="user").adelete()
+    await Trace.objects.filter(run_id=run.id).adelete()
+    await Span.objects.filter(trace_id=run.id).adelete()
+    await Run.objects.filter(id=run.id).aupdate(
+        status=Run.Status.RUNNING,
+        finished_at=None,
+        error_code="",
+        error_message="",
+        lease_owner="dead-host:4242:0badf00d",
+        lease_expires_at=timezone.now() - timedelta(seconds=1),
+    )
+
+    assert await lifecycle.runs_reap(executor=get_executor()) == 1
+    await wait_for_runs()
+
+    final = (await event_log().after(run.id, ended.event_seq))[-1].event()
+    assert final["type"] == "run.limit_reached" and final["error"]["code"] == "max_steps"
+    assert "AGENT_MAX_STEPS" in final["messages"][0]["content"]
+    resumed = await Run.objects.aget(id=run.id)
+    assert (resumed.status, resumed.recoveries) == (Run.Status.LIMIT_REACHED, 1)
+
+
+@pytest.mark.usefixtures("prices")
+async def test_a_run_resumed_past_its_time_limit_ends_at_it(
+    make_user, settings, model_calls, keeper_held_off
+):
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    settings.AGENT_RUN_TIMEOUT = 60
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(services.run_create)(
+        conversation=conversation, content="What is 17 * 23?"
+    )
+    await run_until(run, tokens_after_tool=3)
+    await lifecycle.lease_keeper().hand_back([run.id], cause="test")
+    # Its first start was longer ago than the limit (its processes kept dying): resuming
+    # it gives it no more time.
+    await Run.objects.filter(id=run.id).aupdate(started_at=timezone.now() - timedelta(seconds=61))
+
+    assert await lifecycle.runs_reap(executor=get_executor()) == 1
+    await wait_for_runs()
+
+    events = await events_of(run.id)
+    final = events[-1]
+    assert [e["type"] for e in events[-2:]] == ["run.resumed", "run.limit_reached"]
+    assert final["error"]["code"] == "run_timeout"
+    assert "longer than 60 seconds (AGENT_RUN_TIMEOUT)" in final["error"]["message"]
+    assert model_calls == ["HumanMessage", "ToolMessage"]  # none after resuming
+    # What it did before is kept, as a run that times out keeps it.
+    stored = [m async for m in Message.objects.filter(run_id=run.id).order_by("id")]
+    assert [m.role for m in stored] == ["user", "tool"] and stored[1].tool["result"] == "391"
+    ended = await Run.objects.aget(id=run.id)
+    assert (ended.status, ended.recoveries) == (Run.Status.LIMIT_REACHED, 1)
