@@ -248,15 +248,25 @@ async def test_a_cancel_closes_a_run_no_worker_has_started(site: QueueSite) -> N
     assert site.shell(QUEUED_CANCEL) == {"status": "cancelled", "error": "cancelled"}
 
 
-STALLED_JOB = """
+STALLED_PICKUP = """
 import json
+import time
+from unittest import mock
+from django.contrib.auth import get_user_model
 from django.db import connection
 from procrastinate.exceptions import AlreadyEnqueued
+from chat import services
+from chat.agent.executor import get_executor
 from chat.agent.queue import QUEUE, TASK_NAME
 from chat.tasks import jobs_stalled_fail
 
+user = get_user_model().objects.get(username="drill")
+conversation = services.conversation_create(owner=user)
+with mock.patch.object(get_executor(), "submit"):
+    run = services.run_create(conversation=conversation, content="What is 2 + 2?")
 with connection.cursor() as cursor:
-    # What a worker killed mid-run leaves: its job `doing`, its heartbeat long stale.
+    # What a worker killed as it picked a run's job leaves: the job `doing`, its
+    # heartbeat long stale, and the run still the queue's (no lease taken yet).
     cursor.execute(
         "INSERT INTO procrastinate_workers (last_heartbeat) "
         "VALUES (now() - interval '1 hour') RETURNING id"
@@ -264,22 +274,27 @@ with connection.cursor() as cursor:
     [worker] = cursor.fetchone()
     cursor.execute(
         "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
-        "VALUES (%s, %s, '{}'::jsonb, 'doing', %s) RETURNING id",
-        [QUEUE, TASK_NAME, worker],
+        "VALUES (%s, %s, %s::jsonb, 'doing', %s) RETURNING id",
+        [QUEUE, TASK_NAME, json.dumps({"run_id": str(run.id), "enqueued_at": time.time()}), worker],
     )
     [job] = cursor.fetchone()
 try:  # now rather than at the next minute
     jobs_stalled_fail.defer(timestamp=0)
 except AlreadyEnqueued:  # the minute's own is about to run
     pass
-print(json.dumps(job))
+print(json.dumps({"job": job, "run": str(run.id)}))
 """
 
 
-async def test_a_dead_workers_job_does_not_stay_doing(site: QueueSite) -> None:
-    job = site.shell(STALLED_JOB)
+async def test_a_run_whose_worker_died_as_it_picked_its_job_is_answered(site: QueueSite) -> None:
+    picked = site.shell(STALLED_PICKUP)
+    # Not left waiting for ever (and blocking its conversation): answered by a new job.
+    assert (await site.run_where(picked["run"], "completed", "interrupted"))[0] == "completed"
+    # And the dead worker's job does not stay `doing`.
     deadline = time.monotonic() + 60
-    while site.query("SELECT status FROM procrastinate_jobs WHERE id = %s", job) != [("failed",)]:
+    while site.query("SELECT status FROM procrastinate_jobs WHERE id = %s", picked["job"]) != [
+        ("failed",)
+    ]:
         assert time.monotonic() < deadline, "the stalled job was left doing"
         await asyncio.sleep(0.1)
 

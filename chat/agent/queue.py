@@ -29,6 +29,7 @@ from uuid import UUID
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.db import transaction
+from django.utils import timezone
 from procrastinate.contrib.django.django_connector import DjangoConnector
 from procrastinate.manager import JobManager
 from procrastinate.tasks import configure_task
@@ -108,6 +109,17 @@ def run_lease_take(*, run_id: UUID) -> bool:
         id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True
     ).update(**lifecycle.run_queued_lease())
     return bool(taken)
+
+
+def run_pickup_lapse(*, run_id: UUID) -> bool:
+    """For a job whose worker died before it took its run's lease (`run_lease_take`):
+    the run is still the queue's, but its job will never start it, and a null lease
+    never lapses. Made to lapse now, so a reaper resumes it through a new job. False:
+    the worker had taken the lease (a reaper finds it as it lapses), or the run is over."""
+    lapsed = Run.objects.filter(
+        id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True
+    ).update(lease_expires_at=timezone.now())
+    return bool(lapsed)
 
 
 async def run_job(*, run_id: str, enqueued_at: float) -> None:
