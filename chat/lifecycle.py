@@ -270,19 +270,8 @@ def run_recover(*, run_id: UUID, lease: dict[str, Any]) -> "RecoveredRun | Close
         # Past its limit, closed with the same kind of claim; or not lapsed (None).
         return run_close(run_id=run_id, error_message=GIVEN_UP_MESSAGE.format(times=limit + 1))
     run = Run.objects.get(id=run_id)
-    try:
-        with transaction.atomic():  # a savepoint, as in `run_close`
-            cost = usage_close_run(
-                run_id=run_id,
-                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
-            )
-    except Exception:
-        # Left held: the resumed execution's finish settles it with the run's totals.
-        logger.exception("run %s: could not settle its usage", run_id)
-    else:
-        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
-        run.cost_usd = cost.total_usd
-        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    # On failure left held: the resumed execution's finish settles it with the totals.
+    _holds_settle(run)
     logger.warning(
         "run %s: its lease lapsed; queued to resume (recovery %d of %d)",
         run_id,
@@ -372,6 +361,27 @@ def _message_from_part(run: Run, part: dict) -> Message | None:
     return Message(conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool)
 
 
+def _holds_settle(run: Run) -> RunCost | None:
+    """Settle the holds of a run nobody executes any more from the usage its last renewal
+    recorded (`usage_close_run`), and make the run's totals the ledger's; None if that
+    failed (logged; the holds stay)."""
+    try:
+        # A savepoint: `run_create` claims lost runs inside its transaction, which a
+        # database error caught here must not leave aborted (PostgreSQL).
+        with transaction.atomic():
+            cost = usage_close_run(
+                run_id=run.id,
+                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
+            )
+    except Exception:
+        logger.exception("run %s: could not settle its usage", run.id)
+        return None
+    run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
+    run.cost_usd = cost.total_usd
+    run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    return cost
+
+
 @dataclass(frozen=True)
 class ClosedRun:
     conversation_id: UUID
@@ -413,21 +423,7 @@ def run_close(
     if not claimed:
         return None
     run = Run.objects.select_related("conversation").get(id=run_id)
-    cost: RunCost | None = None
-    try:
-        # A savepoint: `run_create` closes lost runs inside its transaction, which a
-        # database error caught here must not leave aborted (PostgreSQL).
-        with transaction.atomic():
-            cost = usage_close_run(
-                run_id=run_id,
-                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
-            )
-    except Exception:
-        logger.exception("run %s: could not settle its usage", run_id)
-    else:
-        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
-        run.cost_usd = cost.total_usd
-        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    cost = _holds_settle(run)
     trace_closed = False
     if settings.TRACING_ENABLED:
         trace_closed = trace_close_interrupted(
