@@ -191,24 +191,6 @@ async def test_a_runs_job_commits_or_rolls_back_with_the_run(site: QueueSite) ->
     await site.run_where(runs["committed"], "completed")
 
 
-async def test_a_worker_streams_its_run_to_the_browser_token_by_token(site: QueueSite) -> None:
-    async with site.server.socket(site.login) as socket:
-        assert (await receive(socket))["type"] == "session"
-        await socket.send(json.dumps({"type": "message", "content": LONG_ANSWER}))
-        frames = await receive_until(socket, "run.completed")
-
-    tokens = [frame for frame in frames if frame["type"] == "token"]
-    assert len(tokens) > 10
-    seqs = [frame["seq"] for frame in frames if "seq" in frame]
-    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
-    answer = frames[-1]["messages"][-1]["content"]
-    assert "".join(token["text"] for token in tokens).strip() == answer.strip()
-    # Executed by a worker, not by the web server that took the message.
-    run = frames[-1]["run"]
-    [(owner,)] = site.query("SELECT lease_owner FROM chat_run WHERE id = %s", run)
-    assert pid_of(owner) in {worker.pid for worker in site.workers}
-
-
 async def test_a_cancel_reaches_the_worker_and_stops_the_run(site: QueueSite) -> None:
     async with site.server.socket(site.login) as socket:
         assert (await receive(socket))["type"] == "session"
