@@ -281,6 +281,46 @@ async def test_a_run_whose_worker_died_as_it_picked_its_job_is_answered(site: Qu
         await asyncio.sleep(0.1)
 
 
+LATE_PICKUP = """
+import asyncio
+import json
+import os
+import time
+from unittest import mock
+from django.contrib.auth import get_user_model
+from chat import services
+from chat.agent.executor import get_executor
+from chat.agent.host import run_host
+from chat.agent.queue import run_job
+from chat.models import Run
+
+user = get_user_model().objects.get(username="drill")
+conversation = services.conversation_create(owner=user)
+with mock.patch.object(get_executor(), "submit"):
+    run = services.run_create(conversation=conversation, content="What is 2 + 2?")
+
+async def stopping_worker_picks_it():
+    # This process is a worker told to stop (its drain began) whose last fetched job
+    # only now gets as far as the run.
+    await run_host().drain(seconds=0)
+    await run_job(run_id=str(run.id), enqueued_at=time.time())
+
+asyncio.run(stopping_worker_picks_it())
+run.refresh_from_db()
+print(json.dumps({"run": str(run.id), "status": run.status, "pid": os.getpid()}))
+"""
+
+
+async def test_a_run_picked_as_its_worker_stops_is_answered_by_another(site: QueueSite) -> None:
+    picked = site.shell(LATE_PICKUP)
+    # The stopping worker did not run it (it would have held up its exit for the whole
+    # answer): back in the queue, and answered by a worker still taking runs.
+    assert picked["status"] == "queued"
+    status, owner, _ = await site.run_where(picked["run"], "completed", "interrupted")
+    assert status == "completed"
+    assert pid_of(owner) in {worker.pid for worker in site.workers}
+
+
 async def test_pickup_latency_of_fifty_runs(site: QueueSite) -> None:
     """Not a timed assertion: prints the queue's pickup latency (run with -s)."""
     runs = site.shell(

@@ -52,6 +52,10 @@ TASK_NAME = "agentsite.run_execute"
 _jobs = JobManager(DjangoConnector())
 
 
+# A run the queue holds: nobody's lease (`Run.lease_owner` is blank, never null).
+QUEUE_LEASE: dict[str, Any] = {"lease_owner": "", "lease_expires_at": None}
+
+
 def run_job_defer(*, run_id: UUID) -> int:
     """Insert the run's job in the current transaction; its id."""
     deferrer = configure_task(name=TASK_NAME, job_manager=_jobs, queue=QUEUE)
@@ -63,8 +67,7 @@ class QueueExecutor:
         self.host = host
 
     def queued_lease(self) -> dict[str, Any]:
-        # Nobody holds it (`Run.lease_owner` is blank, never null): the queue does.
-        return {"lease_owner": "", "lease_expires_at": None}
+        return dict(QUEUE_LEASE)
 
     def submit(self, run_id: UUID) -> None:
         run_job_defer(run_id=run_id)
@@ -133,4 +136,22 @@ async def run_job(*, run_id: str, enqueued_at: float) -> None:
     if not await database_sync_to_async(run_lease_take)(run_id=UUID(run_id)):
         logger.info("run %s is no longer queued: its job ends", run_id)
         return
-    await asyncio.shield(run_host().start(UUID(run_id)))
+    host = run_host()
+    if host.draining:
+        # Picked as this worker stops: its drain is under way or over, and would wait
+        # for the whole run (the worker exits once its jobs end). Another worker's.
+        await database_sync_to_async(run_requeue)(run_id=UUID(run_id))
+        logger.info("run %s picked as this worker stops: queued again", run_id)
+        return
+    await asyncio.shield(host.start(UUID(run_id)))
+
+
+def run_requeue(*, run_id: UUID) -> None:
+    """Give a run whose lease this process took (`run_lease_take`) and that it did not
+    start back to the queue: its lease emptied and a new job, together."""
+    with transaction.atomic():
+        mine = Run.objects.filter(
+            id=run_id, status=Run.Status.QUEUED, lease_owner=lifecycle.PROCESS_ID
+        )
+        if mine.update(**QUEUE_LEASE):
+            run_job_defer(run_id=run_id)
