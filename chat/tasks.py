@@ -44,4 +44,5 @@ async def jobs_stalled_fail(context: job_context.JobContext, timestamp: int) -> 
     manager = context.app.job_manager
     for job in await manager.get_stalled_jobs(task_name=queue.TASK_NAME):
         await manager.finish_job(job=job, status=jobs.Status.FAILED, delete_job=False)
-        await database_sync_to_async(queue.run_pickup_lapse)(run_id=UUID(job.task_kwargs["run_id"]))
+        run_id = UUID(str(job.task_kwargs["run_id"]))  # as `queue.run_job_defer` wrote it
+        await database_sync_to_async(queue.run_pickup_lapse)(run_id=run_id)
