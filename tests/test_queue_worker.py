@@ -242,10 +242,13 @@ from chat.agent.executor import get_executor
 from chat.agent.queue import QUEUE, TASK_NAME
 from chat.tasks import jobs_stalled_fail
 
+REPLACED = False  # the test sets it
+
 user = get_user_model().objects.get(username="drill")
 conversation = services.conversation_create(owner=user)
 with mock.patch.object(get_executor(), "submit"):
     run = services.run_create(conversation=conversation, content="What is 2 + 2?")
+args = json.dumps({"run_id": str(run.id), "enqueued_at": time.time()})
 with connection.cursor() as cursor:
     # What a worker killed as it picked a run's job leaves: the job `doing`, its
     # heartbeat long stale, and the run still the queue's (no lease taken yet).
@@ -257,9 +260,17 @@ with connection.cursor() as cursor:
     cursor.execute(
         "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
         "VALUES (%s, %s, %s::jsonb, 'doing', %s) RETURNING id",
-        [QUEUE, TASK_NAME, json.dumps({"run_id": str(run.id), "enqueued_at": time.time()}), worker],
+        [QUEUE, TASK_NAME, args, worker],
     )
     [job] = cursor.fetchone()
+    if REPLACED:
+        # The run has a job of its own still to come (as after a recovery while every
+        # worker is busy): in a few seconds, after the upkeep below.
+        cursor.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, scheduled_at) "
+            "VALUES (%s, %s, %s::jsonb, 'todo', now() + interval '5 seconds')",
+            [QUEUE, TASK_NAME, args],
+        )
 try:  # now rather than at the next minute
     jobs_stalled_fail.defer(timestamp=0)
 except AlreadyEnqueued:  # the minute's own is about to run
@@ -281,6 +292,17 @@ async def test_a_run_whose_worker_died_as_it_picked_its_job_is_answered(site: Qu
         await asyncio.sleep(0.1)
 
 
+async def test_a_run_whose_dead_workers_job_was_replaced_is_not_recovered_again(
+    site: QueueSite,
+) -> None:
+    picked = site.shell(STALLED_PICKUP.replace("REPLACED = False", "REPLACED = True"))
+    # Answered by the job it has, without burning one of its recoveries (a run past its
+    # limit is given up).
+    await site.run_where(picked["run"], "completed", "interrupted")
+    recorded = site.query("SELECT status, recoveries FROM chat_run WHERE id = %s", picked["run"])
+    assert recorded == [("completed", 0)]
+
+
 LATE_PICKUP = """
 import asyncio
 import json
@@ -292,7 +314,6 @@ from chat import services
 from chat.agent.executor import get_executor
 from chat.agent.host import run_host
 from chat.agent.queue import run_job
-from chat.models import Run
 
 user = get_user_model().objects.get(username="drill")
 conversation = services.conversation_create(owner=user)

@@ -29,8 +29,10 @@ from uuid import UUID
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.db import transaction
+from django.db.models import Exists
 from django.utils import timezone
 from procrastinate.contrib.django.django_connector import DjangoConnector
+from procrastinate.contrib.django.models import ProcrastinateJob
 from procrastinate.manager import JobManager
 from procrastinate.tasks import configure_task
 
@@ -115,13 +117,21 @@ def run_lease_take(*, run_id: UUID) -> bool:
 
 
 def run_pickup_lapse(*, run_id: UUID) -> bool:
-    """For a job whose worker died before it took its run's lease (`run_lease_take`):
-    the run is still the queue's, but its job will never start it, and a null lease
-    never lapses. Made to lapse now, so a reaper resumes it through a new job. False:
-    the worker had taken the lease (a reaper finds it as it lapses), or the run is over."""
-    lapsed = Run.objects.filter(
-        id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True
-    ).update(lease_expires_at=timezone.now())
+    """For a job whose worker died before it took its run's lease (`run_lease_take`),
+    marked failed already: if the run is still the queue's and no other job of it is to
+    come (one a recovery deferred since), nothing will start it, and a null lease never
+    lapses. Made to lapse now, so a reaper resumes it through a new job. False: the
+    worker had taken the lease (a reaper finds it as it lapses), another job has it, or
+    it is over."""
+    # `_default_manager`: its read-only `objects`, which django-stubs cannot type.
+    coming = ProcrastinateJob._default_manager.filter(
+        task_name=TASK_NAME, status__in=("todo", "doing"), args__run_id=str(run_id)
+    )
+    lapsed = (
+        Run.objects.filter(id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True)
+        .exclude(Exists(coming))
+        .update(lease_expires_at=timezone.now())
+    )
     return bool(lapsed)
 
 
