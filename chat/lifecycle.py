@@ -646,6 +646,8 @@ class LeaseKeeper:
         self._handed_back: dict[UUID, _Lease] = {}
         # When the next lease of an active run lapses, as the last tick saw it.
         self._next_lapse: datetime | None = None
+        # Off once this process stops (`reaping_stop`).
+        self._reaping = True
 
     def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
         """Renew the run's lease until `release`; `on_lost` stops it if another process
@@ -704,6 +706,12 @@ class LeaseKeeper:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in leases.items()}
         await _on_keeper_thread(runs_hand_back)(progress=progress)
 
+    def reaping_stop(self) -> None:
+        """For a process that is stopping: it recovers no more runs, above all not those
+        it hands back (the in-process executor would start them here, to die with it a
+        moment later and be found only a lease after). It still renews what it holds."""
+        self._reaping = False
+
     def ensure_started(self, executor: RunSubmitter) -> None:
         """Start on the running loop, unless running there already (call it from it).
         `executor`: where the runs it recovers go."""
@@ -745,8 +753,10 @@ class LeaseKeeper:
         for lease in list(self._held.values()):
             if lease.tracer is not None:
                 lease.tracer.flush()
-        if self._executor is not None:
+        if self._executor is not None and self._reaping:
             _, self._next_lapse = await _reap(self._executor)
+        else:  # wakes for renewals alone
+            self._next_lapse = None
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:

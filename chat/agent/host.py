@@ -155,6 +155,7 @@ class RunHost:
         (another process resumes them from their checkpoint) and wait for their tasks to
         stop. For a process that is shutting down and takes no new runs."""
         self.draining = True
+        lease_keeper().reaping_stop()
         deadline = asyncio.get_running_loop().time() + seconds
         # Again after each wait: a run may start meanwhile (the in-process executor starts
         # what its server still takes; a queue job checks `draining` instead).

@@ -17,6 +17,7 @@ from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import lifecycle, services
 from chat.agent import offline_model
 from chat.agent.executor import get_executor
+from chat.agent.host import RunHost
 from chat.events import event_log, follow
 from chat.models import Message, Run
 from conftest import account_with_limits, wait_for_runs
@@ -404,3 +405,22 @@ async def test_a_user_who_stops_a_resumed_run_stops_it(make_user, settings, keep
     assert (stopped.status, stopped.recoveries) == (Run.Status.CANCELLED, 1)
     assert not await BudgetReservation.objects.filter(run_id=run.id).aexists()
     assert await lifecycle.runs_reap(executor=get_executor()) == 0
+
+
+async def test_a_process_that_stops_resumes_no_run_in_itself(make_user, monkeypatch):
+    # A web instance shutting down (its host drains, handing its runs back): were its
+    # keeper to recover them, it would start them in itself, to die with it a moment
+    # later and be found by another instance only a lease after.
+    keeper = lifecycle.LeaseKeeper()
+    monkeypatch.setattr(lifecycle, "_keeper", keeper)
+    keeper.ensure_started(get_executor())
+    keeper._task.cancel()  # ticked by hand below
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(lapsed_run)(conversation)
+
+    await RunHost().drain(seconds=0)
+    await keeper.tick()
+
+    left = await Run.objects.aget(id=run.id)
+    assert (left.status, left.recoveries) == (Run.Status.RUNNING, 0) and left.lease_lapsed()
