@@ -42,7 +42,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, DateTimeField, F, Min, PositiveIntegerField, Q, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from agentsite.text import text_storable
@@ -160,9 +160,13 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
 
 
 def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
-    """Raise the run's seq ceiling past `seq` before its writer goes beyond it."""
+    """Raise the run's seq ceiling past `seq` before its writer goes beyond it. Never
+    lower it: the writer may be an execution that stalled past its lease, and a later
+    one (or its recovery) numbers past the ceiling that one reserved."""
     ceiling = seq + SEQ_BLOCK
-    Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES).update(event_seq=ceiling)
+    Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES).update(
+        event_seq=Greatest(F("event_seq"), Value(ceiling))
+    )
     return ceiling
 
 

@@ -227,6 +227,23 @@ def test_a_recovered_run_starts_where_it_was_numbering_past_its_earlier_seqs(mak
     assert again.user_message is not None and again.user_message.content == "Hello"
 
 
+def test_a_stalled_earlier_execution_never_lowers_the_seqs_a_later_one_reserved(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    # Recovered once: its second execution reserved up to the third block...
+    run = lapsed_run(conversation, event_seq=3 * lifecycle.SEQ_BLOCK, recoveries=1)
+    conversation.messages.create(run=run, role="user", content="Hello")
+    # ... when its first, stalled past its lease and not stopped yet, crossed its own
+    # first block and reserved the next.
+    lifecycle.run_seq_reserve(run_id=run.id, seq=lifecycle.SEQ_BLOCK)
+    recover(run.id)
+
+    again = lifecycle.run_start(run_id=run.id)
+
+    # Its events go on past every seq the second execution may have sent: a client that
+    # saw those sees these.
+    assert again is not None and again.seq == 3 * lifecycle.SEQ_BLOCK
+
+
 def test_a_run_recovered_before_it_ever_started_starts_as_a_fresh_one(make_user):
     conversation = services.conversation_create(owner=make_user())
     # Created under a process's lease, which died before starting it.
