@@ -42,7 +42,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, DateTimeField, F, Min, PositiveIntegerField, Q, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from agentsite.text import text_storable
@@ -160,9 +160,13 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
 
 
 def run_seq_reserve(*, run_id: UUID, seq: int) -> int:
-    """Raise the run's seq ceiling past `seq` before its writer goes beyond it."""
+    """Raise the run's seq ceiling past `seq` before its writer goes beyond it. Never
+    lower it: the writer may be an execution that stalled past its lease, and a later
+    one (or its recovery) numbers past the ceiling that one reserved."""
     ceiling = seq + SEQ_BLOCK
-    Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES).update(event_seq=ceiling)
+    Run.objects.filter(id=run_id, status__in=Run.ACTIVE_STATUSES).update(
+        event_seq=Greatest(F("event_seq"), Value(ceiling))
+    )
     return ceiling
 
 
@@ -270,19 +274,8 @@ def run_recover(*, run_id: UUID, lease: dict[str, Any]) -> "RecoveredRun | Close
         # Past its limit, closed with the same kind of claim; or not lapsed (None).
         return run_close(run_id=run_id, error_message=GIVEN_UP_MESSAGE.format(times=limit + 1))
     run = Run.objects.get(id=run_id)
-    try:
-        with transaction.atomic():  # a savepoint, as in `run_close`
-            cost = usage_close_run(
-                run_id=run_id,
-                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
-            )
-    except Exception:
-        # Left held: the resumed execution's finish settles it with the run's totals.
-        logger.exception("run %s: could not settle its usage", run_id)
-    else:
-        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
-        run.cost_usd = cost.total_usd
-        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    # On failure left held: the resumed execution's finish settles it with the totals.
+    _holds_settle(run)
     logger.warning(
         "run %s: its lease lapsed; queued to resume (recovery %d of %d)",
         run_id,
@@ -372,6 +365,27 @@ def _message_from_part(run: Run, part: dict) -> Message | None:
     return Message(conversation_id=run.conversation_id, run=run, role=Message.Role.TOOL, tool=tool)
 
 
+def _holds_settle(run: Run) -> RunCost | None:
+    """Settle the holds of a run nobody executes any more from the usage its last renewal
+    recorded (`usage_close_run`), and make the run's totals the ledger's; None if that
+    failed (logged; the holds stay)."""
+    try:
+        # A savepoint: `run_create` claims lost runs inside its transaction, which a
+        # database error caught here must not leave aborted (PostgreSQL).
+        with transaction.atomic():
+            cost = usage_close_run(
+                run_id=run.id,
+                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
+            )
+    except Exception:
+        logger.exception("run %s: could not settle its usage", run.id)
+        return None
+    run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
+    run.cost_usd = cost.total_usd
+    run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    return cost
+
+
 @dataclass(frozen=True)
 class ClosedRun:
     conversation_id: UUID
@@ -413,21 +427,7 @@ def run_close(
     if not claimed:
         return None
     run = Run.objects.select_related("conversation").get(id=run_id)
-    cost: RunCost | None = None
-    try:
-        # A savepoint: `run_create` closes lost runs inside its transaction, which a
-        # database error caught here must not leave aborted (PostgreSQL).
-        with transaction.atomic():
-            cost = usage_close_run(
-                run_id=run_id,
-                seen=Usage(input_tokens=run.input_tokens, output_tokens=run.output_tokens),
-            )
-    except Exception:
-        logger.exception("run %s: could not settle its usage", run_id)
-    else:
-        run.input_tokens, run.output_tokens = cost.input_tokens, cost.output_tokens
-        run.cost_usd = cost.total_usd
-        run.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    cost = _holds_settle(run)
     trace_closed = False
     if settings.TRACING_ENABLED:
         trace_closed = trace_close_interrupted(
@@ -668,6 +668,8 @@ class LeaseKeeper:
         self._handed_back: dict[UUID, _Lease] = {}
         # When the next lease of an active run lapses, as the last tick saw it.
         self._next_lapse: datetime | None = None
+        # Off once this process stops (`reaping_stop`).
+        self._reaping = True
 
     def hold(self, run_id: UUID, *, on_lost: Callable[[], Any]) -> None:
         """Renew the run's lease until `release`; `on_lost` stops it if another process
@@ -726,6 +728,12 @@ class LeaseKeeper:
         progress = {run_id: _progress(lease.outcome) for run_id, lease in leases.items()}
         await _on_keeper_thread(runs_hand_back)(progress=progress)
 
+    def reaping_stop(self) -> None:
+        """For a process that is stopping: it recovers no more runs, above all not those
+        it hands back (the in-process executor would start them here, to die with it a
+        moment later and be found only a lease after). It still renews what it holds."""
+        self._reaping = False
+
     def ensure_started(self, executor: RunSubmitter) -> None:
         """Start on the running loop, unless running there already (call it from it).
         `executor`: where the runs it recovers go."""
@@ -767,8 +775,10 @@ class LeaseKeeper:
         for lease in list(self._held.values()):
             if lease.tracer is not None:
                 lease.tracer.flush()
-        if self._executor is not None:
+        if self._executor is not None and self._reaping:
             _, self._next_lapse = await _reap(self._executor)
+        else:  # wakes for renewals alone
+            self._next_lapse = None
 
 
 def _progress(outcome: RunOutcome | None) -> tuple[int, int]:

@@ -3,6 +3,9 @@ on PostgreSQL, see settings): the run job of AGENT_EXECUTOR=queue and the upkeep
 jobs table, which every `agent_worker` runs (each periodic job is deferred once per
 tick, whichever worker gets there first)."""
 
+from uuid import UUID
+
+from channels.db import database_sync_to_async
 from procrastinate import builtin_tasks, job_context, jobs
 from procrastinate.contrib.django import app
 
@@ -36,7 +39,10 @@ async def jobs_stalled_fail(context: job_context.JobContext, timestamp: int) -> 
     """A worker killed mid-run leaves its jobs `doing` forever (Procrastinate does not
     retry stalled jobs by itself). Their runs are not lost: their leases lapse, and a
     reaper resumes them through new jobs (or closes them). So the old jobs are only
-    marked failed, once their worker's heartbeat is stale, never retried."""
+    marked failed, once their worker's heartbeat is stale, never retried; but a run
+    whose worker died before it took its lease has none to lapse, and is given one."""
     manager = context.app.job_manager
     for job in await manager.get_stalled_jobs(task_name=queue.TASK_NAME):
         await manager.finish_job(job=job, status=jobs.Status.FAILED, delete_job=False)
+        run_id = UUID(str(job.task_kwargs["run_id"]))  # as `queue.run_job_defer` wrote it
+        await database_sync_to_async(queue.run_pickup_lapse)(run_id=run_id)

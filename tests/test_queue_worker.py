@@ -191,24 +191,6 @@ async def test_a_runs_job_commits_or_rolls_back_with_the_run(site: QueueSite) ->
     await site.run_where(runs["committed"], "completed")
 
 
-async def test_a_worker_streams_its_run_to_the_browser_token_by_token(site: QueueSite) -> None:
-    async with site.server.socket(site.login) as socket:
-        assert (await receive(socket))["type"] == "session"
-        await socket.send(json.dumps({"type": "message", "content": LONG_ANSWER}))
-        frames = await receive_until(socket, "run.completed")
-
-    tokens = [frame for frame in frames if frame["type"] == "token"]
-    assert len(tokens) > 10
-    seqs = [frame["seq"] for frame in frames if "seq" in frame]
-    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
-    answer = frames[-1]["messages"][-1]["content"]
-    assert "".join(token["text"] for token in tokens).strip() == answer.strip()
-    # Executed by a worker, not by the web server that took the message.
-    run = frames[-1]["run"]
-    [(owner,)] = site.query("SELECT lease_owner FROM chat_run WHERE id = %s", run)
-    assert pid_of(owner) in {worker.pid for worker in site.workers}
-
-
 async def test_a_cancel_reaches_the_worker_and_stops_the_run(site: QueueSite) -> None:
     async with site.server.socket(site.login) as socket:
         assert (await receive(socket))["type"] == "session"
@@ -248,15 +230,28 @@ async def test_a_cancel_closes_a_run_no_worker_has_started(site: QueueSite) -> N
     assert site.shell(QUEUED_CANCEL) == {"status": "cancelled", "error": "cancelled"}
 
 
-STALLED_JOB = """
+STALLED_PICKUP = """
 import json
+import time
+from unittest import mock
+from django.contrib.auth import get_user_model
 from django.db import connection
 from procrastinate.exceptions import AlreadyEnqueued
+from chat import services
+from chat.agent.executor import get_executor
 from chat.agent.queue import QUEUE, TASK_NAME
 from chat.tasks import jobs_stalled_fail
 
+REPLACED = False  # the test sets it
+
+user = get_user_model().objects.get(username="drill")
+conversation = services.conversation_create(owner=user)
+with mock.patch.object(get_executor(), "submit"):
+    run = services.run_create(conversation=conversation, content="What is 2 + 2?")
+args = json.dumps({"run_id": str(run.id), "enqueued_at": time.time()})
 with connection.cursor() as cursor:
-    # What a worker killed mid-run leaves: its job `doing`, its heartbeat long stale.
+    # What a worker killed as it picked a run's job leaves: the job `doing`, its
+    # heartbeat long stale, and the run still the queue's (no lease taken yet).
     cursor.execute(
         "INSERT INTO procrastinate_workers (last_heartbeat) "
         "VALUES (now() - interval '1 hour') RETURNING id"
@@ -264,24 +259,87 @@ with connection.cursor() as cursor:
     [worker] = cursor.fetchone()
     cursor.execute(
         "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
-        "VALUES (%s, %s, '{}'::jsonb, 'doing', %s) RETURNING id",
-        [QUEUE, TASK_NAME, worker],
+        "VALUES (%s, %s, %s::jsonb, 'doing', %s) RETURNING id",
+        [QUEUE, TASK_NAME, args, worker],
     )
     [job] = cursor.fetchone()
+    if REPLACED:
+        # The run has a job of its own still to come (as after a recovery while every
+        # worker is busy): in a few seconds, after the upkeep below.
+        cursor.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, scheduled_at) "
+            "VALUES (%s, %s, %s::jsonb, 'todo', now() + interval '5 seconds')",
+            [QUEUE, TASK_NAME, args],
+        )
 try:  # now rather than at the next minute
     jobs_stalled_fail.defer(timestamp=0)
 except AlreadyEnqueued:  # the minute's own is about to run
     pass
-print(json.dumps(job))
+print(json.dumps({"job": job, "run": str(run.id)}))
 """
 
 
-async def test_a_dead_workers_job_does_not_stay_doing(site: QueueSite) -> None:
-    job = site.shell(STALLED_JOB)
+async def test_a_run_whose_worker_died_as_it_picked_its_job_is_answered(site: QueueSite) -> None:
+    picked = site.shell(STALLED_PICKUP)
+    # Not left waiting for ever (and blocking its conversation): answered by a new job.
+    assert (await site.run_where(picked["run"], "completed", "interrupted"))[0] == "completed"
+    # And the dead worker's job does not stay `doing`.
     deadline = time.monotonic() + 60
-    while site.query("SELECT status FROM procrastinate_jobs WHERE id = %s", job) != [("failed",)]:
+    while site.query("SELECT status FROM procrastinate_jobs WHERE id = %s", picked["job"]) != [
+        ("failed",)
+    ]:
         assert time.monotonic() < deadline, "the stalled job was left doing"
         await asyncio.sleep(0.1)
+
+
+async def test_a_run_whose_dead_workers_job_was_replaced_is_not_recovered_again(
+    site: QueueSite,
+) -> None:
+    picked = site.shell(STALLED_PICKUP.replace("REPLACED = False", "REPLACED = True"))
+    # Answered by the job it has, without burning one of its recoveries (a run past its
+    # limit is given up).
+    await site.run_where(picked["run"], "completed", "interrupted")
+    recorded = site.query("SELECT status, recoveries FROM chat_run WHERE id = %s", picked["run"])
+    assert recorded == [("completed", 0)]
+
+
+LATE_PICKUP = """
+import asyncio
+import json
+import os
+import time
+from unittest import mock
+from django.contrib.auth import get_user_model
+from chat import services
+from chat.agent.executor import get_executor
+from chat.agent.host import run_host
+from chat.agent.queue import run_job
+
+user = get_user_model().objects.get(username="drill")
+conversation = services.conversation_create(owner=user)
+with mock.patch.object(get_executor(), "submit"):
+    run = services.run_create(conversation=conversation, content="What is 2 + 2?")
+
+async def stopping_worker_picks_it():
+    # This process is a worker told to stop (its drain began) whose last fetched job
+    # only now gets as far as the run.
+    await run_host().drain(seconds=0)
+    await run_job(run_id=str(run.id), enqueued_at=time.time())
+
+asyncio.run(stopping_worker_picks_it())
+run.refresh_from_db()
+print(json.dumps({"run": str(run.id), "status": run.status, "pid": os.getpid()}))
+"""
+
+
+async def test_a_run_picked_as_its_worker_stops_is_answered_by_another(site: QueueSite) -> None:
+    picked = site.shell(LATE_PICKUP)
+    # The stopping worker did not run it (it would have held up its exit for the whole
+    # answer): back in the queue, and answered by a worker still taking runs.
+    assert picked["status"] == "queued"
+    status, owner, _ = await site.run_where(picked["run"], "completed", "interrupted")
+    assert status == "completed"
+    assert pid_of(owner) in {worker.pid for worker in site.workers}
 
 
 async def test_pickup_latency_of_fifty_runs(site: QueueSite) -> None:

@@ -43,6 +43,8 @@ class RunHost:
         # Cancelled once already: a second cancel (another tab, a delete) must not
         # interrupt the run while it records its outcome and sends its final event.
         self._cancelled: set[UUID] = set()
+        # Set by `drain`: this process is stopping and must start no more runs.
+        self.draining = False
 
     def start(self, run_id: UUID) -> asyncio.Task[None]:
         """Execute a queued run as a task on the running loop (call it from the loop)."""
@@ -155,7 +157,7 @@ class RunHost:
         self._cancelled.discard(run_id)
 
     async def join(self, run_id: UUID) -> None:
-        """Wait for a run to end (used by the tests and the worker's drain)."""
+        """Wait for a run to end (the tests use it)."""
         task = self._tasks.get(run_id)
         if task is not None:
             await asyncio.wait([task])
@@ -167,8 +169,11 @@ class RunHost:
         """Let the runs here finish for up to `seconds`, then hand the rest back
         (another process resumes them from their checkpoint) and wait for their tasks to
         stop. For a process that is shutting down and takes no new runs."""
+        self.draining = True
+        lease_keeper().reaping_stop()
         deadline = asyncio.get_running_loop().time() + seconds
-        # Again after each wait: a job picked just before the stop may start its run late.
+        # Again after each wait: a run may start meanwhile (the in-process executor starts
+        # what its server still takes; a queue job checks `draining` instead).
         while self._tasks:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:

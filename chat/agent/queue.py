@@ -28,7 +28,11 @@ from uuid import UUID
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from django.db import transaction
+from django.db.models import Exists
+from django.utils import timezone
 from procrastinate.contrib.django.django_connector import DjangoConnector
+from procrastinate.contrib.django.models import ProcrastinateJob
 from procrastinate.manager import JobManager
 from procrastinate.tasks import configure_task
 
@@ -50,6 +54,10 @@ TASK_NAME = "agentsite.run_execute"
 _jobs = JobManager(DjangoConnector())
 
 
+# A run the queue holds: nobody's lease (`Run.lease_owner` is blank, never null).
+QUEUE_LEASE: dict[str, Any] = {"lease_owner": "", "lease_expires_at": None}
+
+
 def run_job_defer(*, run_id: UUID) -> int:
     """Insert the run's job in the current transaction; its id."""
     deferrer = configure_task(name=TASK_NAME, job_manager=_jobs, queue=QUEUE)
@@ -61,8 +69,7 @@ class QueueExecutor:
         self.host = host
 
     def queued_lease(self) -> dict[str, Any]:
-        # Nobody holds it (`Run.lease_owner` is blank, never null): the queue does.
-        return {"lease_owner": "", "lease_expires_at": None}
+        return dict(QUEUE_LEASE)
 
     def submit(self, run_id: UUID) -> None:
         run_job_defer(run_id=run_id)
@@ -92,6 +99,25 @@ def run_lease_take(*, run_id: UUID) -> bool:
     return bool(taken)
 
 
+def run_pickup_lapse(*, run_id: UUID) -> bool:
+    """For a job whose worker died before it took its run's lease (`run_lease_take`),
+    marked failed already: if the run is still the queue's and no other job of it is to
+    come (one a recovery deferred since), nothing will start it, and a null lease never
+    lapses. Made to lapse now, so a reaper resumes it through a new job. False: the
+    worker had taken the lease (a reaper finds it as it lapses), another job has it, or
+    it is over."""
+    # `_default_manager`: its read-only `objects`, which django-stubs cannot type.
+    coming = ProcrastinateJob._default_manager.filter(
+        task_name=TASK_NAME, status__in=("todo", "doing"), args__run_id=str(run_id)
+    )
+    lapsed = (
+        Run.objects.filter(id=run_id, status=Run.Status.QUEUED, lease_expires_at__isnull=True)
+        .exclude(Exists(coming))
+        .update(lease_expires_at=timezone.now())
+    )
+    return bool(lapsed)
+
+
 async def run_job(*, run_id: str, enqueued_at: float) -> None:
     """The job of one run, in a worker: host it and wait for it to end (or to be handed
     back). Shielded: whatever happens to the job (Procrastinate aborts its task on some
@@ -103,4 +129,22 @@ async def run_job(*, run_id: str, enqueued_at: float) -> None:
     if not await database_sync_to_async(run_lease_take)(run_id=UUID(run_id)):
         logger.info("run %s is no longer queued: its job ends", run_id)
         return
-    await asyncio.shield(run_host().start(UUID(run_id)))
+    host = run_host()
+    if host.draining:
+        # Picked as this worker stops: its drain is under way or over, and would wait
+        # for the whole run (the worker exits once its jobs end). Another worker's.
+        await database_sync_to_async(run_requeue)(run_id=UUID(run_id))
+        logger.info("run %s picked as this worker stops: queued again", run_id)
+        return
+    await asyncio.shield(host.start(UUID(run_id)))
+
+
+def run_requeue(*, run_id: UUID) -> None:
+    """Give a run whose lease this process took (`run_lease_take`) and that it did not
+    start back to the queue: its lease emptied and a new job, together."""
+    with transaction.atomic():
+        mine = Run.objects.filter(
+            id=run_id, status=Run.Status.QUEUED, lease_owner=lifecycle.PROCESS_ID
+        )
+        if mine.update(**QUEUE_LEASE):
+            run_job_defer(run_id=run_id)

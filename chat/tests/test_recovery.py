@@ -17,6 +17,7 @@ from billing.tests.conftest import prices  # noqa: F401 (a fixture)
 from chat import lifecycle, services
 from chat.agent import offline_model
 from chat.agent.executor import get_executor
+from chat.agent.host import RunHost
 from chat.events import event_log, follow
 from chat.models import Message, Run
 from conftest import account_with_limits, wait_for_runs
@@ -224,6 +225,23 @@ def test_a_recovered_run_starts_where_it_was_numbering_past_its_earlier_seqs(mak
     assert again.run.event_seq == 3 * lifecycle.SEQ_BLOCK
     assert again.run.started_at == crashed.started_at  # the run's start, not this one's
     assert again.user_message is not None and again.user_message.content == "Hello"
+
+
+def test_a_stalled_earlier_execution_never_lowers_the_seqs_a_later_one_reserved(make_user):
+    conversation = services.conversation_create(owner=make_user())
+    # Recovered once: its second execution reserved up to the third block...
+    run = lapsed_run(conversation, event_seq=3 * lifecycle.SEQ_BLOCK, recoveries=1)
+    conversation.messages.create(run=run, role="user", content="Hello")
+    # ... when its first, stalled past its lease and not stopped yet, crossed its own
+    # first block and reserved the next.
+    lifecycle.run_seq_reserve(run_id=run.id, seq=lifecycle.SEQ_BLOCK)
+    recover(run.id)
+
+    again = lifecycle.run_start(run_id=run.id)
+
+    # Its events go on past every seq the second execution may have sent: a client that
+    # saw those sees these.
+    assert again is not None and again.seq == 3 * lifecycle.SEQ_BLOCK
 
 
 def test_a_run_recovered_before_it_ever_started_starts_as_a_fresh_one(make_user):
@@ -474,3 +492,22 @@ async def test_a_run_resumed_past_its_time_limit_ends_at_it(
     assert [m.role for m in stored] == ["user", "tool"] and stored[1].tool["result"] == "391"
     ended = await Run.objects.aget(id=run.id)
     assert (ended.status, ended.recoveries) == (Run.Status.LIMIT_REACHED, 1)
+
+
+async def test_a_process_that_stops_resumes_no_run_in_itself(make_user, monkeypatch):
+    # A web instance shutting down (its host drains, handing its runs back): were its
+    # keeper to recover them, it would start them in itself, to die with it a moment
+    # later and be found by another instance only a lease after.
+    keeper = lifecycle.LeaseKeeper()
+    monkeypatch.setattr(lifecycle, "_keeper", keeper)
+    keeper.ensure_started(get_executor())
+    keeper._task.cancel()  # ticked by hand below
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    run = await database_sync_to_async(lapsed_run)(conversation)
+
+    await RunHost().drain(seconds=0)
+    await keeper.tick()
+
+    left = await Run.objects.aget(id=run.id)
+    assert (left.status, left.recoveries) == (Run.Status.RUNNING, 0) and left.lease_lapsed()
