@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.turn_cost import agentsite_command, fastapi_command  # noqa: E402
 from tests.conftest import _free_port, _server_env  # noqa: E402
 from tests.drills import RedisServer  # noqa: E402
 from tests.servers import postgres_database  # noqa: E402
@@ -65,32 +66,6 @@ def first_200(command: list[str], env: dict[str, str], port: int, log: Path) -> 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def agentsite_command(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "agentsite.serve",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "agentsite.asgi:application",
-    ]
-
-
-def fastapi_command(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks.fastapi_baseline:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
 
 
 def migrate(env: dict[str, str]) -> None:

@@ -34,7 +34,6 @@ import contextlib
 import math
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,8 +64,10 @@ from benchmarks.turn_cost import (  # noqa: E402
     _safe_turn,
     _warm,
     close_clients,
+    fastapi_command,
     fmt,
     ideal_for,
+    keep_logs,
     open_clients,
     percentile,
     process_cpu,
@@ -314,20 +315,7 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
     try:
         topology.script("up")
         prepare_users(data.env, users, per_user)
-        fastapi = spawn(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.fastapi_baseline:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(fastapi_port),
-            ],
-            data.env,
-            workdir / "fastapi.log",
-        )
+        fastapi = spawn(fastapi_command(fastapi_port), data.env, workdir / "fastapi.log")
         wait_until_up(f"http://127.0.0.1:{fastapi_port}/healthz", fastapi, workdir / "fastapi.log")
         site = await asyncio.to_thread(ThroughNginx, topology, users)
         ours = await asyncio.to_thread(site.clients, concurrency)
@@ -375,12 +363,6 @@ async def measure(args: argparse.Namespace, concurrency: int, workdir: Path, dat
             await asyncio.to_thread(topology.script, "down")
 
 
-def keep_logs(logs: Path, into: Path, concurrency: int) -> None:
-    into.mkdir(parents=True, exist_ok=True)
-    for log in logs.glob("*.log"):
-        shutil.copy(log, into / f"c{concurrency}-{log.name}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -417,7 +399,9 @@ def main() -> None:
                         asyncio.run(measure(args, concurrency, workdir, data))
                 finally:
                     if args.keep_logs:
-                        keep_logs(workdir / "topology" / "logs", Path(args.keep_logs), concurrency)
+                        keep_logs(
+                            workdir / "topology" / "logs", Path(args.keep_logs), f"c{concurrency}"
+                        )
     finally:
         stop_all_children()
 

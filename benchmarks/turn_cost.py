@@ -171,6 +171,34 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise RuntimeError(f"{url} did not answer within 180 s:\n{log.read_text()[-3000:]}")
 
 
+def agentsite_command(port: int) -> list[str]:
+    """Agentsite as the image serves it: Daphne with the app's access log."""
+    return [
+        sys.executable,
+        "-m",
+        "agentsite.serve",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "agentsite.asgi:application",
+    ]
+
+
+def fastapi_command(port: int) -> list[str]:
+    """The bare pattern (benchmarks/fastapi_baseline.py) under uvicorn."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks.fastapi_baseline:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def pinned(command: list[str], core: int) -> list[str]:
     return ["taskset", "-c", str(core), *command] if shutil.which("taskset") else command
 
@@ -479,16 +507,7 @@ class AgentsiteServer(Server):
                 raise RuntimeError(
                     f"Preparing the database failed:\n{done.stderr.decode()[-3000:]}"
                 )
-        command = [
-            sys.executable,
-            "-m",
-            "agentsite.serve",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "agentsite.asgi:application",
-        ]
+        command = agentsite_command(self.port)
         self.process = spawn(pinned(command, SERVER_CORE), self.backend.env, self.log)
         wait_until_up(self.url + "/login/", self.process, self.log)
         self.logins = [self._log_in(f"bench{index}") for index in range(self.users)]
@@ -549,16 +568,7 @@ class FastAPIServer(Server):
         self.log = workdir / "fastapi.log"
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.fastapi_baseline:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
+        command = fastapi_command(self.port)
         self.process = spawn(pinned(command, SERVER_CORE), self.env, self.log)
         wait_until_up(self.url + "/healthz", self.process, self.log)
 
