@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from tests.conftest import ROOT, _free_port, _runserver, _server_env, _wait_until_up
+from tests.servers import postgres_available
 
 USERNAME = "drill"
 
@@ -240,3 +242,18 @@ def redis_server_available() -> bool:
         os.access(os.path.join(path, "redis-server"), os.X_OK)
         for path in os.environ.get("PATH", "").split(os.pathsep)
     )
+
+
+def needs_postgres_and_redis_server(what: str) -> list[pytest.MarkDecorator]:
+    """The marks of a module of drills on PostgreSQL and redis-servers of their own:
+    without either it is skipped, saying loudly `what` did not run."""
+    return [
+        pytest.mark.postgres,
+        pytest.mark.skipif(
+            not postgres_available(),
+            reason=f"PostgreSQL is NOT reachable on 127.0.0.1:5432: {what}",
+        ),
+        pytest.mark.skipif(
+            not redis_server_available(), reason=f"redis-server is NOT installed: {what}"
+        ),
+    ]

@@ -25,29 +25,21 @@ from tests.drills import (
     RedisServer,
     chat_socket,
     logins_read,
+    needs_postgres_and_redis_server,
     prepare,
     receive,
     receive_until,
-    redis_server_available,
     resume_until_final,
 )
-from tests.servers import postgres_available, postgres_database
+from tests.servers import postgres_database
 from tests.topology import Topology, nginx_available
 
 pytestmark = [
-    pytest.mark.postgres,
     pytest.mark.skipif(
         not nginx_available(),
         reason="nginx is NOT installed (make nginx): the topology drills did NOT run",
     ),
-    pytest.mark.skipif(
-        not postgres_available(),
-        reason="PostgreSQL is NOT reachable on 127.0.0.1:5432: the topology drills did NOT run",
-    ),
-    pytest.mark.skipif(
-        not redis_server_available(),
-        reason="redis-server is NOT installed: the topology drills did NOT run",
-    ),
+    *needs_postgres_and_redis_server("the topology drills did NOT run"),
 ]
 
 # About 70 tokens at 50 ms: a run streams for ~3.5 s, long enough to kill things under it.

@@ -17,22 +17,14 @@ from tests.drills import (
     DrillServer,
     Login,
     RedisServer,
+    needs_postgres_and_redis_server,
     receive,
     receive_until,
-    redis_server_available,
 )
-from tests.servers import postgres_available, postgres_database
+from tests.servers import postgres_database
 
 pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.skipif(
-        not postgres_available(),
-        reason="PostgreSQL is NOT reachable on 127.0.0.1:5432: the web shutdown is untested",
-    ),
-    pytest.mark.skipif(
-        not redis_server_available(),
-        reason="redis-server is NOT installed: the web shutdown is untested",
-    ),
+    *needs_postgres_and_redis_server("the web shutdown is untested"),
 ]
 
 

@@ -11,7 +11,6 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
@@ -60,19 +59,7 @@ class InProcessExecutor:
         return async_to_sync(self._cancel)(run_id)
 
     async def _cancel(self, run_id: UUID) -> bool:
-        if await self.host.cancel_local(run_id):
-            return True
-        if single_instance():
-            return False
-        # Not started yet by the instance that has it, which listens for the broadcast
-        # only from then on: closed here.
-        closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
-        if closed is not None:
-            await lifecycle.run_closed_publish(closed)
-            return True
-        await self.host.cancel_broadcast(run_id)
-        # Another instance may hold it; a run nobody holds is closed when its lease lapses.
-        return True
+        return await self.host.cancel(run_id, elsewhere=not single_instance())
 
 
 @cache

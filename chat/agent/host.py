@@ -145,7 +145,25 @@ class RunHost:
                 task.cancel()
         return True
 
-    async def cancel_broadcast(self, run_id: UUID) -> None:
+    async def cancel(self, run_id: UUID, *, elsewhere: bool) -> bool:
+        """Stop a run: here if this process executes it; else, with `elsewhere` (other
+        processes may have it), close it as cancelled if nobody has started it (the
+        process that has it listens for cancels only once it started it), or broadcast
+        the stop to whichever process executes it. False: nobody here has it, and
+        nowhere else was asked."""
+        if await self.cancel_local(run_id):
+            return True
+        if not elsewhere:
+            return False
+        closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
+        if closed is not None:
+            await lifecycle.run_closed_publish(closed)
+            return True
+        await self._cancel_broadcast(run_id)
+        # Another process may hold it; a run nobody holds is closed when its lease lapses.
+        return True
+
+    async def _cancel_broadcast(self, run_id: UUID) -> None:
         """To whichever process executes the run (this one included)."""
         layer = get_channel_layer()
         assert layer is not None

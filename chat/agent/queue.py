@@ -78,14 +78,7 @@ class QueueExecutor:
         return async_to_sync(self._cancel)(run_id)
 
     async def _cancel(self, run_id: UUID) -> bool:
-        if await self.host.cancel_local(run_id):
-            return True
-        closed = await database_sync_to_async(lifecycle.run_cancel_queued)(run_id=run_id)
-        if closed is not None:
-            await lifecycle.run_closed_publish(closed)
-            return True
-        await self.host.cancel_broadcast(run_id)
-        return True
+        return await self.host.cancel(run_id, elsewhere=True)
 
 
 def run_lease_take(*, run_id: UUID) -> bool:
