@@ -1,5 +1,5 @@
 """The runs one process executes: each an asyncio task on the process's loop, its lease
-renewed by the process's lease keeper, listening for cancels broadcast by any instance.
+renewed by the process's lease keeper, stopped by cancels broadcast by any instance.
 
 Both executors host their runs here: the in-process one in the web process that created
 them, the queue one in the worker process whose job picked them up. Hand-back (shutdown)
@@ -7,7 +7,6 @@ goes through the lease keeper, which stops the tasks it holds.
 """
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import sys
@@ -24,12 +23,15 @@ from .runner import execute_run
 logger = logging.getLogger(__name__)
 
 
-# Seconds a run waits for its cancel listener to subscribe before it starts anyway.
+# Seconds a run waits for the process's cancel listener to subscribe before it starts
+# anyway (only the first runs of a process, or after Redis came back, ever wait).
 SUBSCRIBE_WAIT = 1.0
 
-
-def run_control_group(run_id: UUID) -> str:
-    return f"run-control.{run_id}"
+# Every process that hosts runs listens here, on one channel for all its runs, for the
+# cancels any instance broadcasts (each names its run). Cancels are rare; subscribing
+# and unsubscribing a channel per run cost every run Redis round trips, one of them
+# before it could start.
+RUN_CONTROL_GROUP = "run-control"
 
 
 def single_instance() -> bool:
@@ -45,6 +47,9 @@ class RunHost:
         self._cancelled: set[UUID] = set()
         # Set by `drain`: this process is stopping and must start no more runs.
         self.draining = False
+        # The cancel listener, on the loop the runs execute on, and whether it listens.
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
 
     def start(self, run_id: UUID) -> asyncio.Task[None]:
         """Execute a queued run as a task on the running loop (call it from the loop)."""
@@ -62,24 +67,12 @@ class RunHost:
         return task
 
     async def _execute(self, run_id: UUID) -> None:
-        if single_instance():
-            await execute_run(run_id)
-            return
-        layer = get_channel_layer()
-        assert layer is not None
-        listening: tuple[asyncio.Task[None], str] | None = None
-        try:
-            # Listening before the run starts: a cancel sent once it is no longer queued
-            # (which a queued run's cancel looks at) must find it. Not for long, though:
-            # with Redis down the run goes on without.
+        if not single_instance():
             try:
-                channel = await layer.new_channel()
-                subscribed = asyncio.Event()
-                listening = (
-                    asyncio.create_task(self._listen_for_cancel(run_id, channel, subscribed)),
-                    channel,
-                )
-                await asyncio.wait_for(subscribed.wait(), timeout=SUBSCRIBE_WAIT)
+                # Listening before the run starts: a cancel sent once it is no longer
+                # queued (which a queued run's cancel looks at) must find it. Not for
+                # long, though: with Redis down the run goes on without.
+                await asyncio.wait_for(self._listening(), timeout=SUBSCRIBE_WAIT)
             except TimeoutError:
                 pass
             except asyncio.CancelledError:
@@ -88,40 +81,43 @@ class RunHost:
                 current = asyncio.current_task()
                 assert current is not None
                 current.cancel()
-            await execute_run(run_id)
-        finally:
-            if listening is not None:
-                await _stop_listening(*listening)
+        await execute_run(run_id)
 
-    async def _listen_for_cancel(
-        self, run_id: UUID, channel: str, subscribed: asyncio.Event | None = None
-    ) -> None:
-        """Cancels broadcast by any instance, until the run ends ("run.done");
-        `subscribed` is set once it listens. The run does not wait for this beyond
-        SUBSCRIBE_WAIT: when Redis is down or restarts (forgetting the group), the run
-        goes on and this subscribes again."""
+    async def _listening(self) -> None:
+        """Start the process's cancel listener on this loop, unless it runs there
+        already, and wait until it listens."""
+        loop = asyncio.get_running_loop()
+        if self._listener is None or self._listener.done() or self._listener.get_loop() is not loop:
+            self._subscribed = asyncio.Event()
+            self._listener = loop.create_task(
+                self._listen_for_cancels(self._subscribed),
+                name="run-cancel-listener",
+                context=contextvars.Context(),
+            )
+        await asyncio.shield(self._subscribed.wait())
+
+    async def _listen_for_cancels(self, subscribed: asyncio.Event) -> None:
+        """Cancels broadcast by any instance, for the runs hosted here, for as long as
+        the process lives: never stopped mid-receive (channels-redis receives for all of
+        a process's channels in whichever receive() holds its lock, and one cancelled
+        while its pop is in flight loses the message it popped, which may be another
+        socket's). When Redis is down or restarts (forgetting the group), it subscribes
+        again; runs go on meanwhile."""
         layer = get_channel_layer()
         assert layer is not None
-        group = run_control_group(run_id)
-        try:
-            while True:
-                try:
-                    await layer.group_add(group, channel)
-                    if subscribed is not None:
-                        subscribed.set()
-                    while True:
-                        message = await layer.receive(channel)
-                        if message.get("type") == "run.cancel":
-                            await self.cancel_local(run_id)
-                            return
-                        if message.get("type") == "run.done":
-                            return
-                except Exception as error:
-                    logger.warning("run %s: cancel listener lost Redis: %r", run_id, error)
-                    await asyncio.sleep(1)
-        finally:
-            with contextlib.suppress(Exception):
-                await layer.group_discard(group, channel)
+        while True:
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add(RUN_CONTROL_GROUP, channel)
+                subscribed.set()
+                while True:
+                    message = await layer.receive(channel)
+                    if message.get("type") == "run.cancel":
+                        await self.cancel_local(UUID(message["run"]))
+            except Exception as error:
+                subscribed.clear()
+                logger.warning("run cancel listener lost Redis: %r", error)
+                await asyncio.sleep(1)
 
     async def cancel_local(self, run_id: UUID) -> bool:
         task = self._tasks.get(run_id)
@@ -167,7 +163,7 @@ class RunHost:
         """To whichever process executes the run (this one included)."""
         layer = get_channel_layer()
         assert layer is not None
-        await layer.group_send(run_control_group(run_id), {"type": "run.cancel"})
+        await layer.group_send(RUN_CONTROL_GROUP, {"type": "run.cancel", "run": str(run_id)})
 
     def _forget(self, run_id: UUID) -> None:
         lease_keeper().release(run_id)
@@ -203,27 +199,6 @@ class RunHost:
             await lease_keeper().hand_back()
             if self._tasks:
                 await asyncio.wait(list(self._tasks.values()))
-
-
-async def _stop_listening(listener: asyncio.Task[None], channel: str) -> None:
-    """End a cancel listener by a message, not by cancelling it: channels-redis receives
-    for all of a process's channels in whichever receive() holds its lock, and a receive
-    cancelled while its pop is in flight loses the message it popped, which may be
-    another socket's (it was, one run in a few hundred: the final event, published just
-    before the run's listener stopped). Cancelled only if the message cannot be sent."""
-    layer = get_channel_layer()
-    assert layer is not None
-    if not listener.done():
-        try:
-            await layer.send(channel, {"type": "run.done"})
-            await asyncio.wait_for(asyncio.shield(listener), timeout=5)
-        except Exception:  # Redis is down, say: then no message is in flight to lose
-            pass
-        finally:
-            if not listener.done():
-                listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
 
 
 _host = RunHost()

@@ -12,7 +12,7 @@ from channels.layers import get_channel_layer
 
 from chat import services
 from chat.agent.executor import InProcessExecutor, get_executor
-from chat.agent.host import RunHost, _stop_listening
+from chat.agent.host import RunHost
 from chat.events import event_log
 from chat.models import Run
 from conftest import open_socket, receive_until
@@ -62,27 +62,28 @@ async def test_a_cancel_from_another_instance_stops_the_run(
     await socket.disconnect()
 
 
-async def test_a_run_ending_loses_no_message_meant_for_another_socket(redis_channel_layer):
-    # One receive() pops for all of a process's channels; the run's cancel listener is
-    # often the one popping when its run ends, right as the final event goes out to
-    # the conversation's sockets (the pattern of a run's end, many times over).
-    layer = redis_channel_layer
-    host = RunHost()
-    lost = 0
-    for _ in range(30):
-        socket = await layer.new_channel()
-        waiting = asyncio.ensure_future(layer.receive(socket))
-        run_channel = await layer.new_channel()
-        listener = asyncio.create_task(host._listen_for_cancel(uuid.uuid4(), run_channel))
-        await asyncio.sleep(0.02)  # both receiving; one of them pops for both
-        await layer.send(socket, {"type": "run.events", "final": True})
-        await _stop_listening(listener, run_channel)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiting), timeout=2)
-        except TimeoutError:
-            lost += 1
-            waiting.cancel()
-    assert lost == 0
+async def test_a_cancel_broadcast_for_one_run_leaves_the_processs_other_runs_going(
+    make_user, settings, redis_channel_layer
+):
+    # One listener per process hears every broadcast cancel, and stops only its run.
+    settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
+    user = await database_sync_to_async(make_user)()
+    sockets, runs = [], []
+    for _ in range(2):
+        conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+        socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+        await socket.receive_json_from()
+        await socket.send_json_to({"type": "message", "content": "a long answer please"})
+        runs.append((await receive_until(socket, "token"))[0]["run"])
+        sockets.append(socket)
+
+    other_instance = InProcessExecutor(RunHost())
+    assert await sync_to_async(other_instance.cancel)(uuid.UUID(runs[0])) is True
+
+    assert (await receive_until(sockets[0], "run.cancelled"))[-1]["run"] == runs[0]
+    assert (await receive_until(sockets[1], "run.completed"))[-1]["run"] == runs[1]
+    for socket in sockets:
+        await socket.disconnect()
 
 
 async def test_a_run_stopped_before_it_listens_for_cancels_ends_cancelled(
