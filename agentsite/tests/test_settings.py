@@ -12,14 +12,17 @@ ROOT = Path(__file__).resolve().parents[2]
 STRONG_KEY = secrets.token_urlsafe(50)
 
 
-def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
+def load_settings(*, show: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    """Import the settings in a fresh process with `env`; `show`: an expression over
+    them (`s`) printed to stdout."""
     clean = {
         k: v
         for k, v in os.environ.items()
         if k not in {"DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL"}
     }
+    code = "import agentsite.settings as s" + (f"; print({show})" if show else "")
     return subprocess.run(
-        [sys.executable, "-c", "import agentsite.settings"],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         env={**clean, "AGENTSITE_READ_DOTENV": "false", **env},
         capture_output=True,
@@ -88,23 +91,11 @@ def test_insecure_or_wrong_configuration_refuses_to_start(env, complaint):
 
 
 def test_production_configuration_starts_with_secure_cookies():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import agentsite.settings as s; print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE)",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={
-            **os.environ,
-            "AGENTSITE_READ_DOTENV": "false",
-            "DEBUG": "false",
-            "SECRET_KEY": STRONG_KEY,
-            "ALLOWED_HOSTS": "agents.example.com",
-        },
+    result = load_settings(
+        show="s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE",
+        DEBUG="false",
+        SECRET_KEY=STRONG_KEY,
+        ALLOWED_HOSTS="agents.example.com",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
@@ -125,24 +116,11 @@ def test_a_key_that_passes_check_deploy_starts():
 def test_the_queue_tables_exist_wherever_postgresql_does(database_url, installed):
     """Procrastinate's app (its PostgreSQL-only migrations) is installed with PostgreSQL,
     whichever executor runs: switching to the queue needs no migration step."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import agentsite.settings as s; "
-            "print('procrastinate.contrib.django' in s.INSTALLED_APPS)",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={
-            **os.environ,
-            "AGENTSITE_READ_DOTENV": "false",
-            "DEBUG": "true",
-            "DATABASE_URL": database_url,
-            "AGENT_EXECUTOR": "inline",
-        },
+    result = load_settings(
+        show="'procrastinate.contrib.django' in s.INSTALLED_APPS",
+        DEBUG="true",
+        DATABASE_URL=database_url,
+        AGENT_EXECUTOR="inline",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(installed)
