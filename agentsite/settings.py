@@ -390,6 +390,9 @@ AGENT_CHECKPOINT_SQLITE_PATH = env.path(
 TRACING_ENABLED = env.bool("TRACING_ENABLED", default=True)
 # Prompts, completions, tool arguments and results are cut to this many characters.
 TRACING_MAX_PAYLOAD_CHARS = env.int("TRACING_MAX_PAYLOAD_CHARS", default=4000)
+# An LLM span records its prompt's system message and last this many messages (0: all):
+# the span says how many it left out. A whole prompt is the whole conversation.
+TRACING_MAX_PROMPT_MESSAGES = env.int("TRACING_MAX_PROMPT_MESSAGES", default=40)
 # Spans buffered in memory before they are written in one batch.
 TRACING_FLUSH_BATCH = env.int("TRACING_FLUSH_BATCH", default=200)
 TRACING_RUNNING_VISIBLE_AFTER = env.float("TRACING_RUNNING_VISIBLE_AFTER", default=0.5)

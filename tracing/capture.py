@@ -112,6 +112,7 @@ class RunTracer(BaseCallbackHandler):
         provider: str = "",
         batch_size: int | None = None,
         max_payload_chars: int | None = None,
+        max_prompt_messages: int | None = None,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
@@ -120,6 +121,11 @@ class RunTracer(BaseCallbackHandler):
         self.provider = provider
         self.batch_size = batch_size or settings.TRACING_FLUSH_BATCH
         self.max_payload_chars = max_payload_chars or settings.TRACING_MAX_PAYLOAD_CHARS
+        self.max_prompt_messages = (
+            settings.TRACING_MAX_PROMPT_MESSAGES
+            if max_prompt_messages is None
+            else max_prompt_messages
+        )
         # A run still going after this many seconds gets its trace row written, so it
         # is listed while it runs; shorter runs write it with their spans at the end.
         self.visible_after = settings.TRACING_RUNNING_VISIBLE_AFTER
@@ -576,7 +582,10 @@ class RunTracer(BaseCallbackHandler):
                 (record.first_token - record.start) * 1000, 3
             )
         prompts = record.inputs or [[]]
-        attributes["prompt"] = [self._message(m) for m in prompts[0]]
+        kept, omitted = _prompt_kept(prompts[0], self.max_prompt_messages)
+        attributes["prompt"] = [self._message(m) for m in kept]
+        if omitted:
+            attributes["prompt_omitted"] = omitted
         message = _generated_message(record.output)
         if message is not None:
             attributes["completion"] = self._message(message)
@@ -650,6 +659,20 @@ class RunTracer(BaseCallbackHandler):
         if len(text) <= limit:
             return text
         return f"{text[:limit]}… [{len(text) - limit} more characters]"
+
+
+def _prompt_kept(prompt: list[BaseMessage], limit: int) -> tuple[list[BaseMessage], int]:
+    """The messages of a prompt a span records, and how many it leaves out: its leading
+    system messages and its last `limit` others (0: all of them). Every call's prompt
+    holds the conversation so far, so recording it whole made each turn's trace cost
+    (CPU and rows) grow with the conversation; what the call answers is at the end."""
+    system = 0
+    while system < len(prompt) and prompt[system].type == "system":
+        system += 1
+    omitted = len(prompt) - system - limit
+    if limit <= 0 or omitted <= 0:
+        return prompt, 0
+    return [*prompt[:system], *prompt[system + omitted :]], omitted
 
 
 def _dt(timestamp: float) -> datetime:

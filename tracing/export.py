@@ -262,6 +262,8 @@ def _describe(span: Span, content: bool) -> tuple[str, SpanKind, dict[str, Any]]
             attributes["gen_ai.input.messages"] = _json(
                 [_genai_message(m) for m in a.get("prompt") or []]
             )
+            # Earlier messages of the conversation the span did not record.
+            attributes["agentsite.prompt_omitted_messages"] = a.get("prompt_omitted")
             completion = a.get("completion")
             if completion:
                 output = _genai_message(completion)

@@ -82,6 +82,37 @@ async def test_a_multi_tool_run_records_the_whole_tree(make_user):
     assert trace.duration_ms == pytest.approx(root.duration_ms, abs=1)
 
 
+async def test_an_llm_span_records_the_system_prompt_and_the_last_messages_of_its_prompt(
+    make_user, settings
+):
+    # A call's prompt is the conversation so far: recorded whole, every turn's trace
+    # would cost more than the last, for ever.
+    settings.TRACING_MAX_PROMPT_MESSAGES = 3
+    user = await database_sync_to_async(make_user)()
+    conversation = await database_sync_to_async(services.conversation_create)(owner=user)
+    socket = await open_socket(f"/ws/chat/{conversation.id}/", user)
+    await socket.receive_json_from()
+    for question in ("What is 2*3?", "What is 4*5?"):
+        await socket.send_json_to({"type": "message", "content": question})
+        await receive_until(socket, "run.completed")
+    await socket.disconnect()
+    await wait_for_runs()
+
+    last = await Run.objects.filter(conversation=conversation).alatest("created_at")
+    spans = [s async for s in Span.objects.filter(trace_id=last.id, kind="llm")]
+    answer = max(spans, key=lambda span: span.started_at).attributes
+    # The system prompt, then the last three: the question, the tool call, its result.
+    # Left out: the first turn's question, tool call, result and answer.
+    assert [m["role"] for m in answer["prompt"]] == ["system", "human", "ai", "tool"]
+    assert answer["prompt"][1]["content"] == "What is 4*5?"
+    assert answer["prompt_omitted"] == 4
+
+    settings.TRACING_MAX_PROMPT_MESSAGES = 0
+    run, _, _ = await run_message(user, "What is 6*7?")
+    whole = await Span.objects.filter(trace_id=run.id, kind="llm").alatest("started_at")
+    assert len(whole.attributes["prompt"]) == 4 and "prompt_omitted" not in whole.attributes
+
+
 async def test_a_cancelled_run_closes_its_open_spans_as_cancelled(make_user, settings):
     settings.AGENT_OFFLINE_TOKEN_DELAY = 0.05
     user = await database_sync_to_async(make_user)()

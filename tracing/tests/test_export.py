@@ -294,6 +294,23 @@ async def test_messages_are_exported_in_the_genai_shape_when_content_is_on(
     assert {a["gen_ai.tool.call.result"] for a in tool} == {"6", "20"}
 
 
+async def test_an_exported_prompt_says_how_many_messages_its_span_left_out(
+    make_user, settings, collector
+):
+    settings.TRACING_EXPORT_CONTENT = True
+    settings.TRACING_MAX_PROMPT_MESSAGES = 1
+    user = await database_sync_to_async(make_user)()
+    await run_message(user, "What is 2*3?")
+    await export.drain()
+
+    first, second = (attrs(s) for s in received_spans(collector) if s.name.startswith("chat "))
+    # The first call's prompt is the system prompt and the question: nothing left out.
+    assert "agentsite.prompt_omitted_messages" not in first
+    # The second's also held the question and the tool call before the tool's result.
+    assert second["agentsite.prompt_omitted_messages"] == 2
+    assert [m["role"] for m in json.loads(second["gen_ai.input.messages"])] == ["system", "tool"]
+
+
 async def test_a_cancelled_call_exports_the_tokens_the_ledger_billed(
     make_user, settings, collector
 ):
