@@ -13,6 +13,7 @@ response is finished.
 from typing import Any
 
 from django.db import connections
+from django.db.models import Field, Model
 
 
 def request_connections_close(**_: Any) -> None:
@@ -22,3 +23,11 @@ def request_connections_close(**_: Any) -> None:
         # and Django's test client sends `request_finished` too.
         if not connection.in_atomic_block:
             connection.close()
+
+
+def db_value(model: type[Model], name: str, value: Any) -> Any:
+    """`value` as the model's field `name` writes it (for hand-written SQL): rows read
+    back exactly as if the ORM had written them, on PostgreSQL and SQLite alike."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field)
+    return field.get_db_prep_value(value, connections["default"])

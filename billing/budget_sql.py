@@ -17,7 +17,9 @@ from uuid import UUID
 
 from django.db import connection
 from django.db.backends.utils import CursorWrapper
-from django.db.models import Field, Model
+from django.db.models import Model
+
+from agentsite.db import db_value as _prep
 
 from .models import Account, BudgetReservation, DailySpend, ModelPrice, Plan, UsageRecord
 from .pricing import COST_QUANTUM
@@ -28,12 +30,6 @@ DAILY = DailySpend._meta.db_table
 LEDGER = UsageRecord._meta.db_table
 PRICE = ModelPrice._meta.db_table
 RESERVATION = BudgetReservation._meta.db_table
-
-
-def _prep(model: type[Model], name: str, value: Any) -> Any:
-    field = model._meta.get_field(name)
-    assert isinstance(field, Field)
-    return field.get_db_prep_value(value, connection)
 
 
 def _decimal(value: Any) -> Decimal:

@@ -19,9 +19,10 @@ them as it would a crashed process's.
 
 A queued run's lease is held by whoever will start it. The in-process executor takes it
 at creation (it starts the run within milliseconds, in the same process, and renews it
-until then), so a crash in between is reaped like any other. A queue executor leaves it
-empty: the queue holds the run, which is never lost while it waits, and the worker
-takes the lease when it starts it.
+until then), so a crash in between is reaped like any other; nearly always it creates
+the run started already (`run_started_here`), with what `run_start` would read again
+(`run_started_at_creation`). A queue executor leaves it empty: the queue holds the run,
+which is never lost while it waits, and the worker takes the lease when it starts it.
 """
 
 import asyncio
@@ -47,6 +48,7 @@ from django.utils import timezone
 
 from agentsite.text import text_storable
 from billing.budget import RunCost, Usage, usage_close_run
+from billing.models import ApiKey
 from billing.services import account_quotas_for_user
 from tracing.capture import trace_status_for
 from tracing.export import schedule_stored
@@ -156,6 +158,34 @@ def run_start(*, run_id: UUID) -> StartedRun | None:
         history=[m for m in given if m.imported],
         resumed=seq > 0,
         seq=seq,
+    )
+
+
+def run_started_here() -> dict[str, Any]:
+    """The fields of a run created started under this process's lease, as `run_start`
+    starts a fresh run: for the in-process executor, which executes it here at once (it
+    saves the hop to the database that starting it costs)."""
+    return {
+        "status": Run.Status.RUNNING,
+        "started_at": timezone.now(),
+        "event_seq": SEQ_BLOCK,
+        **run_queued_lease(),
+    }
+
+
+def run_started_at_creation(
+    *, run: Run, conversation: Conversation, account_id: int, messages: Sequence[Message]
+) -> StartedRun:
+    """The `StartedRun` of a run just created started (`run_started_here`), from what
+    its creation wrote: `messages`, any history then the user's message; `conversation`
+    as the creation left it."""
+    run.conversation = conversation
+    if run.api_key_id is not None:
+        # Its key with it, as `run_start` selects it: the budget names it on every row.
+        run.api_key = ApiKey.objects.get(id=run.api_key_id)
+    *history, user_message = messages
+    return StartedRun(
+        run=run, account_id=account_id, user_message=user_message, history=list(history)
     )
 
 
@@ -458,13 +488,24 @@ def run_cancel_queued(*, run_id: UUID) -> ClosedRun | None:
         queued = Run.objects.select_for_update().filter(id=run_id, status=Run.Status.QUEUED)
         if not queued.exists():
             return None
-        return run_close(
-            run_id=run_id,
-            status=Run.Status.CANCELLED,
-            error_code="cancelled",
-            error_message="Stopped by the user.",
-            lapsed_only=False,
-        )
+        return _run_close_stopped(run_id)
+
+
+def run_cancel_unstarted(*, run_id: UUID) -> ClosedRun | None:
+    """Close as cancelled (a user's stop) a run created started here (`run_started_here`)
+    whose task was stopped before it first ran, from that task: nothing executed it, and
+    nothing will."""
+    return _run_close_stopped(run_id)
+
+
+def _run_close_stopped(run_id: UUID) -> ClosedRun | None:
+    return run_close(
+        run_id=run_id,
+        status=Run.Status.CANCELLED,
+        error_code="cancelled",
+        error_message="Stopped by the user.",
+        lapsed_only=False,
+    )
 
 
 def run_final_event_rebuilt(*, run: Run) -> Event:

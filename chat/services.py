@@ -13,8 +13,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
-from django.db import transaction
-from django.db.models import Case, Count, F, Q, Value, When
+from django.db import connection, transaction
 from django.utils import timezone
 
 from agentsite.auth import Principal, owned_or_404
@@ -31,11 +30,11 @@ from billing.budget import account_lock, budget_release_stale, runs_admit
 from billing.ratelimit import rate_limit_hit_for_user
 from billing.services import account_quotas_for_user
 
-from . import lifecycle, selectors
+from . import admission_sql, lifecycle, selectors
 from .agent.checkpointer import delete_thread
 from .agent.executor import get_executor
 from .agent.models import model_info
-from .models import Conversation, Message, Run, lease_held, lease_lapsed
+from .models import Conversation, Message, Run
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +188,8 @@ def run_create(
 
     One transaction of five statements (six on PostgreSQL), nearly always: what is
     rare (a run whose process died, a hold its run left) costs more only when it is
-    there."""
+    there. With the in-process executor the run is created started, and handed to it
+    with what starting it would have read (`lifecycle.run_started_at_creation`)."""
     owner = conversation.owner_id
     quotas = (
         rate_limit_hit_for_user(user_id=owner)
@@ -209,14 +209,25 @@ def run_create(
         # conversation's row (this update locks it), so two tabs cannot start two runs
         # at once.
         account_lock(account_id=quotas.account_id)
-        touched = Conversation.objects.filter(id=conversation.id).update(
-            title=Case(When(title=DEFAULT_TITLE, then=Value(title)), default=F("title")),
-            updated_at=timezone.now(),
-        )
-        if not touched:
-            raise ApplicationError("not_found", "There is no such conversation.", http_status=404)
-        runs = _runs_under_way(account_id=quotas.account_id, conversation_id=conversation.id)
-        if runs["lost_here"]:
+        now = timezone.now()
+        with connection.cursor() as cursor:
+            titled = admission_sql.conversation_touch(
+                cursor,
+                conversation_id=conversation.id,
+                placeholder=DEFAULT_TITLE,
+                title=title,
+                now=now,
+            )
+            if titled is None:
+                raise ApplicationError(
+                    "not_found", "There is no such conversation.", http_status=404
+                )
+            runs = admission_sql.runs_under_way(
+                cursor, account_id=quotas.account_id, conversation_id=conversation.id, now=now
+            )
+        conversation.title = titled
+        alive_here = runs.alive_here
+        if runs.lost_here:
             # A run whose process died is resumed: it blocks this message as a run under
             # way does (refused below; the refusal undoes its recovery, and a reaper
             # recovers it within a tick). One past its recoveries limit is closed now,
@@ -226,29 +237,30 @@ def run_create(
             )
             for closed in reaped.closed:
                 transaction.on_commit(partial(async_to_sync(lifecycle.run_closed_publish), closed))
-            runs["alive_here"] += len(reaped.recovered)
+            alive_here += len(reaped.recovered)
         budget_release_stale(
             account_id=quotas.account_id,
             active_run_ids=Run.objects.filter(status__in=Run.ACTIVE_STATUSES).values_list(
                 "id", flat=True
             ),
         )
-        if runs["alive_here"]:
+        if alive_here:
             raise ApplicationError(
                 "run_active",
                 "The agent is still answering the previous message; wait or press stop.",
                 http_status=409,
             )
-        runs_admit(limits=quotas.limits, active_runs=runs["alive"])
+        runs_admit(limits=quotas.limits, active_runs=runs.alive)
+        executor = get_executor()
         run = Run.objects.create(
             conversation_id=conversation.id,
             api_key_id=api_key_id,
             model=model_info().name,
             instructions=instructions,
-            **get_executor().queued_lease(),
+            **executor.new_run(),
         )
         # In this order: the conversation reads them by creation.
-        Message.objects.bulk_create(
+        messages = Message.objects.bulk_create(
             [
                 *(
                     Message(
@@ -266,7 +278,14 @@ def run_create(
             ]
         )
         # In the transaction: the queue's job commits (or rolls back) with the run.
-        get_executor().submit(run.id)
+        executor.submit(
+            run.id,
+            started=lifecycle.run_started_at_creation(
+                run=run, conversation=conversation, account_id=quotas.account_id, messages=messages
+            )
+            if run.status == Run.Status.RUNNING
+            else None,
+        )
     return run
 
 
@@ -291,21 +310,6 @@ def conversation_start(
             instructions=instructions,
             api_key_id=api_key_id,
         )
-
-
-def _runs_under_way(*, account_id: int, conversation_id: UUID) -> dict[str, int]:
-    """The account's active runs, counted in one query: `alive` (the account's, held
-    against its limit), `alive_here` and `lost_here` (this conversation's, alive or
-    whose process died)."""
-    now = timezone.now()
-    here = Q(conversation_id=conversation_id)
-    return Run.objects.filter(
-        status__in=Run.ACTIVE_STATUSES, conversation__owner__membership__account_id=account_id
-    ).aggregate(
-        alive=Count("id", filter=lease_held(now)),
-        alive_here=Count("id", filter=lease_held(now) & here),
-        lost_here=Count("id", filter=lease_lapsed(now) & here),
-    )
 
 
 def run_cancel(*, conversation: Conversation, run_id: UUID | str | None = None) -> Run:

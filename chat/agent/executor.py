@@ -2,8 +2,8 @@
 asyncio tasks in the web process (`inline`, the monolith) or in queue worker processes
 (`queue`, see `chat.agent.queue`). Either way the run is hosted by a process's `RunHost`.
 
-The services call `queued_lease` and `submit` inside the transaction that creates (or
-recovers) a run, and `cancel` after theirs commits.
+The services call `new_run` (or, recovering a run, `queued_lease`) and `submit` inside
+the transaction that creates (or recovers) a run, and `cancel` after theirs commits.
 """
 
 from functools import cache
@@ -15,16 +15,22 @@ from django.conf import settings
 from django.db import transaction
 
 from chat import lifecycle
+from chat.lifecycle import StartedRun
 
 from .host import RunHost, run_host, single_instance
 
 
 class RunExecutor(Protocol):
     def queued_lease(self) -> dict[str, Any]:
-        """The lease fields of a run this executor is being given."""
+        """The lease fields of a queued run this executor is being given."""
 
-    def submit(self, run_id: UUID) -> None:
-        """Have the run executed once the current transaction commits (call it inside)."""
+    def new_run(self) -> dict[str, Any]:
+        """The status and lease fields of a run being created for this executor: queued
+        (with `queued_lease`), or started already (`lifecycle.run_started_here`)."""
+
+    def submit(self, run_id: UUID, started: StartedRun | None = None) -> None:
+        """Have the run executed once the current transaction commits (call it inside);
+        `started`: it was created started, and this is what starting it reads."""
 
     def cancel(self, run_id: UUID) -> bool:
         """Stop a run wherever it executes; False if no executor is known to have it."""
@@ -47,11 +53,20 @@ class InProcessExecutor:
         # Taken now: this process starts the run within milliseconds, and renews it until.
         return lifecycle.run_queued_lease()
 
-    def submit(self, run_id: UUID) -> None:
-        transaction.on_commit(lambda: async_to_sync(self._start)(run_id))
+    def new_run(self) -> dict[str, Any]:
+        # Started now, and executed here at once, with what its creation read: no hop
+        # to start it. Not if a stop sent to another instance might not reach this one
+        # (its cancel listener does not listen yet): queued, the run can be stopped
+        # before it starts wherever the stop lands (`RunHost.cancel`).
+        if self.host.hears_cancels():
+            return lifecycle.run_started_here()
+        return self.queued_lease()
 
-    async def _start(self, run_id: UUID) -> None:
-        self.host.start(run_id)
+    def submit(self, run_id: UUID, started: StartedRun | None = None) -> None:
+        transaction.on_commit(lambda: async_to_sync(self._start)(run_id, started))
+
+    async def _start(self, run_id: UUID, started: StartedRun | None) -> None:
+        self.host.start(run_id, started)
         # Where the runs it recovers go: here.
         lifecycle.lease_keeper().ensure_started(self)
 

@@ -16,7 +16,7 @@ from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 from chat import lifecycle
-from chat.lifecycle import lease_keeper
+from chat.lifecycle import StartedRun, lease_keeper
 
 from .runner import execute_run
 
@@ -45,20 +45,38 @@ class RunHost:
         # Cancelled once already: a second cancel (another tab, a delete) must not
         # interrupt the run while it records its outcome and sends its final event.
         self._cancelled: set[UUID] = set()
+        # Runs created started (`lifecycle.run_started_here`) whose task has not run yet.
+        self._unentered: set[UUID] = set()
         # Set by `drain`: this process is stopping and must start no more runs.
         self.draining = False
         # The cancel listener, on the loop the runs execute on, and whether it listens.
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
-    def start(self, run_id: UUID) -> asyncio.Task[None]:
-        """Execute a queued run as a task on the running loop (call it from the loop)."""
+    def hears_cancels(self) -> bool:
+        """Whether a cancel of a run executing here, from any instance, reaches this
+        process: there is no other, or its cancel listener listens. (From any thread.)"""
+        if single_instance():
+            return True
+        listener = self._listener
+        return (
+            listener is not None
+            and not listener.done()
+            and not listener.get_loop().is_closed()
+            and self._subscribed.is_set()
+        )
+
+    def start(self, run_id: UUID, started: StartedRun | None = None) -> asyncio.Task[None]:
+        """Execute a run as a task on the running loop (call it from the loop): a queued
+        one, or one created started here (`started`, see `lifecycle.run_started_here`)."""
         # A fresh context: the caller's may belong to an async_to_sync call that is about
         # to return, and asgiref would route the run's database calls to its dead thread.
         task = asyncio.create_task(
-            self._execute(run_id), name=f"run-{run_id}", context=contextvars.Context()
+            self._execute(run_id, started), name=f"run-{run_id}", context=contextvars.Context()
         )
         self._tasks[run_id] = task
+        if started is not None:
+            self._unentered.add(run_id)
         task.add_done_callback(lambda _: self._forget(run_id))
         # Its lease (this process's already) renewed from now on, and the task stopped
         # if another process takes the run over or this one hands it back. The executor
@@ -66,7 +84,15 @@ class RunHost:
         lease_keeper().hold(run_id, on_lost=task.cancel)
         return task
 
-    async def _execute(self, run_id: UUID) -> None:
+    async def _execute(self, run_id: UUID, started: StartedRun | None) -> None:
+        if started is not None:
+            self._unentered.discard(run_id)
+            if run_id in self._cancelled:
+                await self._close_stopped_before_entry(run_id)
+                return
+            # Its creation found this process listening for cancels (`hears_cancels`).
+            await execute_run(run_id, started)
+            return
         if not single_instance():
             try:
                 # Listening before the run starts: a cancel sent once it is no longer
@@ -125,6 +151,10 @@ class RunHost:
             return False
         if run_id not in self._cancelled:
             self._cancelled.add(run_id)
+            if run_id in self._unentered:
+                # Created started (not queued), its task not run yet: the task closes it
+                # as cancelled when it runs (`_execute`); cancelling the task would not.
+                return True
             # A run not started yet is closed as cancelled here, with its final event;
             # its task, when it runs, finds it so. Not by cancelling the task: it may
             # not have run at all yet (a stop in the same turn of the loop as its
@@ -140,6 +170,17 @@ class RunHost:
             else:
                 task.cancel()
         return True
+
+    async def _close_stopped_before_entry(self, run_id: UUID) -> None:
+        """A run created started and stopped before its task first ran: closed as
+        cancelled, with its final event, as a queued one is (`cancel_local`)."""
+        try:
+            closed = await database_sync_to_async(lifecycle.run_cancel_unstarted)(run_id=run_id)
+        except Exception:  # the database is down, say: lost, as a queued run's would be
+            logger.exception("run %s: could not close it as cancelled", run_id)
+            return
+        if closed is not None:
+            await lifecycle.run_closed_publish(closed)
 
     async def cancel(self, run_id: UUID, *, elsewhere: bool) -> bool:
         """Stop a run: here if this process executes it; else, with `elsewhere` (other
@@ -169,6 +210,7 @@ class RunHost:
         lease_keeper().release(run_id)
         self._tasks.pop(run_id, None)
         self._cancelled.discard(run_id)
+        self._unentered.discard(run_id)
 
     async def join(self, run_id: UUID) -> None:
         """Wait for a run to end (the tests use it)."""

@@ -38,6 +38,7 @@ from procrastinate.tasks import configure_task
 
 from agentsite.logging import run_id_var
 from chat import lifecycle
+from chat.lifecycle import StartedRun
 from chat.metrics import run_pickup_observe
 from chat.models import Run
 
@@ -71,7 +72,12 @@ class QueueExecutor:
     def queued_lease(self) -> dict[str, Any]:
         return dict(QUEUE_LEASE)
 
-    def submit(self, run_id: UUID) -> None:
+    def new_run(self) -> dict[str, Any]:
+        # Queued: a worker starts it (`run_start`), whichever takes its job.
+        return self.queued_lease()
+
+    def submit(self, run_id: UUID, started: StartedRun | None = None) -> None:
+        assert started is None, "runs are created queued for the queue"
         run_job_defer(run_id=run_id)
 
     def cancel(self, run_id: UUID) -> bool:

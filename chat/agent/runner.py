@@ -46,7 +46,8 @@ from .translator import STREAM_MODES, event_of, steps_of_messages, translate
 logger = logging.getLogger(__name__)
 
 
-async def execute_run(run_id: UUID) -> None:
+async def execute_run(run_id: UUID, prestarted: lifecycle.StartedRun | None = None) -> None:
+    """Execute a queued run (started here), or one created started (`prestarted`)."""
     outcome = RunOutcome()
     stream: RunEventStream | None = None
     tracer: RunTracer | None = None
@@ -58,7 +59,7 @@ async def execute_run(run_id: UUID) -> None:
     run_id_var.set(str(run_id))
     keeper = lifecycle.lease_keeper()
     try:
-        start = await database_sync_to_async(lifecycle.run_start)(run_id=run_id)
+        start = prestarted or await database_sync_to_async(lifecycle.run_start)(run_id=run_id)
         if start is None:
             return
         started = time.monotonic()

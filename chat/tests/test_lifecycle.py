@@ -259,13 +259,16 @@ async def test_a_stop_before_the_run_s_task_first_runs_ends_it_cancelled(
 ):
     user = await database_sync_to_async(make_user)()
     conversation, socket = await connected(user)
-    with mock.patch.object(get_executor(), "submit"):
+    with mock.patch.object(get_executor(), "submit") as submit:
         run = await database_sync_to_async(services.run_create)(
             conversation=conversation, content="Tell me about yourself"
         )
+    # Created started (this process hears every stop), not queued: no stop can close it
+    # as queued.
+    assert run.status == Run.Status.RUNNING
     # What submit does once the run is committed: its task is created; and the stop
     # lands in the same turn of the loop, before the task first runs.
-    run_host().start(run.id)
+    run_host().start(run.id, submit.call_args.kwargs["started"])
     assert await run_host().cancel_local(run.id)
 
     [final] = await receive_until(socket, "run.cancelled")
