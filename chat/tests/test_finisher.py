@@ -3,6 +3,7 @@ the database: its statements, counted exactly (a proxy for its work that does no
 depend on the machine), on SQLite and on PostgreSQL, each in a fresh database of its
 own (finish_statements.py does one turn there and prints them)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
+from django.apps import apps
 from django.conf import settings
 
+from billing.cache import billing_cache_invalidate
 from billing.display import budget_left
 from billing.pricing import cost_of, price_for_model
 from billing.selectors import account_get, usage_summary
@@ -24,6 +27,14 @@ from conftest import account_with_limits, open_socket, receive_until
 from tests.servers import postgres_available, postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
+# The seed migration's own function: the prices a fresh install starts with.
+_seed = importlib.import_module("billing.migrations.0002_seed_model_prices")
+
+
+def prices_seeded() -> None:
+    """The seeded price table: an earlier transactional test may have emptied it."""
+    _seed.seed(apps, None)
+    billing_cache_invalidate()
 
 
 async def final_event_of_a_turn(user) -> dict:
@@ -56,6 +67,7 @@ def budget_left_by_the_ledger(account_id: int) -> dict:
 
 @pytest.mark.django_db(transaction=True)
 async def test_the_final_event_carries_what_the_ledger_leaves(make_user):
+    await database_sync_to_async(prices_seeded)()
     user = await database_sync_to_async(make_user)()
     account = await database_sync_to_async(account_with_limits)(
         user,
