@@ -16,13 +16,16 @@ import pytest
 from channels.db import database_sync_to_async
 from django.apps import apps
 from django.conf import settings
+from django.db import DatabaseError
 
 from billing.cache import billing_cache_invalidate
 from billing.display import budget_left
 from billing.pricing import cost_of, price_for_model
 from billing.selectors import account_get, usage_summary
+from chat import selectors
 from chat.agent.models import model_info
 from chat.events import event_log
+from chat.models import Message, Run
 from conftest import account_with_limits, open_socket, receive_until
 from tests.servers import postgres_available, postgres_database
 
@@ -91,6 +94,25 @@ async def test_an_account_without_limits_has_none_left_to_show(make_user):
     final = await final_event_of_a_turn(user)
 
     assert final["budget"] == {"left": None}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_budget_left_that_cannot_be_read_loses_the_line_not_the_answer(
+    make_user, monkeypatch
+):
+    def unreadable(**kwargs):
+        raise DatabaseError("the counters are unreadable")
+
+    monkeypatch.setattr(selectors, "budget_left", unreadable)
+    user = await database_sync_to_async(make_user)()
+
+    final = await final_event_of_a_turn(user)
+
+    assert final["budget"] is None  # unknown
+    run = await Run.objects.aget(id=final["run"])
+    assert run.status == Run.Status.COMPLETED
+    assert "391" in final["messages"][0]["content"]
+    assert await Message.objects.filter(run=run, role=Message.Role.ASSISTANT).aexists()
 
 
 def finish_statements(database_url: str, tmp_path: Path) -> dict[str, list[str]]:
