@@ -29,8 +29,6 @@ from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
-from django.db.models import Sum, Value
-from django.db.models.functions import Coalesce
 
 from agentsite.errors import ApplicationError
 from agentsite.formatting import format_usd as usd
@@ -74,10 +72,6 @@ class RunCost:
     input_tokens: int
     output_tokens: int
     cached_tokens: int
-
-
-def _sum(field: str) -> Coalesce:
-    return Coalesce(Sum(field), Value(0))
 
 
 def budget_reserve(
@@ -332,24 +326,35 @@ def usage_close_run(*, run_id: UUID, seen: Usage) -> RunCost:
     deadline) is still reserved: if it streamed output, the provider processed its
     prompt, so it is billed the estimated prompt and the output the run saw; if it
     streamed nothing it is released. So the ledger never bills less than was shown."""
-    recorded = UsageRecord.objects.filter(run_id=run_id).aggregate(
-        input=_sum("input_tokens"), output=_sum("output_tokens"), cached=_sum("cached_tokens")
-    )
-    unbilled_output = max(seen.output_tokens - recorded["output"], 0)
+    # What is recorded already is summed here, from the rows the cost is made of anyway:
+    # nearly always nothing is still held, and these rows are the answer.
+    rows = list(UsageRecord.objects.filter(run_id=run_id))
+    recorded = _run_cost(rows)
+    unbilled_output = max(seen.output_tokens - recorded.output_tokens, 0)
     held = BudgetReservation.objects.filter(run_id=run_id).order_by("-created_at")
+    settled = False
     for index, reservation in enumerate(held):
         if index == 0 and unbilled_output:
             usage = Usage(
-                input_tokens=max(seen.input_tokens - recorded["input"], reservation.prompt_tokens),
+                input_tokens=max(
+                    seen.input_tokens - recorded.input_tokens, reservation.prompt_tokens
+                ),
                 output_tokens=unbilled_output,
-                cached_tokens=max(seen.cached_tokens - recorded["cached"], 0),
+                cached_tokens=max(seen.cached_tokens - recorded.cached_tokens, 0),
                 estimated=True,
             )
-            budget_settle(reservation=reservation, usage=usage)
+            settled = budget_settle(reservation=reservation, usage=usage)
         else:
             with transaction.atomic(), connection.cursor() as cursor:
                 sql.reservation_release(cursor, reservation=reservation)
-    rows = list(UsageRecord.objects.filter(run_id=run_id))
+    if settled:  # a cut call, recorded just now
+        return _run_cost(list(UsageRecord.objects.filter(run_id=run_id)))
+    return recorded
+
+
+def _run_cost(rows: list[UsageRecord]) -> RunCost:
+    """A run's cost from its ledger rows: summed in Python, exactly (SQLite would add the
+    decimals as floats)."""
     costs = [row.cost_usd for row in rows]
     total = None if None in costs else sum((c for c in costs if c is not None), Decimal(0))
     return RunCost(

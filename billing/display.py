@@ -10,8 +10,8 @@ from typing import Any
 from agentsite.formatting import format_usd
 
 from .pricing import cost_of, price_for_model
-from .selectors import UsageSummary, usage_summary
-from .services import account_for_user
+from .selectors import UsageSummary, usage_summary_of
+from .services import account_quotas_for_user
 
 # What is left shows four decimals (format_usd rounds a dollar or more to cents), so a
 # sub-cent answer visibly moves it; rounded down, never up, so it does not show more
@@ -131,18 +131,23 @@ def budget_display(left: BudgetLeft) -> BudgetDisplay:
 
 
 def budget_left_for_user(*, user_id: int, model: str, max_output_tokens: int) -> BudgetLeft | None:
-    """`budget_left` for the user's account, for answers by `model`. Two queries (the
-    account, its counters), and a third for the price when a money limit is set."""
-    summary = usage_summary(account=account_for_user(user_id=user_id))
+    """`budget_left` for the user's account, for answers by `model`. The account, its
+    limits and the price come from the cache (`account_quotas_for_user`): one query for
+    its counters, none for an account without limits."""
+    quotas = account_quotas_for_user(user_id=user_id)
+    limits = quotas.limits
+    money_limited = limits.money_per_day_usd is not None or limits.money_per_month_usd is not None
+    if not money_limited and limits.tokens_per_day is None:
+        return None
     smallest_call_usd = None
-    if summary.day.limit_usd is not None or summary.month.limit_usd is not None:
+    if money_limited:
         price = price_for_model(model=model)
         if price is not None:
             smallest_call_usd = cost_of(
                 price=price, input_tokens=0, output_tokens=max_output_tokens
             )
     return budget_left(
-        summary=summary,
+        summary=usage_summary_of(account_id=quotas.account_id, limits=limits),
         smallest_call_usd=smallest_call_usd,
         smallest_call_tokens=max_output_tokens,
     )

@@ -110,14 +110,21 @@ def utc_month_bounds(*, now: datetime | None = None) -> tuple[datetime, datetime
 def usage_summary(*, account: Account, now: datetime | None = None) -> UsageSummary:
     """Today's and this month's spend against the account's limits, from the daily
     counters: one query (two if `account.plan` was not select_related)."""
-    limits = account_limits(account=account)
+    return usage_summary_of(account_id=account.pk, limits=account_limits(account=account), now=now)
+
+
+def usage_summary_of(
+    *, account_id: int, limits: AccountLimits, now: datetime | None = None
+) -> UsageSummary:
+    """`usage_summary` of the account with these limits (`AccountQuotas`, cached): one
+    query, for the month's daily counters."""
     day_start, day_end = utc_day_bounds(now=now)
     month_start, month_end = utc_month_bounds(now=now)
     today = day_start.date()
     # At most 31 small rows; summed here rather than in SQL, where SQLite would add
     # the decimals as floats.
     rows = DailySpend.objects.filter(
-        account=account, day__gte=month_start.date(), day__lt=month_end.date()
+        account_id=account_id, day__gte=month_start.date(), day__lt=month_end.date()
     ).values_list("day", "spent_usd", "reserved_usd", "tokens_spent", "tokens_reserved")
     month_spent = month_reserved = day_spent = day_reserved = Decimal(0)
     tokens_used = tokens_reserved = 0

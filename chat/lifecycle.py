@@ -34,6 +34,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -41,7 +42,7 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Case, DateTimeField, F, Min, PositiveIntegerField, Q, Value, When
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
@@ -255,21 +256,31 @@ def runs_lapsed(
     return list(runs.order_by("lease_expires_at").values_list("id", flat=True)[:limit])
 
 
-def run_lock(*, run_id: UUID, recoveries: int | None = None) -> bool:
-    """Lock the run's row for the rest of the transaction (no-op for a deleted run).
-    False if the run was recovered since the execution that started at `recoveries`
-    (this process stalled past its lease): another execution holds it now, and this one
-    must leave it, its holds and its trace be."""
-    row = (
-        Run.objects.select_for_update()
+@dataclass(frozen=True)
+class LockedRun:
+    """A finishing run's row, locked for the rest of the transaction (`run_lock`)."""
+
+    run_id: UUID
+    # With its conversation. None: deleted (with its conversation) while it ran.
+    run: Run | None
+
+
+def run_lock(*, run_id: UUID, recoveries: int | None = None) -> LockedRun | None:
+    """Lock the run's row for the rest of the transaction and read it, with its
+    conversation, for `run_finish`: one locking read for both. None if the run was
+    recovered since the execution that started at `recoveries` (this process stalled
+    past its lease): another execution holds it now, and this one must leave it, its
+    holds and its trace be."""
+    run = (
+        Run.objects.select_for_update(of=("self",))
+        .select_related("conversation")
         .filter(id=run_id)
-        .values_list("status", "recoveries")
         .first()
     )
-    if recoveries is None or row is None:
-        return True
-    status, now_at = row
-    return status not in Run.ACTIVE_STATUSES or now_at == recoveries
+    recovered = run is not None and run.is_active and run.recoveries != recoveries
+    if recoveries is not None and recovered:
+        return None
+    return LockedRun(run_id=run_id, run=run)
 
 
 @dataclass(frozen=True)
@@ -317,39 +328,45 @@ def run_recover(*, run_id: UUID, lease: dict[str, Any]) -> "RecoveredRun | Close
 
 @dataclass(frozen=True)
 class FinishedRun:
+    # Its budget left not read yet (`final_with_budget`).
     final: Event
+    # Whose budget it shows: the conversation's owner (None: the run was deleted).
+    owner_id: int | None = None
     # False: the run was deleted (with its conversation) while it ran.
     stored: bool = True
 
+    def final_with_budget(self) -> Event:
+        """The final event with what the account's budget leaves now. Call it once the
+        finish has committed: read outside its transaction, it needs no savepoint, and
+        it sees the ledger the finish wrote. A deleted run's budget is unknown (None)."""
+        if self.owner_id is None:
+            return self.final
+        return {**self.final, "budget": _budget_after(self.owner_id)}
 
-def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> FinishedRun | None:
+
+def run_finish(*, locked: LockedRun, outcome: RunOutcome, final_seq: int) -> FinishedRun | None:
     """Store what the run produced, close it and return its final event (numbered
-    `final_seq`), ready to publish. None if the run was already closed (interrupted by
-    another process): it is left as it is. A run deleted with its conversation while it
-    ran has nothing stored, but its final event all the same, for the sockets still
-    open on it."""
+    `final_seq`), ready to publish; in the transaction that locked it (`run_lock`).
+    None if the run was already closed (interrupted by another process): it is left as
+    it is. A run deleted with its conversation while it ran has nothing stored, but its
+    final event all the same, for the sockets still open on it."""
+    run = locked.run
+    if run is None:
+        gone = Run(
+            id=locked.run_id,
+            status=outcome.status,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            cost_usd=outcome.cost_usd,
+            error_code=outcome.error_code,
+            error_message=outcome.error_message,
+            event_seq=final_seq,
+        )
+        return FinishedRun(_final_event(gone, [], with_budget=False), stored=False)
+    if not run.is_active:
+        return None
     # No savepoint of its own where the finisher's transaction holds it.
     with transaction.atomic(savepoint=False):
-        run = (
-            Run.objects.select_for_update(of=("self",))
-            .select_related("conversation")
-            .filter(id=run_id)
-            .first()
-        )
-        if run is None:
-            gone = Run(
-                id=run_id,
-                status=outcome.status,
-                input_tokens=outcome.input_tokens,
-                output_tokens=outcome.output_tokens,
-                cost_usd=outcome.cost_usd,
-                error_code=outcome.error_code,
-                error_message=outcome.error_message,
-                event_seq=final_seq,
-            )
-            return FinishedRun(_final_event(gone, [], with_budget=False), stored=False)
-        if not run.is_active:
-            return None
         run.status = outcome.status
         run.finished_at = timezone.now()
         run.steps = outcome.steps
@@ -375,7 +392,10 @@ def run_finish(*, run_id: UUID, outcome: RunOutcome, final_seq: int) -> Finished
         messages = [_message_from_part(run, part) for part in outcome.parts]
         created = Message.objects.bulk_create([m for m in messages if m is not None])
         Conversation.objects.filter(id=run.conversation_id).update(updated_at=timezone.now())
-    return FinishedRun(_final_event(run, [m for m in created if m.role == Message.Role.ASSISTANT]))
+    answers = [m for m in created if m.role == Message.Role.ASSISTANT]
+    return FinishedRun(
+        _final_event(run, answers, with_budget=False), owner_id=run.conversation.owner_id
+    )
 
 
 def _message_from_part(run: Run, part: dict) -> Message | None:
@@ -534,18 +554,19 @@ def _final_event(run: Run, answers: Sequence[Message], *, with_budget: bool = Tr
     if run.error_code:
         event["error"] = {"code": run.error_code, "message": run.error_message}
     # After the ledger: what is left now, for the page's budget line. None: unknown.
-    event["budget"] = _budget_after(run) if with_budget else None
+    event["budget"] = _budget_after(run.conversation.owner_id) if with_budget else None
     return event
 
 
-def _budget_after(run: Run) -> dict[str, Any] | None:
+def _budget_after(user_id: int) -> dict[str, Any] | None:
     """`{"left": …}`, the account's `BudgetLeft` data (None: it has no limits). A failure
-    here is logged and loses the line, never the final event."""
+    here is logged and loses the line, never the final event: in a savepoint where a
+    transaction is open (as in `run_close`), which a failed read must not abort."""
     try:
-        with transaction.atomic():  # a savepoint, as in `run_close`
-            left = selectors.budget_left(user_id=run.conversation.owner_id)
+        with transaction.atomic() if connection.in_atomic_block else nullcontext():
+            left = selectors.budget_left(user_id=user_id)
     except Exception:
-        logger.exception("run %s: could not work out the budget left", run.id)
+        logger.exception("could not work out the budget left of user %s", user_id)
         return None
     return {"left": left.as_data() if left is not None else None}
 

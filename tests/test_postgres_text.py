@@ -24,6 +24,7 @@ import time
 import uuid
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import transaction
 from chat import lifecycle, services
 from chat.models import Message, Run
 from chat.run_outcome import RunOutcome, TextStreamed, ToolFinished, ToolStarted
@@ -42,7 +43,9 @@ outcome.record(ToolStarted(tool_call_id="c1", name="calculator", args={"expressi
 outcome.record(
     ToolFinished(tool_call_id="c1", name="calculator", result="out\x00put", is_error=True)
 )
-assert lifecycle.run_finish(run_id=run.id, outcome=outcome, final_seq=5) is not None
+with transaction.atomic():
+    locked = lifecycle.run_lock(run_id=run.id)
+    assert lifecycle.run_finish(locked=locked, outcome=outcome, final_seq=5) is not None
 answer = Message.objects.get(run=run, role=Message.Role.ASSISTANT)
 tool = Message.objects.get(run=run, role=Message.Role.TOOL).tool
 error = Run.objects.get(id=run.id).error_message

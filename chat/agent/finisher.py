@@ -120,19 +120,22 @@ def run_end_record(
     its trace, with the ledger's costs. The ledger and the trace each in a savepoint: a
     failure there is logged and loses the cost or the trace, never the answer. Nothing
     at all if another process recovered the run meanwhile (`recoveries`, see
-    `lifecycle.run_lock`): its holds, its trace and its end are that execution's."""
+    `lifecycle.run_lock`): its holds, its trace and its end are that execution's. The
+    budget left, which the final event shows, is read after the commit: a read needs no
+    savepoint there."""
     with transaction.atomic():
         # The run's row first, as a reaper closing it takes it before the ledger's.
-        if not lifecycle.run_lock(run_id=run_id, recoveries=recoveries):
+        locked = lifecycle.run_lock(run_id=run_id, recoveries=recoveries)
+        if locked is None:
             return RecordedEnd(final=None, cost=None, traced=False, deleted=False)
         cost = _usage_close(run_id, outcome, budget) if budget is not None else None
-        finished = lifecycle.run_finish(run_id=run_id, outcome=outcome, final_seq=final_seq)
+        finished = lifecycle.run_finish(locked=locked, outcome=outcome, final_seq=final_seq)
         # Not for a run another process closed (it closed the trace too), nor for one
         # deleted while it ran (its trace went with it, and refers to it).
         ours = finished is not None and finished.stored
         traced = tracer is not None and ours and _trace_store(tracer, cost)
     return RecordedEnd(
-        final=finished.final if finished else None,
+        final=finished.final_with_budget() if finished else None,
         cost=cost,
         traced=traced,
         deleted=finished is not None and not finished.stored,
