@@ -152,6 +152,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     from billing.models import BudgetReservation, DailySpend, UsageRecord
     from billing.services import account_for_user
     from chat.models import Run
+    from tracing.models import Span
 
     call_command("migrate", verbosity=0)
     cost, reserved = calibrate()
@@ -179,6 +180,15 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     burst_spent = ledger.aggregate(total=Sum("cost_usd"))["total"] or 0
     last_start = runs.aggregate(at=Max("started_at"))["at"].timestamp()
     first_settle = ledger.aggregate(at=Min("created_at"))["at"].timestamp()
+    # When the last run of the burst asked for its reservation: a refused run was
+    # refused then and finished at once; an admitted one's call started right after
+    # (its LLM span). Not its start: a run starts (is created) well before it reserves,
+    # and under load a run that started before the first settle could reserve after it.
+    last_refusal = refused.aggregate(at=Max("finished_at"))["at"]
+    last_call = Span.objects.filter(trace__run__in=runs, kind=Span.Kind.LLM).aggregate(
+        at=Max("started_at")
+    )["at"]
+    last_reserve = max(at for at in (last_refusal, last_call) if at is not None).timestamp()
     burst_checks = {
         # What made runs fail, if any did (none should).
         "failures": sorted(
@@ -223,7 +233,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         "race_admitted": race(),
         # The burst's count is exact only if every run tried to reserve before any
         # settled.
-        "last_start": last_start,
+        "last_reserve": last_reserve,
         "first_settle": first_settle,
     }
 
