@@ -45,28 +45,22 @@ def count(list_them: bool) -> None:
 
     made: list[tuple[str, str]] = []
 
-    def recording(method: Any, origin: str) -> Any:
-        def record(self: Any, sql: Any, *args: Any, **kwargs: Any) -> Any:
+    def record(owner: type, name: str, origin: str) -> None:
+        method = getattr(owner, name)
+
+        def recorded(self: Any, sql: Any, *args: Any, **kwargs: Any) -> Any:
             made.append((origin, str(sql)))
             return method(self, sql, *args, **kwargs)
 
-        return record
-
-    def recording_async(method: Any, origin: str) -> Any:
-        async def record(self: Any, sql: Any, *args: Any, **kwargs: Any) -> Any:
-            made.append((origin, str(sql)))
-            return await method(self, sql, *args, **kwargs)
-
-        return record
+        setattr(owner, name, recorded)
 
     # Django's statements pass through its cursor wrapper; the checkpointer's (on
-    # PostgreSQL) through psycopg's async cursor, which Django never uses.
-    utils.CursorWrapper._execute = recording(utils.CursorWrapper._execute, "django")
-    utils.CursorWrapper._executemany = recording(utils.CursorWrapper._executemany, "django")
-    psycopg.AsyncCursor.execute = recording_async(psycopg.AsyncCursor.execute, "checkpointer")
-    psycopg.AsyncCursor.executemany = recording_async(
-        psycopg.AsyncCursor.executemany, "checkpointer"
-    )
+    # PostgreSQL) through psycopg's async cursor, which Django never uses (the
+    # coroutine is returned as is, the statement recorded when it is called).
+    record(utils.CursorWrapper, "_execute", "django")
+    record(utils.CursorWrapper, "_executemany", "django")
+    record(psycopg.AsyncCursor, "execute", "checkpointer")
+    record(psycopg.AsyncCursor, "executemany", "checkpointer")
 
     call_command("migrate", verbosity=0)
     user = get_user_model().objects.create_user(f"statements-{uuid.uuid4().hex[:6]}")
