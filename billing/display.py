@@ -10,8 +10,9 @@ from typing import Any
 from agentsite.formatting import format_usd
 
 from .pricing import cost_of, price_for_model
+from .quotas import account_limits
 from .selectors import UsageSummary, usage_summary_of
-from .services import account_quotas_for_user
+from .services import account_for_user
 
 # What is left shows four decimals (format_usd rounds a dollar or more to cents), so a
 # sub-cent answer visibly moves it; rounded down, never up, so it does not show more
@@ -131,11 +132,13 @@ def budget_display(left: BudgetLeft) -> BudgetDisplay:
 
 
 def budget_left_for_user(*, user_id: int, model: str, max_output_tokens: int) -> BudgetLeft | None:
-    """`budget_left` for the user's account, for answers by `model`. The account, its
-    limits and the price come from the cache (`account_quotas_for_user`): one query for
-    its counters, none for an account without limits."""
-    quotas = account_quotas_for_user(user_id=user_id)
-    limits = quotas.limits
+    """`budget_left` for the user's account, for answers by `model`: one query for the
+    account and its limits, read afresh (not from the cache: the line must agree with a
+    refusal, which reads them under the account's lock, even right after an edit made by
+    another process than this one), and one for its counters unless it has no limits.
+    The price comes from the cache."""
+    account = account_for_user(user_id=user_id)
+    limits = account_limits(account=account)
     money_limited = limits.money_per_day_usd is not None or limits.money_per_month_usd is not None
     if not money_limited and limits.tokens_per_day is None:
         return None
@@ -147,7 +150,7 @@ def budget_left_for_user(*, user_id: int, model: str, max_output_tokens: int) ->
                 price=price, input_tokens=0, output_tokens=max_output_tokens
             )
     return budget_left(
-        summary=usage_summary_of(account_id=quotas.account_id, limits=limits),
+        summary=usage_summary_of(account_id=account.pk, limits=limits),
         smallest_call_usd=smallest_call_usd,
         smallest_call_tokens=max_output_tokens,
     )

@@ -20,6 +20,7 @@ from django.db import DatabaseError
 
 from billing.cache import billing_cache_invalidate
 from billing.display import budget_left
+from billing.models import Account
 from billing.pricing import cost_of, price_for_model
 from billing.selectors import account_get, usage_summary
 from chat import selectors
@@ -84,6 +85,25 @@ async def test_the_final_event_carries_what_the_ledger_leaves(make_user):
     left = await database_sync_to_async(budget_left_by_the_ledger)(account.pk)
     assert final["budget"] == {"left": left}
     assert Decimal(left["day_usd"][0]) < 5  # the turn is in it
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_final_event_shows_limits_changed_where_this_process_cache_missed_it(
+    make_user,
+):
+    # An operator's edit in another process (a shell, another instance of the monolith)
+    # leaves this process's cached limits as they were; a refusal reads them afresh,
+    # and so must the budget line beside it.
+    await database_sync_to_async(prices_seeded)()
+    user = await database_sync_to_async(make_user)()
+    account = await database_sync_to_async(account_with_limits)(user, money_per_day_usd=Decimal(5))
+    await final_event_of_a_turn(user)  # the limits are cached now
+    # An UPDATE sends no signal: nothing here hears of it, as of another process's edit.
+    await Account.objects.filter(pk=account.pk).aupdate(money_per_day_usd=Decimal(7))
+
+    final = await final_event_of_a_turn(user)
+
+    assert final["budget"]["left"]["day_usd"][1] == "7.00000000"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -162,7 +182,7 @@ def kinds(statements: list[str]) -> list[str]:
 # One transaction: the run's row locked and read once (with its conversation); the last
 # call settled and the ledger's rows read once for the totals, in a savepoint; the run,
 # its answer and its conversation; the trace in a savepoint. Then, committed, the
-# month's counters for the budget left (the account's limits come from the cache).
+# account's limits and the month's counters for the budget left.
 FINISH = [
     "BEGIN",
     "SELECT chat_run FOR UPDATE",  # SQLite's transaction holds its one write lock
@@ -182,14 +202,15 @@ FINISH = [
     "RELEASE",
     "COMMIT",
 ]
-BUDGET_LEFT = "SELECT billing_dailyspend"
+LIMITS = "SELECT billing_membership"  # with its account and plan
+COUNTERS = "SELECT billing_dailyspend"
 
 
 def assert_the_finish_is_lean(statements: dict[str, list[str]], *, row_locks: bool) -> None:
     expected = FINISH if row_locks else [kind.removesuffix(" FOR UPDATE") for kind in FINISH]
-    assert kinds(statements["limits"]) == [*expected, BUDGET_LEFT]
+    assert kinds(statements["limits"]) == [*expected, LIMITS, COUNTERS]
     # An account without limits has no budget left to read.
-    assert kinds(statements["no_limits"]) == expected
+    assert kinds(statements["no_limits"]) == [*expected, LIMITS]
 
 
 def test_a_finish_is_one_transaction_of_few_statements_on_sqlite(tmp_path):
