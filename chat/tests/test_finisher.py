@@ -5,7 +5,6 @@ own (finish_statements.py does one turn there and prints them)."""
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -28,6 +27,7 @@ from chat.agent.models import model_info
 from chat.events import event_log
 from chat.models import Message, Run
 from conftest import account_with_limits, open_socket, receive_until
+from tests.conftest import _server_env
 from tests.servers import postgres_available, postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,13 +137,9 @@ async def test_a_budget_left_that_cannot_be_read_loses_the_line_not_the_answer(
 
 def finish_statements(database_url: str, tmp_path: Path) -> dict[str, list[str]]:
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DATABASE_"))},
-        "AGENTSITE_READ_DOTENV": "false",
-        "DEBUG": "true",
-        "SECRET_KEY": "finish-test-" + "x" * 40,
-        "LOG_LEVEL": "WARNING",
+        **_server_env(tmp_path),
         "DATABASE_URL": database_url,
-        "AGENT_CHECKPOINT_SQLITE_PATH": str(tmp_path / "checkpoints.sqlite3"),
+        "LOG_LEVEL": "WARNING",
         "AGENT_OFFLINE_TOKEN_DELAY": "0",
     }
     done = subprocess.run(
