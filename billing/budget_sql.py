@@ -19,7 +19,7 @@ from django.db import connection
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Model
 
-from agentsite.db import db_value as _prep
+from agentsite.db import db_value
 
 from .models import Account, BudgetReservation, DailySpend, ModelPrice, Plan, UsageRecord
 from .pricing import COST_QUANTUM
@@ -101,9 +101,9 @@ def account_state_lock(
         _STATE,
         {
             "account": account_id,
-            "month": _prep(DailySpend, "day", day.replace(day=1)),
-            "day": _prep(DailySpend, "day", day),
-            "run": _prep(UsageRecord, "run_id", run_id),
+            "month": db_value(DailySpend, "day", day.replace(day=1)),
+            "day": db_value(DailySpend, "day", day),
+            "run": db_value(UsageRecord, "run_id", run_id),
             "model": model,
         },
     )
@@ -156,8 +156,8 @@ def daily_hold(
         """,
         [
             account_id,
-            _prep(DailySpend, "day", day),
-            _prep(DailySpend, "reserved_usd", amount),
+            db_value(DailySpend, "day", day),
+            db_value(DailySpend, "reserved_usd", amount),
             tokens,
         ],
     )
@@ -182,12 +182,12 @@ def daily_settle(
         WHERE account_id = %s AND day = %s
         """,
         [
-            _prep(DailySpend, "reserved_usd", released),
+            db_value(DailySpend, "reserved_usd", released),
             reservation.tokens if held else 0,
-            _prep(DailySpend, "spent_usd", cost),
+            db_value(DailySpend, "spent_usd", cost),
             tokens,
             reservation.account_id,
-            _prep(DailySpend, "day", reservation.day),
+            db_value(DailySpend, "day", reservation.day),
         ],
     )
 
@@ -195,7 +195,7 @@ def daily_settle(
 def reservation_delete(cursor: CursorWrapper, *, reservation_id: UUID) -> bool:
     cursor.execute(
         f"DELETE FROM {RESERVATION} WHERE id = %s",
-        [_prep(BudgetReservation, "id", reservation_id)],
+        [db_value(BudgetReservation, "id", reservation_id)],
     )
     return cursor.rowcount > 0
 
@@ -205,7 +205,7 @@ def reservation_take(cursor: CursorWrapper, *, reservation_id: UUID) -> tuple[bo
     that user was deleted, which a copy read earlier does not know)."""
     cursor.execute(
         f"DELETE FROM {RESERVATION} WHERE id = %s RETURNING user_id",
-        [_prep(BudgetReservation, "id", reservation_id)],
+        [db_value(BudgetReservation, "id", reservation_id)],
     )
     row = cursor.fetchone()
     return (True, row[0]) if row is not None else (False, None)

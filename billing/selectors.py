@@ -116,8 +116,8 @@ def usage_summary(*, account: Account, now: datetime | None = None) -> UsageSumm
 def usage_summary_of(
     *, account_id: int, limits: AccountLimits, now: datetime | None = None
 ) -> UsageSummary:
-    """`usage_summary` of the account with these limits (`AccountQuotas`, cached): one
-    query, for the month's daily counters."""
+    """`usage_summary` of the account with these limits, read by the caller: one query,
+    for the month's daily counters."""
     day_start, day_end = utc_day_bounds(now=now)
     month_start, month_end = utc_month_bounds(now=now)
     today = day_start.date()
